@@ -1,0 +1,5 @@
+import sys
+
+from idemproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""Assembling and running the proxy: two listeners, one store, one upstream client.
+
+Long-lived resources are opened in ``cleanup_ctx`` order (store, then
+forwarder) and closed in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from idemproxy.admin import STORE_KEY, admin_routes
+from idemproxy.config import ProxyConfig
+from idemproxy.forwarder import Forwarder
+from idemproxy.handler import ProxyHandler, problem_middleware
+from idemproxy.ledger import Ledger
+from idemproxy.routes import RouteTable
+from idemproxy.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
+
+
+def build_proxy_app(config: ProxyConfig, store: Store) -> web.Application:
+    """The proxy application; ``store`` must be started by the caller."""
+    largest_body = max(route.max_body for route in config.routes)
+    app = web.Application(middlewares=[problem_middleware], client_max_size=largest_body + 1)
+    forwarder = Forwarder()
+    app[STORE_KEY] = store
+    app[FORWARDER_KEY] = forwarder
+    handler = ProxyHandler(RouteTable(config.routes), Ledger(store), forwarder, config.headers)
+    app.router.add_route("*", "/{tail:.*}", handler)
+
+    async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+        await forwarder.start()
+        yield
+        await forwarder.close()
+
+    app.cleanup_ctx.append(forwarder_ctx)
+    return app
+
+
+def build_admin_app(store: Store) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware])
+    app[STORE_KEY] = store
+    admin_routes(app)
+    return app
+
+
+async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None:
+    """Run both listeners until SIGINT/SIGTERM, then drain and close."""
+    store = open_store(config.store)
+    await store.start()
+    runners: list[web.AppRunner] = []
+    try:
+        for app, address in (
+            (build_proxy_app(config, store), config.listen),
+            (build_admin_app(store), config.admin_listen),
+        ):
+            runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace_s, access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+        log.info(
+            "idemproxy listening",
+            extra={
+                "listen": str(config.listen),
+                "admin": str(config.admin_listen),
+                "store": _safe_url(config.store.url),
+            },
+        )
+        if ready is not None:
+            ready.set()
+        await _until_signalled()
+        log.info("shutting down: draining in-flight requests", extra={"grace_s": config.shutdown_grace_s})
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await store.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _safe_url(url: str) -> str:
+    """The store URL without its password, for logs."""
+    from yarl import URL
+
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url

@@ -1,0 +1,93 @@
+"""``idemproxy``: run the proxy, or check a configuration file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from idemproxy import __version__
+from idemproxy.config import ConfigError, Overrides, ProxyConfig, load_config
+from idemproxy.logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idemproxy", description="Idempotent tool-proxy sidecar.")
+    parser.add_argument("--version", action="version", version=f"idemproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy")
+    run.add_argument("--config", "-c", metavar="FILE", help="YAML configuration file")
+    run.add_argument("--upstream", metavar="URL", help="single upstream for sidecar use (route '/')")
+    run.add_argument("--listen", metavar="HOST:PORT", help="proxy listener (default 127.0.0.1:8080)")
+    run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (default 127.0.0.1:8081)")
+    run.add_argument("--store", metavar="URL", help="redis://..., rediss://... or sqlite:///PATH")
+    run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    run.set_defaults(func=_run)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = Overrides(
+        listen=args.listen,
+        admin_listen=args.admin_listen,
+        store=args.store,
+        upstream=args.upstream,
+        log_level=args.log_level,
+    )
+    config = _load_or_report(args.config, overrides)
+    if config is None:
+        return 2
+    configure_logging(config.log_level)
+    from idemproxy.app import serve
+
+    _install_uvloop()
+    asyncio.run(serve(config))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.file, Overrides(), environ={})
+    if config is None:
+        return 2
+    routes = ", ".join(f"{route.name} ({route.prefix} -> {route.upstream})" for route in config.routes)
+    print(f"{args.file}: OK: {len(config.routes)} route(s): {routes}")
+    return 0
+
+
+def _load_or_report(
+    path: str | None, overrides: Overrides, environ: dict[str, str] | None = None
+) -> ProxyConfig | None:
+    try:
+        return load_config(path, overrides, environ)
+    except ConfigError as exc:
+        where = exc.source or "configuration"
+        for problem in exc.problems:
+            print(f"idemproxy: {where}: {problem}", file=sys.stderr)
+        return None
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional on platforms without it
+        return
+    uvloop.install()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

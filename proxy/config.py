@@ -1,0 +1,530 @@
+"""Typed, frozen configuration, loaded from YAML, environment and flags.
+
+Precedence: command-line flags > ``IDEMPROXY_*`` environment > file > defaults.
+Every problem in a file is collected and reported with the offending key, the
+value and what was expected; an invalid configuration never starts a proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from idemproxy.units import parse_duration, parse_size
+from yarl import URL
+
+T = TypeVar("T")
+
+DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_SIDE_EFFECT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header names, methods)
+_PREFIX = re.compile(r"^/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]+(?:/[A-Za-z0-9._~!$&'()*+,;=:@-]+)*)?$")
+_ENV_PREFIX = "IDEMPROXY_"
+
+
+class KeyMode(StrEnum):
+    REQUIRE = "require"  # 400 without a key
+    DERIVE = "derive"  # derived from caller + task + fingerprint when absent
+    OPTIONAL = "optional"  # without a key the call passes through unrecorded
+
+
+class FailureMode(StrEnum):
+    FAIL_CLOSED = "fail_closed"  # ledger down: refuse side-effecting calls with 503
+    FAIL_OPEN = "fail_open"  # ledger down: forward without a record (explicit opt-in)
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    prefix: str
+    upstream: URL
+    strip_prefix: bool = False
+    side_effect_methods: frozenset[str] = DEFAULT_SIDE_EFFECT_METHODS
+    key_mode: KeyMode = KeyMode.REQUIRE
+    retention_s: float = 86400.0
+    wait_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    lease_s: float = 60.0
+    max_body: int = 1024 * 1024
+    max_stored_response: int = 1024 * 1024
+    max_attempts: int = 5
+    not_applied_statuses: frozenset[int] = frozenset({429, 503})
+    ambiguous_statuses: frozenset[int] = frozenset({500, 502, 504})
+    on_store_error: FailureMode = FailureMode.FAIL_CLOSED
+    fingerprint_headers: tuple[str, ...] = ()
+
+    def is_side_effecting(self, method: str) -> bool:
+        return method in self.side_effect_methods
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = DEFAULT_STORE_URL
+    key_prefix: str = "idem"
+    socket_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderNames:
+    key: str = "Idempotency-Key"
+    caller: str = "X-Idem-Caller"
+    task: str = "X-Agent-Task"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    routes: tuple[RouteConfig, ...]
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    admin_listen: HostPort = HostPort("127.0.0.1", 8081)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    headers: HeaderNames = field(default_factory=HeaderNames)
+    log_level: str = "info"
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Values from flags or environment that win over the file."""
+
+    listen: str | None = None
+    admin_listen: str | None = None
+    store: str | None = None
+    upstream: str | None = None
+    log_level: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Overrides:
+        return cls(
+            listen=environ.get(_ENV_PREFIX + "LISTEN"),
+            admin_listen=environ.get(_ENV_PREFIX + "ADMIN_LISTEN"),
+            store=environ.get(_ENV_PREFIX + "STORE"),
+            upstream=environ.get(_ENV_PREFIX + "UPSTREAM"),
+            log_level=environ.get(_ENV_PREFIX + "LOG_LEVEL"),
+        )
+
+    def over(self, lower: Overrides) -> Overrides:
+        """These overrides, falling back to ``lower`` where unset."""
+        return Overrides(
+            listen=self.listen or lower.listen,
+            admin_listen=self.admin_listen or lower.admin_listen,
+            store=self.store or lower.store,
+            upstream=self.upstream or lower.upstream,
+            log_level=self.log_level or lower.log_level,
+        )
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Overrides | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ProxyConfig:
+    """Build the configuration from an optional YAML file, ``environ`` and ``overrides``."""
+    env = os.environ if environ is None else environ
+    merged = (overrides or Overrides()).over(Overrides.from_env(env))
+    source = str(path) if path is not None else None
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"cannot read the file: {exc.strerror}"], source) from exc
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if raw is None:
+            raw = {}
+    return parse_config(raw, merged, source)
+
+
+def parse_config(raw: Any, overrides: Overrides | None = None, source: str | None = None) -> ProxyConfig:
+    """Validate an already-parsed document; raises ``ConfigError`` naming every problem."""
+    overrides = overrides or Overrides()
+    reader = _Reader()
+    config = reader.proxy(raw, overrides)
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems, source)
+    return config
+
+
+class _Reader:
+    """Walks the raw document, collecting every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._path: list[str] = []
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def fail(self, key: str | None, message: str) -> None:
+        path = ".".join([*self._path, key] if key is not None else self._path) or "(top level)"
+        self.problems.append(f"{path}: {message}".replace(".[", "["))
+
+    @contextmanager
+    def at(self, key: str) -> Iterator[None]:
+        self._path.append(key)
+        try:
+            yield
+        finally:
+            self._path.pop()
+
+    def mapping(self, raw: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
+        if not isinstance(raw, dict):
+            self.fail(None, f"expected a mapping, got {_kind(raw)}")
+            return None
+        for key in raw:
+            if key not in allowed:
+                self.fail(str(key), f"unknown key; expected one of {', '.join(sorted(allowed))}")
+        return raw
+
+    def value(self, data: Mapping[str, Any], key: str, default: T, convert: Callable[[Any], T]) -> T:
+        if key not in data:
+            return default
+        try:
+            return convert(data[key])
+        except (ValueError, TypeError) as exc:
+            self.fail(key, str(exc))
+            return default
+
+    # -- document -----------------------------------------------------------------
+
+    def proxy(self, raw: Any, overrides: Overrides) -> ProxyConfig | None:
+        data = self.mapping(raw, _TOP_KEYS)
+        if data is None:
+            return None
+        defaults = ProxyConfig(routes=())
+        listen = self.value(data, "listen", defaults.listen, _host_port)
+        admin_listen = self.value(data, "admin_listen", defaults.admin_listen, _host_port)
+        log_level = self.value(data, "log_level", defaults.log_level, _log_level)
+        grace = self.value(data, "shutdown_grace", defaults.shutdown_grace_s, parse_duration)
+        store = self.store(data.get("store", {}))
+        headers = self.headers(data.get("headers", {}))
+        route_defaults = self.route_defaults(data.get("route_defaults", {}))
+        routes = self.routes(data.get("routes", []), route_defaults)
+
+        with self.at("--flags/IDEMPROXY_* environment"):
+            if overrides.listen:
+                listen = self.value({"listen": overrides.listen}, "listen", listen, _host_port)
+            if overrides.admin_listen:
+                admin_listen = self.value(
+                    {"admin_listen": overrides.admin_listen}, "admin_listen", admin_listen, _host_port
+                )
+            if overrides.log_level:
+                log_level = self.value({"log_level": overrides.log_level}, "log_level", log_level, _log_level)
+            if overrides.store:
+                store = StoreConfig(
+                    url=self.value({"store": overrides.store}, "store", store.url, _store_url),
+                    key_prefix=store.key_prefix,
+                    socket_timeout_s=store.socket_timeout_s,
+                )
+            if overrides.upstream:
+                if "routes" in data:
+                    self.fail(
+                        "upstream", "cannot be combined with 'routes' in the file; use one or the other"
+                    )
+                else:
+                    route = self.route(
+                        {"prefix": "/", "name": "default", "upstream": overrides.upstream}, route_defaults
+                    )
+                    routes = (route,) if route is not None else ()
+
+        if not routes and not self.problems:
+            self.fail("routes", "no routes configured; add 'routes' to the file or pass --upstream URL")
+        if listen == admin_listen and not self.problems:
+            self.fail("admin_listen", f"must differ from listen ({listen})")
+        return ProxyConfig(
+            routes=routes,
+            listen=listen,
+            admin_listen=admin_listen,
+            store=store,
+            headers=headers,
+            log_level=log_level,
+            shutdown_grace_s=grace,
+        )
+
+    def store(self, raw: Any) -> StoreConfig:
+        defaults = StoreConfig()
+        if isinstance(raw, str):
+            raw = {"url": raw}
+        with self.at("store"):
+            data = self.mapping(raw, _STORE_KEYS)
+            if data is None:
+                return defaults
+            return StoreConfig(
+                url=self.value(data, "url", defaults.url, _store_url),
+                key_prefix=self.value(data, "key_prefix", defaults.key_prefix, _key_prefix),
+                socket_timeout_s=self.value(
+                    data, "socket_timeout", defaults.socket_timeout_s, _positive_duration
+                ),
+            )
+
+    def headers(self, raw: Any) -> HeaderNames:
+        defaults = HeaderNames()
+        with self.at("headers"):
+            data = self.mapping(raw, _HEADER_KEYS)
+            if data is None:
+                return defaults
+            return HeaderNames(
+                key=self.value(data, "key", defaults.key, _header_name),
+                caller=self.value(data, "caller", defaults.caller, _header_name),
+                task=self.value(data, "task", defaults.task, _header_name),
+            )
+
+    def route_defaults(self, raw: Any) -> dict[str, Any]:
+        with self.at("route_defaults"):
+            data = self.mapping(raw, _ROUTE_POLICY_KEYS)
+            return dict(data) if data is not None else {}
+
+    def routes(self, raw: Any, defaults: dict[str, Any]) -> tuple[RouteConfig, ...]:
+        if not isinstance(raw, list):
+            self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
+            return ()
+        routes: list[RouteConfig] = []
+        for index, item in enumerate(raw):
+            with self.at(f"routes[{index}]"):
+                route = self.route(item, defaults)
+                if route is None:
+                    continue
+                for other in routes:
+                    if other.prefix == route.prefix:
+                        self.fail("prefix", f"{route.prefix!r} is already used by route {other.name!r}")
+                    if other.name == route.name:
+                        self.fail("name", f"{route.name!r} is already used by another route")
+                routes.append(route)
+        return tuple(routes)
+
+    def route(self, raw: Any, defaults: dict[str, Any]) -> RouteConfig | None:
+        data = self.mapping(raw, _ROUTE_KEYS)
+        if data is None:
+            return None
+        merged = {**defaults, **data}
+        for required in ("prefix", "upstream"):
+            if required not in merged:
+                self.fail(required, "is required")
+        if "prefix" not in merged or "upstream" not in merged:
+            return None
+        before = len(self.problems)
+        prefix = self.value(merged, "prefix", "/", _prefix)
+        base = RouteConfig(name="", prefix=prefix, upstream=URL("http://invalid"))
+        route = RouteConfig(
+            name=self.value(merged, "name", _route_name(prefix), _route_name_value),
+            prefix=prefix,
+            upstream=self.value(merged, "upstream", base.upstream, _upstream_url),
+            strip_prefix=self.value(merged, "strip_prefix", base.strip_prefix, _bool),
+            side_effect_methods=self.value(merged, "side_effect_methods", base.side_effect_methods, _methods),
+            key_mode=self.value(merged, "key_mode", base.key_mode, _enum(KeyMode)),
+            retention_s=self.value(merged, "retention", base.retention_s, _positive_duration),
+            wait_s=self.value(merged, "wait", base.wait_s, parse_duration),
+            connect_timeout_s=self.value(
+                merged, "connect_timeout", base.connect_timeout_s, _positive_duration
+            ),
+            read_timeout_s=self.value(merged, "read_timeout", base.read_timeout_s, _positive_duration),
+            lease_s=self.value(merged, "lease", base.lease_s, _positive_duration),
+            max_body=self.value(merged, "max_body", base.max_body, parse_size),
+            max_stored_response=self.value(
+                merged, "max_stored_response", base.max_stored_response, parse_size
+            ),
+            max_attempts=self.value(merged, "max_attempts", base.max_attempts, _positive_int),
+            not_applied_statuses=self.value(
+                merged, "not_applied_statuses", base.not_applied_statuses, _statuses
+            ),
+            ambiguous_statuses=self.value(merged, "ambiguous_statuses", base.ambiguous_statuses, _statuses),
+            on_store_error=self.value(merged, "on_store_error", base.on_store_error, _enum(FailureMode)),
+            fingerprint_headers=self.value(
+                merged, "fingerprint_headers", base.fingerprint_headers, _header_list
+            ),
+        )
+        if len(self.problems) > before:
+            return None
+        if overlap := route.not_applied_statuses & route.ambiguous_statuses:
+            self.fail("ambiguous_statuses", f"{sorted(overlap)} also listed in not_applied_statuses")
+        if bad := [s for s in route.not_applied_statuses | route.ambiguous_statuses if s < 400]:
+            self.fail("not_applied_statuses", f"only 4xx and 5xx statuses can be listed, got {sorted(bad)}")
+        if safe := route.side_effect_methods & SAFE_METHODS:
+            self.fail("side_effect_methods", f"{sorted(safe)} are safe methods and are never recorded")
+        if route.lease_s <= route.connect_timeout_s + route.read_timeout_s:
+            self.fail(
+                "lease",
+                f"must exceed connect_timeout + read_timeout "
+                f"({route.connect_timeout_s + route.read_timeout_s:g}s), got {route.lease_s:g}s",
+            )
+        return route if len(self.problems) == before else None
+
+
+_ROUTE_POLICY_KEYS = frozenset(
+    {
+        "strip_prefix", "side_effect_methods", "key_mode", "retention", "wait", "connect_timeout",
+        "read_timeout", "lease", "max_body", "max_stored_response", "max_attempts",
+        "not_applied_statuses", "ambiguous_statuses", "on_store_error", "fingerprint_headers",
+    }
+)  # fmt: skip
+_ROUTE_KEYS = _ROUTE_POLICY_KEYS | {"name", "prefix", "upstream"}
+_TOP_KEYS = frozenset(
+    {"listen", "admin_listen", "store", "headers", "routes", "route_defaults", "log_level", "shutdown_grace"}
+)
+_STORE_KEYS = frozenset({"url", "key_prefix", "socket_timeout"})
+_HEADER_KEYS = frozenset({"key", "caller", "task"})
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _host_port(value: Any) -> HostPort:
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'HOST:PORT', got {_kind(value)}")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'HOST:PORT' with a port from 1 to 65535, got {value!r}")
+    return HostPort(host, int(port))
+
+
+def _log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {_kind(value)}")
+    return value.lower()
+
+
+def _store_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL (redis://, rediss:// or sqlite:///PATH), got {_kind(value)}")
+    url = URL(value)
+    if url.scheme in ("redis", "rediss") and url.host:
+        return value
+    if url.scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value
+    raise ValueError(f"expected redis://HOST[:PORT][/DB], rediss://... or sqlite:///PATH, got {value!r}")
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", value):
+        raise ValueError(f"expected 1-32 letters, digits, '_', '.' or '-', got {_kind(value)}")
+    return value
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration greater than zero, got {value!r}")
+    return seconds
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {_kind(value)}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _header_name(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise ValueError(f"expected an HTTP header name, got {_kind(value)}")
+    return value
+
+
+def _header_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of header names, got {_kind(value)}")
+    return tuple(sorted({_header_name(item).lower() for item in value}))
+
+
+def _methods(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of HTTP methods, got {_kind(value)}")
+    methods = set()
+    for item in value:
+        if not isinstance(item, str) or not _TOKEN.match(item):
+            raise ValueError(f"expected HTTP method names, got {_kind(item)}")
+        methods.add(item.upper())
+    if "CONNECT" in methods:
+        raise ValueError("CONNECT is never proxied")
+    return frozenset(methods)
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of HTTP status codes, got {_kind(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
+            raise ValueError(f"expected status codes from 100 to 599, got {_kind(item)}")
+    return frozenset(value)
+
+
+def _enum(enum: type[KeyMode] | type[FailureMode]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        try:
+            return enum(value)
+        except ValueError:
+            choices = ", ".join(member.value for member in enum)
+            raise ValueError(f"expected one of {choices}, got {_kind(value)}") from None
+
+    return convert
+
+
+def _prefix(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path prefix such as '/tickets', got {_kind(value)}")
+    trimmed = value.rstrip("/") or "/"
+    segments = trimmed.split("/")
+    if not _PREFIX.match(trimmed) or any(segment in (".", "..") for segment in segments):
+        raise ValueError(
+            f"expected a path prefix such as '/tickets' (no '..', '.', '//', query or "
+            f"percent-escapes), got {value!r}"
+        )
+    return trimmed
+
+
+def _route_name(prefix: str) -> str:
+    return prefix.strip("/").replace("/", "-") or "root"
+
+
+def _route_name_value(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError(f"expected 1-64 letters, digits, '_', '.' or '-', got {_kind(value)}")
+    return value
+
+
+def _upstream_url(value: Any) -> URL:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an http:// or https:// URL, got {_kind(value)}")
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
+    if url.query_string or url.fragment or url.user is not None:
+        raise ValueError(f"the upstream URL must not carry a query, fragment or credentials, got {value!r}")
+    return url

@@ -1,0 +1,81 @@
+"""The ledger's state machine as pure functions, free of I/O.
+
+``decide`` says what a request gets given the record already stored under its
+operation id; ``classify`` says which state an attempt ends in given what the
+upstream did. Both are driven by tables in ``tests/test_decisions.py``; the
+stores only persist the resulting transitions atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from idemproxy.records import OperationRecord, RetryClass, State
+
+
+class Action(StrEnum):
+    RETRY = "retry"  # take the released operation over and forward a new attempt
+    REPLAY = "replay"  # answer with the stored response
+    WAIT = "wait"  # another attempt is in flight: wait for its outcome
+    MISMATCH = "mismatch"  # same key, different request
+    UNKNOWN = "unknown"  # nobody knows whether the effect happened
+    NEEDS_ATTENTION = "needs-attention"
+    NOT_STORED = "not-stored"  # completed, but the response was too large to keep
+    EXHAUSTED = "exhausted"  # released, and no attempts left
+
+
+def decide(record: OperationRecord, fingerprint: str, now_ms: int, max_attempts: int) -> Action:
+    """What a request with ``fingerprint`` gets when ``record`` already exists."""
+    if record.fingerprint != fingerprint:
+        return Action.MISMATCH
+    match record.state:
+        case State.COMPLETED:
+            if record.response is None or record.response.body is None:
+                return Action.NOT_STORED
+            return Action.REPLAY
+        case State.PENDING:
+            return Action.WAIT if record.lease_alive(now_ms) else Action.UNKNOWN
+        case State.UNKNOWN:
+            return Action.UNKNOWN
+        case State.NEEDS_ATTENTION:
+            return Action.NEEDS_ATTENTION
+        case State.RELEASED:
+            return Action.RETRY if record.attempt < max_attempts else Action.EXHAUSTED
+
+
+class FailureKind(StrEnum):
+    """How forwarding failed, as far as the proxy can tell."""
+
+    CONNECT = "connect"  # the connection was never established: nothing was sent
+    TIMEOUT = "timeout"  # sent, no (complete) answer in time
+    CONNECTION_LOST = "connection-lost"  # sent, then reset or closed before a full answer
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: State  # COMPLETED, RELEASED or UNKNOWN
+    retry_class: RetryClass | None = None
+
+
+COMPLETED = Outcome(State.COMPLETED)
+
+_FAILURE_OUTCOMES = {
+    FailureKind.CONNECT: Outcome(State.RELEASED, RetryClass.CONNECT_FAILED),
+    FailureKind.TIMEOUT: Outcome(State.UNKNOWN, RetryClass.READ_TIMEOUT),
+    FailureKind.CONNECTION_LOST: Outcome(State.UNKNOWN, RetryClass.CONNECTION_LOST),
+}
+
+
+def classify_status(status: int, not_applied: frozenset[int], ambiguous: frozenset[int]) -> Outcome:
+    """The outcome of an attempt that got a complete HTTP response."""
+    if status in not_applied:
+        return Outcome(State.RELEASED, RetryClass.NOT_APPLIED_STATUS)
+    if status in ambiguous:
+        return Outcome(State.UNKNOWN, RetryClass.AMBIGUOUS_STATUS)
+    return COMPLETED
+
+
+def classify_failure(kind: FailureKind) -> Outcome:
+    """The outcome of an attempt that got no complete HTTP response."""
+    return _FAILURE_OUTCOMES[kind]

@@ -1,0 +1,178 @@
+"""Every error a caller can receive, as RFC 9457 problem details.
+
+The tree is deliberately shallow::
+
+    ProblemError                      one problem+json ``type`` per subclass
+    ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused
+    ├── NoRoute (404)
+    ├── MethodNotAllowed (405)
+    ├── BodyTooLarge (413)
+    ├── FingerprintMismatch (422)
+    ├── Conflict (409)                InFlight, OutcomeUnknown, NeedsAttention, ResponseNotStored
+    ├── AttemptsExhausted (429)
+    ├── UpstreamError (502/504)       UpstreamUnreachable, UpstreamConnectionLost, UpstreamTimeout
+    ├── LedgerUnavailable (503)
+    └── InternalError (500)
+
+The single place that turns them into HTTP responses is
+``idemproxy.handler.problem_middleware``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:idemproxy:problem:"
+
+
+class ProblemError(Exception):
+    """An error with a stable problem type, an HTTP status and a human detail."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_PREFIX + self.slug
+
+    def to_json(self, instance: str | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            body["instance"] = instance
+        body.update(self.extensions)
+        return orjson.dumps(body)
+
+
+class BadRequest(ProblemError):
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+
+class MissingKey(BadRequest):
+    slug = "missing-idempotency-key"
+    title = "Idempotency key required"
+
+
+class InvalidKey(BadRequest):
+    slug = "invalid-idempotency-key"
+    title = "Invalid idempotency key"
+
+
+class InvalidTarget(BadRequest):
+    slug = "invalid-request-target"
+    title = "Invalid request target"
+
+
+class AbsoluteFormRefused(BadRequest):
+    slug = "absolute-form-refused"
+    title = "idemproxy is not a forward proxy"
+
+
+class NoRoute(ProblemError):
+    status = 404
+    slug = "no-route"
+    title = "No route for this path"
+
+
+class MethodNotAllowed(ProblemError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+
+class BodyTooLarge(ProblemError):
+    status = 413
+    slug = "body-too-large"
+    title = "Request body too large"
+
+
+class FingerprintMismatch(ProblemError):
+    status = 422
+    slug = "fingerprint-mismatch"
+    title = "Idempotency key reused with a different request"
+
+
+class Conflict(ProblemError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class InFlight(Conflict):
+    slug = "operation-in-flight"
+    title = "Operation still in flight"
+
+
+class OutcomeUnknown(Conflict):
+    slug = "outcome-unknown"
+    title = "Outcome of the operation is unknown"
+
+
+class NeedsAttention(Conflict):
+    slug = "needs-attention"
+    title = "Operation needs an operator's attention"
+
+
+class ResponseNotStored(Conflict):
+    slug = "response-not-stored"
+    title = "Operation completed, but its response was too large to store"
+
+
+class AttemptsExhausted(ProblemError):
+    status = 429
+    slug = "attempts-exhausted"
+    title = "No attempts left for this operation"
+
+
+class UpstreamError(ProblemError):
+    status = 502
+    slug = "upstream-error"
+    title = "Upstream error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    slug = "upstream-unreachable"
+    title = "Upstream unreachable; the request was not sent"
+
+
+class UpstreamConnectionLost(UpstreamError):
+    slug = "upstream-connection-lost"
+    title = "Upstream connection lost after the request was sent"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    slug = "upstream-timeout"
+    title = "Upstream did not answer in time"
+
+
+class LedgerUnavailable(ProblemError):
+    status = 503
+    slug = "ledger-unavailable"
+    title = "Operation ledger unavailable"
+
+
+class InternalError(ProblemError):
+    pass

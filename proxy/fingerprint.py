@@ -1,0 +1,88 @@
+"""Request fingerprints, derived keys and scoped operation ids.
+
+A fingerprint says "this is the same request": method, path, the query with
+its parameters sorted, the configured headers, and the body (canonical JSON
+when the body is JSON, so key order and whitespace do not matter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+from idemproxy.errors import InvalidKey
+from idemproxy.records import Scope
+
+MAX_KEY_LENGTH = 255
+_SEPARATOR = b"\x1f"
+
+
+def canonical_body(body: bytes, content_type: str | None) -> bytes:
+    """The bytes that stand for ``body`` in a fingerprint."""
+    if body and content_type is not None and _is_json(content_type):
+        try:
+            return orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONDecodeError:
+            return body  # not JSON after all: the raw bytes are the request
+        except TypeError:
+            return body  # integers beyond 64 bits: orjson cannot re-encode them
+    return body
+
+
+def normalized_query(query_string: str) -> str:
+    return urlencode(sorted(parse_qsl(query_string, keep_blank_values=True)))
+
+
+def fingerprint(
+    method: str,
+    path: str,
+    query_string: str,
+    headers: Mapping[str, str],
+    header_names: Iterable[str],
+    body: bytes,
+) -> str:
+    digest = hashlib.sha256()
+    for part in (method.upper(), path, normalized_query(query_string)):
+        digest.update(part.encode())
+        digest.update(_SEPARATOR)
+    for name in header_names:
+        digest.update(name.encode())
+        digest.update(b":")
+        digest.update(headers.get(name, "").encode())
+        digest.update(_SEPARATOR)
+    digest.update(canonical_body(body, headers.get("Content-Type")))
+    return digest.hexdigest()
+
+
+def derive_key(caller: str, task: str | None, request_fingerprint: str) -> str:
+    """The key for a request that carries none (route key mode ``derive``)."""
+    material = orjson.dumps([caller, task, request_fingerprint])
+    return "derived:" + hashlib.sha256(material).hexdigest()
+
+
+def validate_key(key: str) -> str:
+    if not key:
+        raise InvalidKey("The idempotency key is empty.")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(
+            f"The idempotency key has {len(key)} characters; at most {MAX_KEY_LENGTH} are allowed."
+        )
+    if not key.isascii() or not key.isprintable():
+        raise InvalidKey("The idempotency key must consist of printable ASCII characters.")
+    return key
+
+
+def operation_id(scope: Scope) -> str:
+    """A stable id for (caller, route, key): what the ledger stores the operation under.
+
+    The caller is part of it, so one caller can never reach another's record.
+    """
+    material = orjson.dumps([scope.caller, scope.route, scope.key])
+    return hashlib.blake2b(material, digest_size=16).hexdigest()
+
+
+def _is_json(content_type: str) -> bool:
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or mime.endswith("+json")

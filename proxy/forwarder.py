@@ -1,0 +1,95 @@
+"""The pooled keep-alive client that talks to upstream tools.
+
+This is the one place where aiohttp client errors are translated into what
+they prove about the attempt (``FailureKind``): nothing sent, or sent with an
+unknown outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from idemproxy.config import RouteConfig
+from idemproxy.decisions import FailureKind
+from multidict import CIMultiDict
+from yarl import URL
+
+
+class UpstreamFailed(Exception):
+    """Forwarding did not produce a complete response."""
+
+    def __init__(self, kind: FailureKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """What an aiohttp client error proves about whether the request reached the tool."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+        return FailureKind.CONNECT
+    if isinstance(exc, TimeoutError):  # also aiohttp.SocketTimeoutError / ServerTimeoutError
+        return FailureKind.TIMEOUT
+    return FailureKind.CONNECTION_LOST
+
+
+class Forwarder:
+    """Owns the upstream ``ClientSession``: open in ``start``, closed in ``close``."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            raise RuntimeError("the forwarder is already started")
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            auto_decompress=False,  # bytes pass through as the tool sent them
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        # aiohttp silently resends PUT and DELETE once when a pooled connection
+        # drops; for a side-effecting call that is exactly the duplicate this
+        # proxy exists to prevent. There is no public switch (aiohttp 3.10-3.14);
+        # tests/test_forwarding.py proves the resend stays off.
+        session._retry_connection = False
+        self._session = session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def request(
+        self,
+        route: RouteConfig,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: Any,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request; errors before the response starts raise ``UpstreamFailed``."""
+        if self._session is None:
+            raise RuntimeError("the forwarder is not started")
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=route.connect_timeout_s,
+            sock_connect=route.connect_timeout_s,
+            sock_read=route.read_timeout_s,
+        )
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+        try:
+            yield response
+        finally:
+            response.release()

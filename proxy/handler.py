@@ -1,0 +1,447 @@
+"""The proxy's request path: route, key, fingerprint, ledger, forward, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
+from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
+from idemproxy.errors import (
+    PROBLEM_CONTENT_TYPE,
+    AttemptsExhausted,
+    BodyTooLarge,
+    FingerprintMismatch,
+    InFlight,
+    InternalError,
+    LedgerUnavailable,
+    MissingKey,
+    NeedsAttention,
+    OutcomeUnknown,
+    ProblemError,
+    ResponseNotStored,
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from idemproxy.fingerprint import derive_key, fingerprint, operation_id, validate_key
+from idemproxy.forwarder import Forwarder, UpstreamFailed, failure_kind
+from idemproxy.headers import (
+    client_response_headers,
+    storable_response_headers,
+    upstream_request_headers,
+)
+from idemproxy.ledger import Answered, Ledger, OperationRequest
+from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
+from idemproxy.store import StoreUnavailable
+from multidict import CIMultiDict
+
+log = logging.getLogger(__name__)
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+OPERATION_HEADER = "Idempotency-Operation"
+ANONYMOUS = "anonymous"
+_CHUNK = 64 * 1024
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """The one place where errors become problem+json responses."""
+    try:
+        return await handler(request)
+    except ProblemError as exc:
+        return problem_response(exc, request)
+    except web.HTTPException as exc:
+        if exc.status == 413:  # aiohttp's own body limit
+            return problem_response(BodyTooLarge(exc.text or "Request body too large."), request)
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.raw_path})
+        return problem_response(InternalError("The proxy failed unexpectedly; see its logs."), request)
+
+
+def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=exc.to_json(),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=exc.headers,
+    )
+
+
+class ProxyHandler:
+    """Handles every request on the proxy listener."""
+
+    def __init__(
+        self, routes: RouteTable, ledger: Ledger, forwarder: Forwarder, header_names: HeaderNames
+    ) -> None:
+        self.routes = routes
+        self.ledger = ledger
+        self.forwarder = forwarder
+        self.names = header_names
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        target = parse_target(request.method, request.raw_path)
+        route = self.routes.match(target.path)
+        if not route.is_side_effecting(request.method):
+            return await self._passthrough(request, route, target)
+        body = await _read_body(request, route.max_body)
+        return await self._side_effect(request, route, target, body)
+
+    # -- side-effecting calls ----------------------------------------------------------
+
+    async def _side_effect(
+        self, request: web.Request, route: RouteConfig, target: Target, body: bytes
+    ) -> web.StreamResponse:
+        headers = request.headers
+        request_fp = fingerprint(
+            request.method, target.path, target.query, headers, route.fingerprint_headers, body
+        )
+        caller = headers.get(self.names.caller) or ANONYMOUS
+        task = headers.get(self.names.task)
+        key = headers.get(self.names.key)
+        if key is None:
+            if route.key_mode is KeyMode.REQUIRE:
+                raise MissingKey(
+                    f"Route {route.name!r} requires an {self.names.key} header on {request.method}."
+                )
+            if route.key_mode is KeyMode.OPTIONAL:
+                return await self._forward_unrecorded(request, route, target, body)
+            key = derive_key(caller, task, request_fp)
+        else:
+            validate_key(key)
+        scope = Scope(caller=caller, route=route.name, key=key, task=task)
+        op = OperationRequest(
+            op_id=operation_id(scope),
+            scope=scope,
+            fingerprint=request_fp,
+            method=request.method,
+            target=target.raw,
+            lease_s=route.lease_s,
+            wait_s=route.wait_s,
+            max_attempts=route.max_attempts,
+        )
+        try:
+            begun = await self.ledger.begin(op)
+        except StoreUnavailable as exc:
+            if route.on_store_error is FailureMode.FAIL_OPEN:
+                log.warning(
+                    "ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name}
+                )
+                return await self._forward_unrecorded(request, route, target, body)
+            raise LedgerUnavailable(
+                "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
+                "Retry with the same key.",
+                headers={"Retry-After": "1"},
+            ) from exc
+        if isinstance(begun, Answered):
+            return _answer(begun, route)
+        return await self._forward_owned(request, route, target, body, begun.record)
+
+    async def _forward_owned(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        target: Target,
+        body: bytes,
+        owned: OperationRecord,
+    ) -> web.StreamResponse:
+        url = upstream_url(route, target)
+        try:
+            async with self.forwarder.request(
+                route, request.method, url, self._upstream_headers(request), body
+            ) as upstream:
+                outcome = classify_status(
+                    upstream.status, route.not_applied_statuses, route.ambiguous_statuses
+                )
+                relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
+        except UpstreamFailed as exc:
+            return await self._record_failure(route, owned, exc.kind, exc.detail)
+        except asyncio.CancelledError:
+            # The proxy is shutting down mid-request: nobody knows what the tool did.
+            await asyncio.shield(
+                self._finish(
+                    owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"}
+                )
+            )
+            raise
+        if relayed.stored is None:
+            kind = relayed.failed or FailureKind.CONNECTION_LOST
+            await self._finish(
+                owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True}
+            )
+            return relayed.response
+        stored = relayed.stored
+        detail = {"status": stored.status, "size": stored.body_size, "sha256": stored.body_sha256}
+        await self._finish(owned, outcome, stored, route, detail)
+        return relayed.response
+
+    async def _record_failure(
+        self, route: RouteConfig, owned: OperationRecord, kind: FailureKind, detail: str
+    ) -> web.StreamResponse:
+        outcome = classify_failure(kind)
+        await self._finish(owned, outcome, None, route, {"failure": kind.value, "error": detail})
+        error: UpstreamError
+        if kind is FailureKind.CONNECT:
+            error = UpstreamUnreachable(f"The request was not sent: {detail}. Retry with the same key.")
+        elif kind is FailureKind.TIMEOUT:
+            error = UpstreamTimeout(
+                "The request was sent but the upstream did not answer in time; whether it took effect "
+                "is unknown. Retry with the same key to learn the outcome."
+            )
+        else:
+            error = UpstreamConnectionLost(
+                f"The request was sent but the connection was lost ({detail}); whether it took effect "
+                "is unknown. Retry with the same key to learn the outcome."
+            )
+        error.extensions["operation"] = owned.op_id
+        raise error
+
+    async def _finish(
+        self,
+        owned: OperationRecord,
+        outcome: Outcome,
+        stored: StoredResponse | None,
+        route: RouteConfig,
+        detail: dict[str, object],
+    ) -> None:
+        try:
+            current = await self.ledger.finish(owned, outcome, stored, route.retention_s, detail)
+        except StoreUnavailable:
+            log.error(
+                "could not record the outcome; the operation stays PENDING until its lease expires",
+                extra={"op": owned.op_id, "outcome": outcome.state.value},
+            )
+            return
+        if current is not None:
+            log.warning(
+                "outcome rejected by the fencing token: another owner decided this operation",
+                extra={"op": owned.op_id, "state": current.state.value, "fence": current.fence},
+            )
+
+    # -- calls that bypass the ledger ----------------------------------------------------
+
+    async def _passthrough(
+        self, request: web.Request, route: RouteConfig, target: Target
+    ) -> web.StreamResponse:
+        data = request.content if request.body_exists else None
+        if request.content_length is not None and request.content_length > route.max_body:
+            raise BodyTooLarge(
+                f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes)."
+            )
+        return await self._stream(request, route, target, data)
+
+    async def _forward_unrecorded(
+        self, request: web.Request, route: RouteConfig, target: Target, body: bytes
+    ) -> web.StreamResponse:
+        return await self._stream(request, route, target, body)
+
+    async def _stream(
+        self, request: web.Request, route: RouteConfig, target: Target, data: Any
+    ) -> web.StreamResponse:
+        url = upstream_url(route, target)
+        try:
+            async with self.forwarder.request(
+                route, request.method, url, self._upstream_headers(request), data
+            ) as upstream:
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=client_response_headers(upstream.headers, keep_length=True),
+                )
+                await response.prepare(request)
+                try:
+                    async for chunk in upstream.content.iter_chunked(_CHUNK):
+                        await response.write(chunk)
+                except (aiohttp.ClientError, TimeoutError):
+                    _abort(request)  # a truncated body must not look complete
+                    return response
+                await response.write_eof()
+                return response
+        except UpstreamFailed as exc:
+            raise _unrecorded_failure(exc) from exc
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client_ip = peer[0] if isinstance(peer, tuple) else None
+        return upstream_request_headers(
+            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Relayed:
+    response: web.StreamResponse
+    stored: StoredResponse | None  # None when the body was interrupted
+    failed: FailureKind | None = None
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str
+) -> _Relayed:
+    """Read the upstream's answer for the first caller and for the ledger.
+
+    Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
+    is streamed to the first caller and only its size and hash are kept.
+    """
+    digest = hashlib.sha256()
+    buffered = bytearray()
+    size = 0
+    streaming: web.StreamResponse | None = None
+    try:
+        async for chunk in upstream.content.iter_chunked(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if streaming is not None:
+                await _write_quietly(streaming, chunk)
+                continue
+            buffered += chunk
+            if len(buffered) > max_stored:
+                streaming = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=client_response_headers(upstream.headers, keep_length=True),
+                )
+                streaming.headers[OPERATION_HEADER] = op_id
+                await streaming.prepare(request)
+                await _write_quietly(streaming, bytes(buffered))
+                buffered = bytearray()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if streaming is None:
+            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+        _abort(request)
+        return _Relayed(streaming, None, failure_kind(exc))
+    stored = StoredResponse(
+        status=upstream.status,
+        headers=storable_response_headers(upstream.headers),
+        body=bytes(buffered) if streaming is None else None,
+        body_size=size,
+        body_sha256=digest.hexdigest(),
+    )
+    if streaming is not None:
+        await _write_eof_quietly(streaming)
+        return _Relayed(streaming, stored)
+    response = web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        body=stored.body,
+        headers=client_response_headers(upstream.headers, keep_length=False),
+    )
+    response.headers[OPERATION_HEADER] = op_id
+    return _Relayed(response, stored)
+
+
+async def _write_quietly(response: web.StreamResponse, chunk: bytes) -> None:
+    # The first caller may hang up; the ledger still needs the whole body's hash.
+    try:
+        await response.write(chunk)
+    except ConnectionError:
+        pass
+
+
+async def _write_eof_quietly(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        pass
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _answer(answered: Answered, route: RouteConfig) -> web.Response:
+    """The response for a request that must not be forwarded."""
+    record = answered.record
+    action = answered.action
+    if action is Action.REPLAY:
+        stored = record.response
+        assert stored is not None and stored.body is not None
+        response = web.Response(status=stored.status, body=stored.body, headers=stored.headers)
+        response.headers[REPLAYED_HEADER] = "true"
+        response.headers[OPERATION_HEADER] = record.op_id
+        return response
+    raise _problem_for(action, record, route)
+
+
+def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) -> ProblemError:
+    facts = {"operation": record.op_id, "state": record.state.value, "attempt": record.attempt}
+    match action:
+        case Action.MISMATCH:
+            return FingerprintMismatch(
+                "This idempotency key was first used for a different request (method, path, query, "
+                "headers or body differ). Use a new key for a new request.",
+                **facts,
+            )
+        case Action.WAIT:
+            return InFlight(
+                f"An earlier request with this key is still in flight after waiting {route.wait_s:g}s. "
+                "Retry later with the same key to get its outcome.",
+                headers={"Retry-After": "1"},
+                **facts,
+            )
+        case Action.UNKNOWN:
+            return OutcomeUnknown(
+                "An earlier attempt was sent but its outcome is unknown "
+                f"({record.retry_class or 'lease expired'}); it will not be forwarded again until "
+                "the outcome is established. Check the tool's state or ask an operator to resolve it.",
+                retry_class=record.retry_class,
+                **facts,
+            )
+        case Action.NEEDS_ATTENTION:
+            return NeedsAttention(
+                "The outcome of this operation could not be established automatically; an operator "
+                "must resolve it (done or not done) before it can be answered or retried.",
+                **facts,
+            )
+        case Action.NOT_STORED:
+            stored = record.response
+            return ResponseNotStored(
+                "The operation completed, but its response body exceeded the route's "
+                "max_stored_response and was not kept; it will not be forwarded again.",
+                original_status=stored.status if stored else None,
+                body_size=stored.body_size if stored else None,
+                body_sha256=stored.body_sha256 if stored else None,
+                **facts,
+            )
+        case Action.EXHAUSTED:
+            return AttemptsExhausted(
+                f"All {route.max_attempts} attempts of this operation were used up without a definitive answer.",
+                max_attempts=route.max_attempts,
+                **facts,
+            )
+    raise AssertionError(f"no problem for {action}")
+
+
+def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
+    if exc.kind is FailureKind.CONNECT:
+        return UpstreamUnreachable(f"The request was not sent: {exc.detail}.")
+    if exc.kind is FailureKind.TIMEOUT:
+        return UpstreamTimeout("The upstream did not answer in time.")
+    return UpstreamConnectionLost(f"The upstream connection was lost: {exc.detail}.")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 before anything is recorded."""
+    too_large = BodyTooLarge(
+        f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)

@@ -1,0 +1,61 @@
+"""Header hygiene between caller, proxy and upstream (RFC 9110 §7.6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Recomputed by whoever writes the body next.
+_FRAMING = frozenset({"content-length"})
+#: Belong to one response only; never replayed to another caller.
+_NOT_STORED = frozenset({"set-cookie", "set-cookie2"})
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return listed
+
+
+def _end_to_end(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> list[tuple[str, str]]:
+    dropped = HOP_BY_HOP | _connection_listed(headers) | set(drop)
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str, host: str | None
+) -> CIMultiDict[str]:
+    """What the upstream receives: end-to-end headers plus ``X-Forwarded-*``."""
+    out = CIMultiDict(_end_to_end(headers, ("host", "content-length", "expect")))
+    if client_ip:
+        prior = ", ".join(headers.getall("X-Forwarded-For", ()))
+        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    out["X-Forwarded-Proto"] = scheme
+    if host:
+        out["X-Forwarded-Host"] = host
+    return out
+
+
+def client_response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> list[tuple[str, str]]:
+    """What the caller receives from a live upstream response."""
+    return _end_to_end(headers, () if keep_length else _FRAMING)
+
+
+def storable_response_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
+    """What is kept for replay: end-to-end headers, without framing or cookies."""
+    return tuple(_end_to_end(headers, _FRAMING | _NOT_STORED))

@@ -1,0 +1,204 @@
+"""The ledger: reserve an operation before forwarding, record its outcome after.
+
+It joins the pure decisions (``idemproxy.decisions``) to a store. ``begin``
+either makes the caller the owner of a new attempt or says what the caller
+gets instead (replay, wait result, conflict ...); ``finish`` records the
+attempt's outcome, guarded by the owner's fencing token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+from idemproxy.decisions import Action, Outcome, decide
+from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredResponse
+from idemproxy.store import Store, StoreUnavailable, Transition
+
+log = logging.getLogger(__name__)
+
+_FINISH_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """The caller owns ``record`` (PENDING, fresh lease) and must forward, then ``finish``."""
+
+    record: OperationRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The caller must not forward; ``action`` on ``record`` says what it gets."""
+
+    action: Action
+    record: OperationRecord
+    waited: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRequest:
+    op_id: str
+    scope: Scope
+    fingerprint: str
+    method: str
+    target: str
+    lease_s: float
+    wait_s: float
+    max_attempts: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Ledger:
+    def __init__(self, store: Store, instance_id: str | None = None) -> None:
+        self.store = store
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._attempts = itertools.count(1)
+
+    def _new_owner(self) -> str:
+        return f"{self.instance_id}:{next(self._attempts)}"
+
+    async def begin(self, request: OperationRequest) -> Owned | Answered:
+        """Reserve ``request``'s operation, or say why it must not be forwarded."""
+        now = now_ms()
+        record = OperationRecord(
+            op_id=request.op_id,
+            scope=request.scope,
+            state=State.PENDING,
+            fence=1,
+            fingerprint=request.fingerprint,
+            attempt=1,
+            owner=self._new_owner(),
+            lease_until_ms=now + round(request.lease_s * 1000),
+            method=request.method,
+            target=request.target,
+            created_ms=now,
+            updated_ms=now,
+        )
+        existing = await self.store.reserve(record, _reserved_evidence(record, now))
+        if existing is None:
+            return Owned(record)
+        return await self._resolve(request, existing)
+
+    async def _resolve(self, request: OperationRequest, existing: OperationRecord) -> Owned | Answered:
+        deadline: float | None = None  # set when this caller starts waiting
+        while True:
+            action = decide(existing, request.fingerprint, now_ms(), request.max_attempts)
+            if action is Action.RETRY:
+                taken = await self._take_over(request, existing)
+                if isinstance(taken, Owned):
+                    return taken
+                existing = taken
+                continue
+            if action is Action.WAIT:
+                if deadline is None:
+                    deadline = time.monotonic() + request.wait_s
+                if time.monotonic() < deadline:
+                    current = await self._wait_for_change(request, deadline)
+                    if current is None:  # a released record expired meanwhile: start afresh
+                        return await self.begin(request)
+                    existing = current
+                    continue
+            return Answered(action, existing, waited=deadline is not None)
+
+    async def _take_over(
+        self, request: OperationRequest, released: OperationRecord
+    ) -> Owned | OperationRecord:
+        now = now_ms()
+        record = released.evolve(
+            state=State.PENDING,
+            fence=released.fence + 1,
+            attempt=released.attempt + 1,
+            owner=self._new_owner(),
+            lease_until_ms=now + round(request.lease_s * 1000),
+            updated_ms=now,
+            retry_class=None,
+            response=None,
+        )
+        current = await self.store.transition(
+            Transition(
+                new=record,
+                expect_fence=released.fence,
+                expect_states=frozenset({State.RELEASED}),
+                evidence=_reserved_evidence(record, now),
+            )
+        )
+        return Owned(record) if current is None else current
+
+    async def _wait_for_change(self, request: OperationRequest, deadline: float) -> OperationRecord | None:
+        """The record once it no longer says WAIT, or as it is at ``deadline``."""
+        async with self.store.watch(request.op_id) as changed:
+            while True:
+                changed.clear()
+                current = await self.store.get(request.op_id)
+                if current is None:
+                    return None
+                action = decide(current, request.fingerprint, now_ms(), request.max_attempts)
+                remaining = deadline - time.monotonic()
+                if action is not Action.WAIT or remaining <= 0:
+                    return current
+                wake_in = min(remaining, self.store.poll_interval_s, _lease_left_s(current))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wake_in)
+
+    async def finish(
+        self,
+        owned: OperationRecord,
+        outcome: Outcome,
+        response: StoredResponse | None,
+        retention_s: float,
+        detail: dict[str, object],
+    ) -> OperationRecord | None:
+        """Record ``outcome`` for the attempt ``owned`` made.
+
+        Returns ``None`` when recorded, or the current record when the fence
+        says another owner decided this operation meanwhile. Store outages are
+        retried briefly; after that the record stays PENDING and its expired
+        lease makes it UNKNOWN, never silently lost.
+        """
+        now = now_ms()
+        new = owned.evolve(
+            state=outcome.state,
+            retry_class=outcome.retry_class,
+            response=response if outcome.state is State.COMPLETED else None,
+            updated_ms=now,
+            lease_until_ms=0,
+        )
+        evidence = Evidence(now, outcome.state.value.lower(), detail)
+        transition = Transition(
+            new=new,
+            expect_fence=owned.fence,
+            expect_states=frozenset({State.PENDING}),
+            evidence=evidence,
+            ttl_s=retention_s if outcome.state in (State.COMPLETED, State.RELEASED) else None,
+        )
+        for delay in (*_FINISH_RETRY_DELAYS_S, None):
+            try:
+                return await self.store.transition(transition)
+            except StoreUnavailable:
+                if delay is None:
+                    raise
+                log.warning(
+                    "store unavailable while recording an outcome; retrying", extra={"op": owned.op_id}
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _reserved_evidence(record: OperationRecord, now: int) -> Evidence:
+    return Evidence(now, "reserved", {"attempt": record.attempt, "owner": record.owner})
+
+
+def _lease_left_s(record: OperationRecord) -> float:
+    # Wake when the lease runs out, so an expired lease is seen without a notification.
+    return max(0.001, (record.lease_until_ms - now_ms()) / 1000)

@@ -1,0 +1,97 @@
+"""The operation record: the durable checkpoint of one side-effecting call.
+
+Records are immutable values; a state change is a new record written by a
+store with a compare-and-set on the fencing token (``fence``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    PENDING = "PENDING"
+    COMPLETED = "COMPLETED"
+    RELEASED = "RELEASED"
+    UNKNOWN = "UNKNOWN"
+    NEEDS_ATTENTION = "NEEDS_ATTENTION"
+
+
+#: States whose outcome nobody knows yet: never expired, always escalated.
+UNRESOLVED_STATES = frozenset({State.PENDING, State.UNKNOWN, State.NEEDS_ATTENTION})
+
+
+class RetryClass(StrEnum):
+    """Why the last attempt did not end in a definitive response."""
+
+    CONNECT_FAILED = "connect-failed"  # nothing reached the tool
+    NOT_APPLIED_STATUS = "not-applied-status"  # the tool said it did nothing (429, 503)
+    READ_TIMEOUT = "read-timeout"  # sent, no answer in time
+    CONNECTION_LOST = "connection-lost"  # sent, connection reset or closed
+    AMBIGUOUS_STATUS = "ambiguous-status"  # 500/502/504: may or may not have happened
+    LEASE_EXPIRED = "lease-expired"  # the owning instance vanished
+    ABORTED = "aborted"  # the proxy stopped while the request was in flight
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who asked, through which route, under which key; part of the operation id."""
+
+    caller: str
+    route: str
+    key: str
+    task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None  # None when the body exceeded the route's storage limit
+    body_size: int
+    body_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """One observed fact about an operation, appended and never rewritten."""
+
+    at_ms: int
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at_ms": self.at_ms, "kind": self.kind, **self.detail}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evidence:
+        data = dict(data)
+        return cls(at_ms=int(data.pop("at_ms")), kind=str(data.pop("kind")), detail=data)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    op_id: str
+    scope: Scope
+    state: State
+    fence: int  # bumped on every change of owner; transitions must present the current one
+    fingerprint: str
+    attempt: int
+    owner: str
+    lease_until_ms: int  # only meaningful while PENDING
+    method: str
+    target: str
+    created_ms: int
+    updated_ms: int
+    retry_class: RetryClass | None = None
+    response: StoredResponse | None = None
+    evidence: tuple[Evidence, ...] = ()
+
+    def lease_alive(self, now_ms: int) -> bool:
+        return self.state is State.PENDING and self.lease_until_ms > now_ms
+
+    def evolve(self, **changes: Any) -> OperationRecord:
+        return dataclasses.replace(self, **changes)

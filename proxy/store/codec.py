@@ -1,0 +1,121 @@
+"""One flat field layout for a record, shared by every store.
+
+The fields the atomic scripts inspect (state, fence, owner, lease) stay
+separate; everything else travels as one orjson blob (``m``) plus the raw
+response body (``b``), so a replay is served byte for byte without re-encoding.
+Evidence (``e``) is JSON lines, appended by the store and never rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from idemproxy.records import (
+    Evidence,
+    OperationRecord,
+    RetryClass,
+    Scope,
+    State,
+    StoredResponse,
+)
+
+STATE = "s"
+FENCE = "f"
+FINGERPRINT = "fp"
+ATTEMPT = "a"
+OWNER = "o"
+LEASE = "l"
+META = "m"
+BODY = "b"
+EVIDENCE = "e"
+
+#: Fields every write replaces, in this order.
+WRITTEN_FIELDS = (STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE, META, BODY)
+
+
+def encode(record: OperationRecord) -> dict[str, bytes]:
+    """The fields to write for ``record`` (evidence excluded: it is appended)."""
+    meta: dict[str, Any] = {
+        "scope": [record.scope.caller, record.scope.route, record.scope.key, record.scope.task],
+        "method": record.method,
+        "target": record.target,
+        "created_ms": record.created_ms,
+        "updated_ms": record.updated_ms,
+    }
+    if record.retry_class is not None:
+        meta["retry_class"] = record.retry_class.value
+    fields = {
+        STATE: record.state.value.encode(),
+        FENCE: str(record.fence).encode(),
+        FINGERPRINT: record.fingerprint.encode(),
+        ATTEMPT: str(record.attempt).encode(),
+        OWNER: record.owner.encode(),
+        LEASE: str(record.lease_until_ms).encode(),
+    }
+    response = record.response
+    if response is not None:
+        meta["response"] = {
+            "status": response.status,
+            "headers": response.headers,
+            "size": response.body_size,
+            "sha256": response.body_sha256,
+            "stored": response.body is not None,
+        }
+    fields[META] = orjson.dumps(meta)
+    # Always written, so a transition never leaves a previous body behind.
+    fields[BODY] = response.body if response is not None and response.body is not None else b""
+    return fields
+
+
+def encode_evidence(evidence: Evidence) -> bytes:
+    return orjson.dumps(evidence.to_dict())
+
+
+def decode(op_id: str, fields: Mapping[str, bytes | str]) -> OperationRecord:
+    meta = orjson.loads(fields[META])
+    caller, route, key, task = meta["scope"]
+    response = None
+    if (stored := meta.get("response")) is not None:
+        body = fields.get(BODY) if stored["stored"] else None
+        response = StoredResponse(
+            status=stored["status"],
+            headers=tuple((name, value) for name, value in stored["headers"]),
+            body=_bytes(body) if body is not None else None,
+            body_size=stored["size"],
+            body_sha256=stored["sha256"],
+        )
+    retry_class = meta.get("retry_class")
+    return OperationRecord(
+        op_id=op_id,
+        scope=Scope(caller=caller, route=route, key=key, task=task),
+        state=State(_text(fields[STATE])),
+        fence=int(fields[FENCE]),
+        fingerprint=_text(fields[FINGERPRINT]),
+        attempt=int(fields[ATTEMPT]),
+        owner=_text(fields[OWNER]),
+        lease_until_ms=int(fields[LEASE]),
+        method=meta["method"],
+        target=meta["target"],
+        created_ms=meta["created_ms"],
+        updated_ms=meta["updated_ms"],
+        retry_class=RetryClass(retry_class) if retry_class is not None else None,
+        response=response,
+        evidence=decode_evidence(fields.get(EVIDENCE)),
+    )
+
+
+def decode_evidence(raw: bytes | str | None) -> tuple[Evidence, ...]:
+    if not raw:
+        return ()
+    lines = _bytes(raw).split(b"\n")
+    return tuple(Evidence.from_dict(orjson.loads(line)) for line in lines if line)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value

@@ -1,0 +1,164 @@
+"""The Redis ledger: one Lua script per transition, one round trip each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from idemproxy.records import Evidence, OperationRecord, State
+from idemproxy.store import codec
+from idemproxy.store.base import RecordMissing, Store, StoreUnavailable, Transition
+from idemproxy.store.redis_schema import RESERVE, TRANSITION, RedisKeys
+from redis.asyncio.client import PubSub
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RECONNECT_DELAY_S = 0.5
+
+
+class RedisStore(Store):
+    #: Pub/sub carries notifications between processes; polling is only a
+    #: safety net for messages lost while the subscriber reconnects.
+    poll_interval_s = 1.0
+
+    def __init__(self, url: str, *, key_prefix: str = "idem", socket_timeout_s: float = 2.0) -> None:
+        super().__init__()
+        self.keys = RedisKeys(key_prefix)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            # Both scripts recognise a retried call by its owner, so retrying
+            # after a lost reply never creates or applies anything twice.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            health_check_interval=30,
+        )
+        self._reserve = self._redis.register_script(RESERVE)
+        self._transition = self._redis.register_script(TRANSITION)
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._listener = asyncio.create_task(self._listen(), name="idemproxy-redis-pubsub")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        await self._redis.aclose()
+
+    # -- the contract ------------------------------------------------------------------
+
+    async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
+        fields = codec.encode(record)
+        args: list[Any] = [
+            record.op_id,
+            record.owner,
+            record.lease_until_ms,
+            codec.encode_evidence(evidence),
+        ]
+        for name, value in fields.items():
+            args += (name, value)
+        keys = [self.keys.record(record.op_id), self.keys.due(record.op_id)]
+        reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        if reply[0] == 1:
+            return None
+        return codec.decode(record.op_id, _pairs(reply[1]))
+
+    async def transition(self, transition: Transition) -> OperationRecord | None:
+        new = transition.new
+        args: list[Any] = [
+            new.op_id,
+            transition.expect_fence,
+            " " + " ".join(sorted(transition.expect_states)) + " ",
+            new.state.value,
+            new.fence,
+            new.owner,
+            round(transition.ttl_s * 1000) if transition.ttl_s else 0,
+            new.lease_until_ms if new.state is State.PENDING else 0,
+            codec.encode_evidence(transition.evidence),
+            self.keys.channel(new.op_id),
+        ]
+        for name, value in codec.encode(new).items():
+            args += (name, value)
+        keys = [self.keys.record(new.op_id), self.keys.due(new.op_id)]
+        reply = await self._call(lambda: self._transition(keys=keys, args=args))
+        if reply[0] == 1:
+            self._notify_local(new.op_id)
+            return None
+        if reply[0] == -1:
+            raise RecordMissing(new.op_id)
+        return codec.decode(new.op_id, _pairs(reply[1]))
+
+    async def get(self, op_id: str) -> OperationRecord | None:
+        fields = await self._call(lambda: self._redis.hgetall(self.keys.record(op_id)))
+        if not fields:
+            return None
+        return codec.decode(op_id, {name.decode(): value for name, value in fields.items()})
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping)
+
+    # -- notifications -----------------------------------------------------------------
+
+    async def _subscribe(self, op_id: str) -> None:
+        if self._pubsub is None:
+            return
+        try:
+            await self._pubsub.subscribe(self.keys.channel(op_id))
+        except (RedisError, OSError) as exc:
+            # Waiters fall back to polling; the listener resubscribes on reconnect.
+            log.warning("pub/sub subscribe failed, waiters will poll", extra={"error": str(exc)})
+
+    async def _unsubscribe(self, op_id: str) -> None:
+        if self._pubsub is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.unsubscribe(self.keys.channel(op_id))
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        prefix = self.keys.channel_prefix.encode()
+        while True:
+            try:
+                # A permanent subscription keeps listen() alive while no
+                # operation is being waited for.
+                await self._pubsub.subscribe(self.keys.keepalive_channel())
+                async for message in self._pubsub.listen():
+                    channel: bytes = message["channel"]
+                    if message["type"] == "message" and channel.startswith(prefix):
+                        self._notify_local(channel[len(prefix) :].decode())
+            except (RedisError, OSError) as exc:
+                log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
+                for op_id in list(self._watchers):
+                    self._notify_local(op_id)  # let waiters re-read rather than miss a change
+                await asyncio.sleep(_RECONNECT_DELAY_S)
+
+    # -- error mapping -----------------------------------------------------------------
+
+    async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await command()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def _pairs(flat: list[bytes]) -> dict[str, bytes]:
+    return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}

@@ -1,0 +1,217 @@
+"""The embedded ledger: one SQLite file in WAL mode, so ``idemproxy run`` needs nothing else.
+
+Every transition is one ``BEGIN IMMEDIATE`` transaction with ``synchronous=FULL``:
+a record is on disk before the request is forwarded. SQLite calls run on one
+dedicated thread so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from idemproxy.records import Evidence, OperationRecord, State
+from idemproxy.store import codec
+from idemproxy.store.base import RecordMissing, Store, StoreUnavailable, Transition
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS operations (
+    op_id      TEXT PRIMARY KEY,
+    s          TEXT NOT NULL,
+    f          INTEGER NOT NULL,
+    fp         TEXT NOT NULL,
+    a          INTEGER NOT NULL,
+    o          TEXT NOT NULL,
+    l          INTEGER NOT NULL,
+    m          BLOB NOT NULL,
+    b          BLOB,
+    e          BLOB NOT NULL,
+    due_ms     INTEGER,  -- when the reconciler must look at it; NULL: not due
+    expires_ms INTEGER   -- NULL: kept until resolved
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS operations_due ON operations (due_ms) WHERE due_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS operations_expiry ON operations (expires_ms) WHERE expires_ms IS NOT NULL;
+"""
+_COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
+_SELECT = (
+    f"SELECT {', '.join(_COLUMNS)} FROM operations WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?)"
+)
+_PURGE_BATCH = 500
+_PURGE_INTERVAL_S = 60.0
+
+
+class SqliteStore(Store):
+    #: Notifications reach waiters in this process at once; waiters in other
+    #: processes sharing the file see changes on their next poll.
+    poll_interval_s = 0.1
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idemproxy-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        return cls(url.removeprefix("sqlite:///"))
+
+    async def start(self) -> None:
+        await self._run(self._open)
+        self._purger = asyncio.create_task(self._purge_forever(), name="idemproxy-sqlite-purge")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._purger is not None:
+            self._purger.cancel()
+        if self._db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown(wait=True)
+
+    # -- the contract ------------------------------------------------------------------
+
+    async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
+        return await self._run(self._reserve, record, evidence)
+
+    async def transition(self, transition: Transition) -> OperationRecord | None:
+        current = await self._run(self._transition, transition)
+        if current is None:
+            self._notify_local(transition.new.op_id)
+        return current
+
+    async def get(self, op_id: str) -> OperationRecord | None:
+        return await self._run(self._get, op_id)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
+
+    # -- on the store thread -------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.path.parent != Path():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreUnavailable("the SQLite store is not open")
+        return self._db
+
+    def _reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
+        db = self._conn()
+        now = _now_ms()
+        with _immediate(db):
+            row = db.execute(_SELECT, (record.op_id, now)).fetchone()
+            if row is not None:
+                existing = _decode(record.op_id, row)
+                return None if existing.owner == record.owner else existing
+            fields = codec.encode(record)
+            db.execute(
+                "INSERT OR REPLACE INTO operations (op_id, s, f, fp, a, o, l, m, b, e, due_ms, expires_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    record.op_id,
+                    *(fields[name] for name in codec.WRITTEN_FIELDS),
+                    codec.encode_evidence(evidence),
+                    record.lease_until_ms,
+                ),
+            )
+        return None
+
+    def _transition(self, transition: Transition) -> OperationRecord | None:
+        db = self._conn()
+        new = transition.new
+        now = _now_ms()
+        with _immediate(db):
+            row = db.execute(_SELECT, (new.op_id, now)).fetchone()
+            if row is None:
+                raise RecordMissing(new.op_id)
+            current = _decode(new.op_id, row)
+            if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
+                return None  # a retried call whose first try was applied
+            if current.fence != transition.expect_fence or current.state not in transition.expect_states:
+                return current
+            fields = codec.encode(new)
+            ttl_ms = round(transition.ttl_s * 1000) if transition.ttl_s else None
+            db.execute(
+                "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?,"
+                " e = e || ? , due_ms = ?, expires_ms = ? WHERE op_id = ?",
+                (
+                    *(fields[name] for name in codec.WRITTEN_FIELDS),
+                    b"\n" + codec.encode_evidence(transition.evidence),
+                    new.lease_until_ms if new.state is State.PENDING else None,
+                    now + ttl_ms if ttl_ms else None,
+                    new.op_id,
+                ),
+            )
+        return None
+
+    def _get(self, op_id: str) -> OperationRecord | None:
+        row = self._conn().execute(_SELECT, (op_id, _now_ms())).fetchone()
+        return _decode(op_id, row) if row is not None else None
+
+    def _purge_expired(self) -> int:
+        db = self._conn()
+        with _immediate(db):
+            cursor = db.execute(
+                "DELETE FROM operations WHERE op_id IN (SELECT op_id FROM operations"
+                " WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?)",
+                (_now_ms(), _PURGE_BATCH),
+            )
+        return cursor.rowcount
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_PURGE_INTERVAL_S)
+            try:
+                while await self._run(self._purge_expired) == _PURGE_BATCH:
+                    pass
+            except StoreUnavailable:
+                continue
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise StoreUnavailable("the SQLite store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+
+class _immediate:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _decode(op_id: str, row: tuple[Any, ...]) -> OperationRecord:
+    return codec.decode(op_id, dict(zip(_COLUMNS, row, strict=True)))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
