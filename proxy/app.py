@@ -35,7 +35,7 @@ def build_proxy_app(config: ProxyConfig, store: Store) -> web.Application:
     app[STORE_KEY] = store
     app[FORWARDER_KEY] = forwarder
     handler = ProxyHandler(RouteTable(config.routes), Ledger(store), forwarder, config.headers)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
 
     async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         await forwarder.start()

@@ -87,7 +87,7 @@ class ProxyHandler:
         self.forwarder = forwarder
         self.names = header_names
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         target = parse_target(request.method, request.raw_path)
         route = self.routes.match(target.path)
         if not route.is_side_effecting(request.method):

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real redis-server, both stores, a counting upstream, the proxy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from idemproxy.app import build_proxy_app
+from idemproxy.config import ProxyConfig, StoreConfig, parse_config
+from idemproxy.store import Store, open_store
+from tests.support.redis_server import RedisServer
+from tests.support.upstream import Upstream
+
+ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+def sqlite_url(directory: Path) -> str:
+    return f"sqlite:///{directory / 'ledger.db'}"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    opened = open_store(StoreConfig(url=store_url))
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    tool = Upstream()
+    server = await aiohttp_server(tool.app())
+    tool.url = str(server.make_url("")).rstrip("/")
+    return tool
+
+
+def proxy_config(upstream_url: str, store_url: str = "sqlite:///unused.db", **route: Any) -> ProxyConfig:
+    return parse_config(
+        {"store": store_url, "routes": [{"prefix": "/", "upstream": upstream_url, **route}]}
+    )
+
+
+@pytest.fixture
+def make_proxy(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    store: Store,
+    upstream: Upstream,
+) -> ProxyFactory:
+    """``await make_proxy(**route_policy)``: a client for a proxy in front of ``upstream``."""
+
+    async def factory(config: ProxyConfig | None = None, **route: Any) -> TestClient[Any, Any]:
+        app = build_proxy_app(config or proxy_config(upstream.url, **route), store)
+        return await aiohttp_client(app)
+
+    return factory
