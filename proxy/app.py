@@ -17,7 +17,7 @@ from aiohttp import web
 from idemproxy.admin import STORE_KEY, admin_routes
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
-from idemproxy.handler import ProxyHandler, problem_middleware
+from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
 from idemproxy.ledger import Ledger
 from idemproxy.routes import RouteTable
 from idemproxy.store import Store, open_store
@@ -30,7 +30,9 @@ FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 def build_proxy_app(config: ProxyConfig, store: Store) -> web.Application:
     """The proxy application; ``store`` must be started by the caller."""
     largest_body = max(route.max_body for route in config.routes)
-    app = web.Application(middlewares=[problem_middleware], client_max_size=largest_body + 1)
+    app = web.Application(
+        middlewares=[problem_middleware, non_origin_target_middleware], client_max_size=largest_body + 1
+    )
     forwarder = Forwarder()
     app[STORE_KEY] = store
     app[FORWARDER_KEY] = forwarder

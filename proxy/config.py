@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from idemproxy.units import parse_duration, parse_size
 from yarl import URL
+
+from idemproxy.units import parse_duration, parse_size
 
 T = TypeVar("T")
 
@@ -90,6 +91,7 @@ class StoreConfig:
     url: str = DEFAULT_STORE_URL
     key_prefix: str = "idem"
     socket_timeout_s: float = 2.0
+    max_connections: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +246,7 @@ class _Reader:
                     url=self.value({"store": overrides.store}, "store", store.url, _store_url),
                     key_prefix=store.key_prefix,
                     socket_timeout_s=store.socket_timeout_s,
+                    max_connections=store.max_connections,
                 )
             if overrides.upstream:
                 if "routes" in data:
@@ -284,6 +287,7 @@ class _Reader:
                 socket_timeout_s=self.value(
                     data, "socket_timeout", defaults.socket_timeout_s, _positive_duration
                 ),
+                max_connections=self.value(data, "max_connections", defaults.max_connections, _positive_int),
             )
 
     def headers(self, raw: Any) -> HeaderNames:
@@ -301,7 +305,18 @@ class _Reader:
     def route_defaults(self, raw: Any) -> dict[str, Any]:
         with self.at("route_defaults"):
             data = self.mapping(raw, _ROUTE_POLICY_KEYS)
-            return dict(data) if data is not None else {}
+            return self.route_policy(data) if data is not None else {}
+
+    def route_policy(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``RouteConfig`` fields for the policy keys present in ``data``, validated."""
+        fields: dict[str, Any] = {}
+        for key, (field_name, convert) in _ROUTE_POLICY.items():
+            if key in data:
+                before = len(self.problems)
+                value = self.value(data, key, None, convert)
+                if len(self.problems) == before:
+                    fields[field_name] = value
+        return fields
 
     def routes(self, raw: Any, defaults: dict[str, Any]) -> tuple[RouteConfig, ...]:
         if not isinstance(raw, list):
@@ -325,49 +340,30 @@ class _Reader:
         data = self.mapping(raw, _ROUTE_KEYS)
         if data is None:
             return None
-        merged = {**defaults, **data}
         for required in ("prefix", "upstream"):
-            if required not in merged:
+            if required not in data:
                 self.fail(required, "is required")
-        if "prefix" not in merged or "upstream" not in merged:
+        if "prefix" not in data or "upstream" not in data:
             return None
         before = len(self.problems)
-        prefix = self.value(merged, "prefix", "/", _prefix)
-        base = RouteConfig(name="", prefix=prefix, upstream=URL("http://invalid"))
+        prefix = self.value(data, "prefix", "/", _prefix)
+        policy = {**defaults, **self.route_policy(data)}
         route = RouteConfig(
-            name=self.value(merged, "name", _route_name(prefix), _route_name_value),
+            name=self.value(data, "name", _route_name(prefix), _route_name_value),
             prefix=prefix,
-            upstream=self.value(merged, "upstream", base.upstream, _upstream_url),
-            strip_prefix=self.value(merged, "strip_prefix", base.strip_prefix, _bool),
-            side_effect_methods=self.value(merged, "side_effect_methods", base.side_effect_methods, _methods),
-            key_mode=self.value(merged, "key_mode", base.key_mode, _enum(KeyMode)),
-            retention_s=self.value(merged, "retention", base.retention_s, _positive_duration),
-            wait_s=self.value(merged, "wait", base.wait_s, parse_duration),
-            connect_timeout_s=self.value(
-                merged, "connect_timeout", base.connect_timeout_s, _positive_duration
-            ),
-            read_timeout_s=self.value(merged, "read_timeout", base.read_timeout_s, _positive_duration),
-            lease_s=self.value(merged, "lease", base.lease_s, _positive_duration),
-            max_body=self.value(merged, "max_body", base.max_body, parse_size),
-            max_stored_response=self.value(
-                merged, "max_stored_response", base.max_stored_response, parse_size
-            ),
-            max_attempts=self.value(merged, "max_attempts", base.max_attempts, _positive_int),
-            not_applied_statuses=self.value(
-                merged, "not_applied_statuses", base.not_applied_statuses, _statuses
-            ),
-            ambiguous_statuses=self.value(merged, "ambiguous_statuses", base.ambiguous_statuses, _statuses),
-            on_store_error=self.value(merged, "on_store_error", base.on_store_error, _enum(FailureMode)),
-            fingerprint_headers=self.value(
-                merged, "fingerprint_headers", base.fingerprint_headers, _header_list
-            ),
+            upstream=self.value(data, "upstream", URL("http://invalid"), _upstream_url),
+            **policy,
         )
         if len(self.problems) > before:
             return None
         if overlap := route.not_applied_statuses & route.ambiguous_statuses:
             self.fail("ambiguous_statuses", f"{sorted(overlap)} also listed in not_applied_statuses")
-        if bad := [s for s in route.not_applied_statuses | route.ambiguous_statuses if s < 400]:
-            self.fail("not_applied_statuses", f"only 4xx and 5xx statuses can be listed, got {sorted(bad)}")
+        for key, statuses in (
+            ("not_applied_statuses", route.not_applied_statuses),
+            ("ambiguous_statuses", route.ambiguous_statuses),
+        ):
+            if bad := sorted(status for status in statuses if status < 400):
+                self.fail(key, f"only 4xx and 5xx statuses can be listed, got {bad}")
         if safe := route.side_effect_methods & SAFE_METHODS:
             self.fail("side_effect_methods", f"{sorted(safe)} are safe methods and are never recorded")
         if route.lease_s <= route.connect_timeout_s + route.read_timeout_s:
@@ -379,18 +375,10 @@ class _Reader:
         return route if len(self.problems) == before else None
 
 
-_ROUTE_POLICY_KEYS = frozenset(
-    {
-        "strip_prefix", "side_effect_methods", "key_mode", "retention", "wait", "connect_timeout",
-        "read_timeout", "lease", "max_body", "max_stored_response", "max_attempts",
-        "not_applied_statuses", "ambiguous_statuses", "on_store_error", "fingerprint_headers",
-    }
-)  # fmt: skip
-_ROUTE_KEYS = _ROUTE_POLICY_KEYS | {"name", "prefix", "upstream"}
 _TOP_KEYS = frozenset(
     {"listen", "admin_listen", "store", "headers", "routes", "route_defaults", "log_level", "shutdown_grace"}
 )
-_STORE_KEYS = frozenset({"url", "key_prefix", "socket_timeout"})
+_STORE_KEYS = frozenset({"url", "key_prefix", "socket_timeout", "max_connections"})
 _HEADER_KEYS = frozenset({"key", "caller", "task"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -525,6 +513,28 @@ def _upstream_url(value: Any) -> URL:
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
-    if url.query_string or url.fragment or url.user is not None:
+    if url.query_string or url.fragment or url.user is not None or url.password is not None:
         raise ValueError(f"the upstream URL must not carry a query, fragment or credentials, got {value!r}")
     return url
+
+
+#: Route policy keys in YAML -> (RouteConfig field, converter).
+_ROUTE_POLICY: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "strip_prefix": ("strip_prefix", _bool),
+    "side_effect_methods": ("side_effect_methods", _methods),
+    "key_mode": ("key_mode", _enum(KeyMode)),
+    "retention": ("retention_s", _positive_duration),
+    "wait": ("wait_s", parse_duration),
+    "connect_timeout": ("connect_timeout_s", _positive_duration),
+    "read_timeout": ("read_timeout_s", _positive_duration),
+    "lease": ("lease_s", _positive_duration),
+    "max_body": ("max_body", parse_size),
+    "max_stored_response": ("max_stored_response", parse_size),
+    "max_attempts": ("max_attempts", _positive_int),
+    "not_applied_statuses": ("not_applied_statuses", _statuses),
+    "ambiguous_statuses": ("ambiguous_statuses", _statuses),
+    "on_store_error": ("on_store_error", _enum(FailureMode)),
+    "fingerprint_headers": ("fingerprint_headers", _header_list),
+}
+_ROUTE_POLICY_KEYS = frozenset(_ROUTE_POLICY)
+_ROUTE_KEYS = _ROUTE_POLICY_KEYS | {"name", "prefix", "upstream"}

@@ -53,6 +53,7 @@ class ProblemError(Exception):
 
     def to_json(self, instance: str | None = None) -> bytes:
         body: dict[str, Any] = {
+            **self.extensions,  # first, so they can never override the standard members
             "type": self.type_uri,
             "title": self.title,
             "status": self.status,
@@ -60,7 +61,6 @@ class ProblemError(Exception):
         }
         if instance is not None:
             body["instance"] = instance
-        body.update(self.extensions)
         return orjson.dumps(body)
 
 

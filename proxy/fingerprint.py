@@ -8,31 +8,38 @@ when the body is JSON, so key order and whitespace do not matter).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
+
 from idemproxy.errors import InvalidKey
 from idemproxy.records import Scope
 
 MAX_KEY_LENGTH = 255
+_LONG_DIGIT_RUN = re.compile(rb"\d{19,}")  # every integer beyond 64 bits has 19+ digits
 _SEPARATOR = b"\x1f"
 
 
 def canonical_body(body: bytes, content_type: str | None) -> bytes:
     """The bytes that stand for ``body`` in a fingerprint."""
-    if body and content_type is not None and _is_json(content_type):
-        try:
-            return orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONDecodeError:
-            return body  # not JSON after all: the raw bytes are the request
-        except TypeError:
-            return body  # integers beyond 64 bits: orjson cannot re-encode them
-    return body
+    if not body or content_type is None or not _is_json(content_type):
+        return body
+    if _LONG_DIGIT_RUN.search(body):
+        # orjson reads integers beyond 64 bits as floats, which would make
+        # different numbers look equal: keep the exact bytes instead.
+        return body
+    try:
+        return orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONDecodeError:
+        return body  # not JSON after all: the raw bytes are the request
 
 
 def normalized_query(query_string: str) -> str:
-    return urlencode(sorted(parse_qsl(query_string, keep_blank_values=True)))
+    """Parameters sorted by name; repeated parameters keep their order, which may matter."""
+    pairs = parse_qsl(query_string, keep_blank_values=True)
+    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
 def fingerprint(

@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from idemproxy.config import RouteConfig
-from idemproxy.decisions import FailureKind
 from multidict import CIMultiDict
 from yarl import URL
+
+from idemproxy.config import RouteConfig
+from idemproxy.decisions import FailureKind
 
 
 class UpstreamFailed(Exception):

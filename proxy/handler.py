@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
 from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
 from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
@@ -22,6 +26,7 @@ from idemproxy.errors import (
     LedgerUnavailable,
     MissingKey,
     NeedsAttention,
+    NoRoute,
     OutcomeUnknown,
     ProblemError,
     ResponseNotStored,
@@ -41,7 +46,6 @@ from idemproxy.ledger import Answered, Ledger, OperationRequest
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
 from idemproxy.store import StoreUnavailable
-from multidict import CIMultiDict
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,11 @@ _CHUNK = 64 * 1024
 
 
 @web.middleware
-async def problem_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one place where errors become problem+json responses."""
     try:
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
     except ProblemError as exc:
         return problem_response(exc, request)
     except web.HTTPException as exc:
@@ -65,6 +70,17 @@ async def problem_middleware(request: web.Request, handler: web.Handler) -> web.
     except Exception:
         log.exception("unhandled error", extra={"path": request.raw_path})
         return problem_response(InternalError("The proxy failed unexpectedly; see its logs."), request)
+
+
+@web.middleware
+async def non_origin_target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Targets the catch-all route cannot match (``CONNECT host:443``, ``OPTIONS *``) get
+    the same problem+json refusal as every other non-origin target."""
+    if request.match_info.http_exception is not None:
+        parse_target(request.method, request.raw_path)
+        raise NoRoute(f"No route is configured for {request.raw_path!r}.")
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
@@ -343,17 +359,13 @@ async def _relay(
 
 async def _write_quietly(response: web.StreamResponse, chunk: bytes) -> None:
     # The first caller may hang up; the ledger still needs the whole body's hash.
-    try:
+    with contextlib.suppress(ConnectionError):
         await response.write(chunk)
-    except ConnectionError:
-        pass
 
 
 async def _write_eof_quietly(response: web.StreamResponse) -> None:
-    try:
+    with contextlib.suppress(ConnectionError):
         await response.write_eof()
-    except ConnectionError:
-        pass
 
 
 def _abort(request: web.Request) -> None:
@@ -367,7 +379,8 @@ def _answer(answered: Answered, route: RouteConfig) -> web.Response:
     action = answered.action
     if action is Action.REPLAY:
         stored = record.response
-        assert stored is not None and stored.body is not None
+        assert stored is not None
+        assert stored.body is not None
         response = web.Response(status=stored.status, body=stored.body, headers=stored.headers)
         response.headers[REPLAYED_HEADER] = "true"
         response.headers[OPERATION_HEADER] = record.op_id
@@ -376,7 +389,11 @@ def _answer(answered: Answered, route: RouteConfig) -> web.Response:
 
 
 def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) -> ProblemError:
-    facts = {"operation": record.op_id, "state": record.state.value, "attempt": record.attempt}
+    facts: dict[str, Any] = {
+        "operation": record.op_id,
+        "state": record.state.value,
+        "attempt": record.attempt,
+    }
     match action:
         case Action.MISMATCH:
             return FingerprintMismatch(
@@ -417,7 +434,8 @@ def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) ->
             )
         case Action.EXHAUSTED:
             return AttemptsExhausted(
-                f"All {route.max_attempts} attempts of this operation were used up without a definitive answer.",
+                f"All {route.max_attempts} attempts of this operation were used up "
+                "without a definitive answer.",
                 max_attempts=route.max_attempts,
                 **facts,
             )

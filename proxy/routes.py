@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from yarl import URL
+
 from idemproxy.config import RouteConfig
 from idemproxy.errors import AbsoluteFormRefused, InvalidTarget, MethodNotAllowed, NoRoute
-from yarl import URL
 
 # Percent-escapes that would let a target change meaning once an upstream
 # decodes it: dot segments, slashes, backslashes and control characters.
@@ -43,7 +44,8 @@ def parse_target(method: str, raw_target: str) -> Target:
     if "#" in raw_target or "\\" in path or not path.isascii() or not path.isprintable():
         raise InvalidTarget("The request path contains characters that are not allowed.")
     for segment in path.split("/"):
-        if segment in (".", ".."):
+        # Some servers treat "..;param" as ".." (path parameters), so those count too.
+        if segment.split(";", 1)[0] in (".", ".."):
             raise InvalidTarget("Dot segments ('.' and '..') are not allowed in the request path.")
     if _DANGEROUS_ESCAPE.search(path):
         raise InvalidTarget(
@@ -61,7 +63,7 @@ class RouteTable:
     def match(self, path: str) -> RouteConfig:
         for route in self._routes:
             prefix = route.prefix
-            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            if prefix in ("/", path) or path.startswith(prefix + "/"):
                 return route
         raise NoRoute(f"No route is configured for {path!r}.")
 

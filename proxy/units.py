@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -24,7 +25,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:
             raise ValueError(f"expected a non-negative duration, got {value!r}")
         return float(value)
     if isinstance(value, str) and (match := _DURATION.match(value)):

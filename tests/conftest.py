@@ -60,9 +60,7 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upst
 
 
 def proxy_config(upstream_url: str, store_url: str = "sqlite:///unused.db", **route: Any) -> ProxyConfig:
-    return parse_config(
-        {"store": store_url, "routes": [{"prefix": "/", "upstream": upstream_url, **route}]}
-    )
+    return parse_config({"store": store_url, "routes": [{"prefix": "/", "upstream": upstream_url, **route}]})
 
 
 @pytest.fixture

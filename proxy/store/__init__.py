@@ -13,7 +13,12 @@ def open_store(config: StoreConfig) -> Store:
     if config.url.startswith(("redis://", "rediss://")):
         from idemproxy.store.redis import RedisStore
 
-        return RedisStore(config.url, key_prefix=config.key_prefix, socket_timeout_s=config.socket_timeout_s)
+        return RedisStore(
+            config.url,
+            key_prefix=config.key_prefix,
+            socket_timeout_s=config.socket_timeout_s,
+            max_connections=config.max_connections,
+        )
     from idemproxy.store.sqlite import SqliteStore
 
     return SqliteStore.from_url(config.url)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from idemproxy.records import Evidence, OperationRecord, State
+from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
 
 
 class StoreError(Exception):
@@ -42,6 +42,13 @@ class Transition:
     expect_states: frozenset[State]
     evidence: Evidence
     ttl_s: float | None = None
+
+    @property
+    def ttl_ms(self) -> int:
+        """The expiry to set in ms, 0 for none: an unresolved record never expires."""
+        if self.new.state in UNRESOLVED_STATES or not self.ttl_s:
+            return 0
+        return round(self.ttl_s * 1000)
 
 
 class Store(ABC):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
 from idemproxy.records import (
     Evidence,
     OperationRecord,

@@ -9,14 +9,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
 from idemproxy.records import Evidence, OperationRecord, State
 from idemproxy.store import codec
 from idemproxy.store.base import RecordMissing, Store, StoreUnavailable, Transition
 from idemproxy.store.redis_schema import RESERVE, TRANSITION, RedisKeys
-from redis.asyncio.client import PubSub
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,18 +30,30 @@ class RedisStore(Store):
     #: safety net for messages lost while the subscriber reconnects.
     poll_interval_s = 1.0
 
-    def __init__(self, url: str, *, key_prefix: str = "idem", socket_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "idem",
+        socket_timeout_s: float = 2.0,
+        max_connections: int = 64,
+    ) -> None:
         super().__init__()
         self.keys = RedisKeys(key_prefix)
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            # Requests beyond the pool wait for a connection instead of failing.
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             # Both scripts recognise a retried call by its owner, so retrying
             # after a lost reply never creates or applies anything twice.
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
             health_check_interval=30,
+            protocol=2,  # RESP2 works with every Redis 5+ and managed service
         )
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._reserve = self._redis.register_script(RESERVE)
         self._transition = self._redis.register_script(TRANSITION)
         self._pubsub: PubSub | None = None
@@ -57,11 +70,11 @@ class RedisStore(Store):
         self._closed = True
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self._listener
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._redis.aclose()
 
     # -- the contract ------------------------------------------------------------------
@@ -91,7 +104,7 @@ class RedisStore(Store):
             new.state.value,
             new.fence,
             new.owner,
-            round(transition.ttl_s * 1000) if transition.ttl_s else 0,
+            transition.ttl_ms,
             new.lease_until_ms if new.state is State.PENDING else 0,
             codec.encode_evidence(transition.evidence),
             self.keys.channel(new.op_id),
@@ -111,7 +124,7 @@ class RedisStore(Store):
         fields = await self._call(lambda: self._redis.hgetall(self.keys.record(op_id)))
         if not fields:
             return None
-        return codec.decode(op_id, {name.decode(): value for name, value in fields.items()})
+        return codec.decode(op_id, {_text(name): value for name, value in fields.items()})
 
     async def ping(self) -> None:
         await self._call(self._redis.ping)
@@ -136,20 +149,27 @@ class RedisStore(Store):
     async def _listen(self) -> None:
         assert self._pubsub is not None
         prefix = self.keys.channel_prefix.encode()
-        while True:
+        subscribed = False
+        while not self._closed:
             try:
-                # A permanent subscription keeps listen() alive while no
-                # operation is being waited for.
-                await self._pubsub.subscribe(self.keys.keepalive_channel())
-                async for message in self._pubsub.listen():
-                    channel: bytes = message["channel"]
-                    if message["type"] == "message" and channel.startswith(prefix):
-                        self._notify_local(channel[len(prefix) :].decode())
+                if not subscribed:
+                    # A permanent subscription keeps the connection in pub/sub
+                    # mode while no operation is being waited for.
+                    await self._pubsub.subscribe(self.keys.keepalive_channel())
+                    subscribed = True
+                # A bounded read rather than listen(): redis-py's blocking read
+                # does not end promptly when its task is cancelled.
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
                 for op_id in list(self._watchers):
                     self._notify_local(op_id)  # let waiters re-read rather than miss a change
                 await asyncio.sleep(_RECONNECT_DELAY_S)
+                continue
+            if message is not None and message["type"] == "message":
+                channel: bytes = message["channel"]
+                if channel.startswith(prefix):
+                    self._notify_local(channel[len(prefix) :].decode())
 
     # -- error mapping -----------------------------------------------------------------
 
@@ -158,6 +178,10 @@ class RedisStore(Store):
             return await command()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _pairs(flat: list[bytes]) -> dict[str, bytes]:

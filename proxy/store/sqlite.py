@@ -147,7 +147,7 @@ class SqliteStore(Store):
             if current.fence != transition.expect_fence or current.state not in transition.expect_states:
                 return current
             fields = codec.encode(new)
-            ttl_ms = round(transition.ttl_s * 1000) if transition.ttl_s else None
+            ttl_ms = transition.ttl_ms
             db.execute(
                 "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?,"
                 " e = e || ? , due_ms = ?, expires_ms = ? WHERE op_id = ?",

@@ -48,7 +48,11 @@ class Upstream:
     async def items(self, request: web.Request) -> web.Response:
         effect = await self._record(request)
         return web.json_response(
-            {"effect": len(self.effects), "method": effect.method, "body": effect.body.decode(errors="replace")},
+            {
+                "effect": len(self.effects),
+                "method": effect.method,
+                "body": effect.body.decode(errors="replace"),
+            },
             status=201,
             headers={"X-Tool": "items", "ETag": f'"{len(self.effects)}"'},
         )
@@ -87,7 +91,7 @@ class Upstream:
 
     async def echo(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return web.json_response({"headers": dict(request.headers), "path_qs": request.path_qs}, status=200)
+        return web.json_response({"headers": dict(request.headers), "raw_path": request.raw_path}, status=200)
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -1,0 +1,43 @@
+# The two commands a user types: `make run` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Reinstall when dependencies or the set of modules change (the editable install
+# is a link tree, so static checkers see the mapped package names).
+STAMP  := $(VENV)/.installed-$(shell { cat pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test lint format clean
+
+help:
+	@echo "make run    - start the example ticket tool and idemproxy in front of it (Ctrl-C stops both)"
+	@echo "make test   - run the whole test suite (installs redis-server when missing)"
+	@echo "make lint   - ruff and mypy"
+
+$(STAMP):
+	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(VENV)"
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]' --config-settings editable_mode=strict
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	@sh scripts/bootstrap.sh redis
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy adapters tests examples scripts
+	$(BIN)/ruff format --check proxy adapters tests examples scripts
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format proxy adapters tests examples scripts
+	$(BIN)/ruff check --fix proxy adapters tests examples scripts
+
+clean:
+	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info

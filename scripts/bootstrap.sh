@@ -1,0 +1,52 @@
+#!/bin/sh
+# Installs what `make` needs and a fresh Debian/Ubuntu machine may lack:
+#   bootstrap.sh venv PYTHON DIR   create a virtual environment (python3-venv if missing)
+#   bootstrap.sh redis             make redis-server available on PATH
+set -eu
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else return 1
+    fi
+}
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    echo "bootstrap: installing $* with apt-get" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+case "${1:-}" in
+venv)
+    python=$2 dir=$3
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "bootstrap: idemproxy needs Python 3.11 or newer; '$python' is $("$python" --version 2>&1 || echo missing)" >&2
+        exit 1
+    fi
+    [ -x "$dir/bin/python" ] && exit 0
+    if ! "$python" -m venv "$dir" 2>/dev/null; then
+        rm -rf "$dir"
+        version=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        apt_install "python$version-venv" || apt_install python3-venv || {
+            echo "bootstrap: '$python -m venv' failed; install python3-venv (apt-get install python3-venv) and retry" >&2
+            exit 1
+        }
+        "$python" -m venv "$dir"
+    fi
+    ;;
+redis)
+    command -v redis-server >/dev/null 2>&1 && exit 0
+    apt_install redis-server || {
+        echo "bootstrap: redis-server is not on PATH and could not be installed; install it (apt-get install redis-server) and retry" >&2
+        exit 1
+    }
+    # The Debian package starts a system service; the tests start their own servers.
+    as_root service redis-server stop >/dev/null 2>&1 || true
+    ;;
+*)
+    echo "usage: bootstrap.sh venv PYTHON DIR | redis" >&2
+    exit 2
+    ;;
+esac

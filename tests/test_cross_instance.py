@@ -1,0 +1,74 @@
+"""Two proxy instances sharing one Redis: duplicates are answered across instances."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from idemproxy.app import build_proxy_app
+from idemproxy.config import StoreConfig
+from idemproxy.store import Store, open_store
+from tests.conftest import proxy_config
+from tests.support.upstream import Upstream
+from tests.test_duplicates import snapshot, watching
+
+KEY = {"Idempotency-Key": "op-1"}
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def two_stores(redis_url: str) -> AsyncIterator[tuple[Store, Store]]:
+    stores = (open_store(StoreConfig(url=redis_url)), open_store(StoreConfig(url=redis_url)))
+    for store in stores:
+        await store.start()
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_duplicate_on_another_instance_is_woken_by_pubsub_not_polling(
+    aiohttp_client: Callable[..., Awaitable[Client]], upstream: Upstream, two_stores: tuple[Store, Store]
+) -> None:
+    store_a, store_b = two_stores
+    # Instance B would poll only once a day, and the lease outlives the wait bound:
+    # the duplicate can only get the answer if the pub/sub notification reaches it.
+    store_b.poll_interval_s = 86400
+    config = proxy_config(upstream.url, wait="300s", lease="600s")
+    proxy_a = await aiohttp_client(build_proxy_app(config, store_a))
+    proxy_b = await aiohttp_client(build_proxy_app(config, store_b))
+
+    first = asyncio.create_task(proxy_a.post("/gate", json={}, headers=KEY))
+    await upstream.arrived.wait()
+    async with watching(store_b) as waiting:
+        duplicate = asyncio.create_task(proxy_b.post("/gate", json={}, headers=KEY))
+        await waiting.wait()
+        upstream.release.set()
+        # Without the notification the duplicate would sit out its 300 s wait bound.
+        first_response, duplicate_response = await asyncio.wait_for(asyncio.gather(first, duplicate), 20)
+
+    assert first_response.status == 201
+    assert duplicate_response.headers["Idempotent-Replayed"] == "true"
+    assert await snapshot(first_response) == await snapshot(duplicate_response)
+    assert upstream.count() == 1
+
+
+async def test_concurrent_duplicates_spread_over_two_instances_cause_one_effect(
+    aiohttp_client: Callable[..., Awaitable[Client]], upstream: Upstream, two_stores: tuple[Store, Store]
+) -> None:
+    config = proxy_config(upstream.url, wait="30s")
+    proxies = [await aiohttp_client(build_proxy_app(config, store)) for store in two_stores]
+    requests = [
+        asyncio.create_task(proxies[n % 2].post("/gate", json={"n": 1}, headers=KEY)) for n in range(40)
+    ]
+    await upstream.arrived.wait()
+    upstream.release.set()
+    responses = await asyncio.gather(*requests)
+
+    snapshots = [await snapshot(response) for response in responses]
+    assert upstream.count() == 1
+    assert [item for item in snapshots if item != snapshots[0]] == []
+    assert snapshots[0][0] == 201
