@@ -57,11 +57,17 @@ class RedisStore(Store):
         self._reserve = self._redis.register_script(RESERVE)
         self._transition = self._redis.register_script(TRANSITION)
         self._pubsub: PubSub | None = None
+        self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
+        self._keepalive_subscribed = False
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
     async def start(self) -> None:
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        # Connect before anyone can subscribe: redis-py's PubSub does not guard
+        # against two concurrent first connects, and a subscription made on
+        # the losing connection would never be read.
+        await self._subscribe_keepalive()
         self._listener = asyncio.create_task(self._listen(), name="idemproxy-redis-pubsub")
 
     async def close(self) -> None:
@@ -131,11 +137,23 @@ class RedisStore(Store):
 
     # -- notifications -----------------------------------------------------------------
 
+    async def _subscribe_keepalive(self) -> None:
+        """A permanent subscription keeps the connection in pub/sub mode while
+        no operation is being waited for."""
+        assert self._pubsub is not None
+        try:
+            async with self._pubsub_lock:
+                await self._pubsub.subscribe(self.keys.keepalive_channel())
+            self._keepalive_subscribed = True
+        except (RedisError, OSError) as exc:
+            log.warning("pub/sub unavailable; waiters will poll until it connects", extra={"error": str(exc)})
+
     async def _subscribe(self, op_id: str) -> None:
         if self._pubsub is None:
             return
         try:
-            await self._pubsub.subscribe(self.keys.channel(op_id))
+            async with self._pubsub_lock:
+                await self._pubsub.subscribe(self.keys.channel(op_id))
         except (RedisError, OSError) as exc:
             # Waiters fall back to polling; the listener resubscribes on reconnect.
             log.warning("pub/sub subscribe failed, waiters will poll", extra={"error": str(exc)})
@@ -144,19 +162,19 @@ class RedisStore(Store):
         if self._pubsub is None:
             return
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(self.keys.channel(op_id))
+            async with self._pubsub_lock:
+                await self._pubsub.unsubscribe(self.keys.channel(op_id))
 
     async def _listen(self) -> None:
         assert self._pubsub is not None
         prefix = self.keys.channel_prefix.encode()
-        subscribed = False
         while not self._closed:
+            if not self._keepalive_subscribed:
+                await self._subscribe_keepalive()
+                if not self._keepalive_subscribed:
+                    await asyncio.sleep(_RECONNECT_DELAY_S)
+                    continue
             try:
-                if not subscribed:
-                    # A permanent subscription keeps the connection in pub/sub
-                    # mode while no operation is being waited for.
-                    await self._pubsub.subscribe(self.keys.keepalive_channel())
-                    subscribed = True
                 # A bounded read rather than listen(): redis-py's blocking read
                 # does not end promptly when its task is cancelled.
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -174,6 +192,8 @@ class RedisStore(Store):
     # -- error mapping -----------------------------------------------------------------
 
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
         try:
             return await command()
         except (RedisError, OSError) as exc:
