@@ -1,0 +1,139 @@
+"""The real ``idemproxy run`` process and the ``make run`` demo, as a user starts them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support.redis_server import free_port
+from tests.support.upstream import Upstream
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float = 20.0) -> list[bytes]:
+    """Lines up to and including the first containing ``marker``."""
+    lines: list[bytes] = []
+    async with asyncio.timeout(limit_s):
+        while True:
+            line = await stream.readline()
+            if not line:
+                raise AssertionError(f"stream ended before {marker!r}; got {b''.join(lines)!r}")
+            lines.append(line)
+            if marker in line:
+                return lines
+
+
+@pytest.fixture
+async def proxy_process(
+    upstream: Upstream, tmp_path: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    listen, admin = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "idemproxy", "run",
+        "--upstream", upstream.url,
+        "--listen", f"127.0.0.1:{listen}",
+        "--admin-listen", f"127.0.0.1:{admin}",
+        "--store", f"sqlite:///{tmp_path / 'ledger.db'}",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    startup = await read_until(process.stderr, b"idemproxy listening")
+    assert orjson.loads(startup[-1])["listen"] == f"127.0.0.1:{listen}"
+    yield process, f"http://127.0.0.1:{listen}"
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_sigterm_drains_in_flight_requests_then_exits_cleanly(
+    proxy_process: tuple[asyncio.subprocess.Process, str], upstream: Upstream
+) -> None:
+    process, base = proxy_process
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(
+            session.post(f"{base}/gate", json={}, headers={"Idempotency-Key": "k"})
+        )
+        await upstream.arrived.wait()
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        await read_until(process.stderr, b"shutting down")
+        upstream.release.set()
+        response = await in_flight
+        assert response.status == 201
+        assert (await response.json())["effect"] == 1
+    assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert upstream.count() == 1
+
+
+async def test_run_replays_across_a_restart_of_the_process(upstream: Upstream, tmp_path: Path) -> None:
+    """The embedded store is durable: a new process answers a duplicate from the file."""
+    bodies = []
+    for _ in range(2):
+        listen, admin = free_port(), free_port()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "idemproxy", "run",
+            "--upstream", upstream.url,
+            "--listen", f"127.0.0.1:{listen}",
+            "--admin-listen", f"127.0.0.1:{admin}",
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,  # the default store: ./.idemproxy/ledger.db
+        )  # fmt: skip
+        assert process.stderr is not None
+        await read_until(process.stderr, b"idemproxy listening")
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                f"http://127.0.0.1:{listen}/items", json={"n": 1}, headers={"Idempotency-Key": "k"}
+            )
+            bodies.append((response.status, await response.read()))
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert bodies[0] == bodies[1]
+    assert upstream.count() == 1
+    assert (tmp_path / ".idemproxy" / "ledger.db").exists()
+
+
+async def test_make_run_demo_starts_both_prints_a_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    ports = {"DEMO_TOOL_PORT": free_port(), "DEMO_PROXY_PORT": free_port(), "DEMO_ADMIN_PORT": free_port()}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "examples" / "demo.py"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**os.environ, **{name: str(port) for name, port in ports.items()}},
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        printed = b"".join(await read_until(process.stdout, b"Ctrl-C"))
+        assert b"curl -i -X POST" in printed
+        proxy = f"http://127.0.0.1:{ports['DEMO_PROXY_PORT']}"
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for _ in range(2):
+                response = await session.post(
+                    f"{proxy}/tickets", json={"title": "printer on fire"}, headers={"Idempotency-Key": "demo"}
+                )
+                answers.append(
+                    (response.status, await response.read(), response.headers.get("Idempotent-Replayed"))
+                )
+            listing = await (await session.get(f"{proxy}/tickets")).json()
+        assert answers[0][:2] == answers[1][:2]
+        assert answers[0][0] == 201
+        assert answers[1][2] == "true"
+        assert listing["count"] == 1
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
