@@ -1,13 +1,46 @@
-"""The admin listener: liveness and readiness for orchestrators."""
+"""The admin listener: health for orchestrators, and ``/_idem/ops`` for operators.
+
+``GET /_idem/ops/{op_id}`` shows one operation's full record and the exact
+condition it needs to move forward; ``GET /_idem/ops`` lists operations by
+state, route, task and age; ``POST /_idem/ops/{op_id}/resolve`` settles an
+UNKNOWN or NEEDS_ATTENTION operation as done (with the response to replay)
+or not done (released for a new attempt). Every resolution is recorded as
+evidence with who and when.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
 from aiohttp import web
 
-from idemproxy.errors import LedgerUnavailable, ProblemError
-from idemproxy.store import Store, StoreUnavailable
+from idemproxy.config import RouteConfig
+from idemproxy.decisions import next_step
+from idemproxy.errors import (
+    InvalidResolution,
+    InvalidTransition,
+    LedgerUnavailable,
+    OperationNotFound,
+)
+from idemproxy.records import Evidence, OperationRecord, State, StoredResponse
+from idemproxy.store import Store, StoreUnavailable, Transition
+from idemproxy.store.base import OpsQuery
+from idemproxy.units import parse_duration
 
 STORE_KEY = web.AppKey("store", Store)
+ROUTES_KEY = web.AppKey("routes", dict[str, RouteConfig])
+RESOLVER_KEY = web.AppKey("resolver", str)
+
+#: Bodies up to this size are shown inline in ``show``; larger ones by size and hash only.
+_INLINE_BODY = 16 * 1024
+_MAX_LIMIT = 1000
+_resolutions = itertools.count(1)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -24,9 +57,232 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+async def show_operation(request: web.Request) -> web.Response:
+    record = await _load(request)
+    return _json(record_view(record, request.app[ROUTES_KEY].get(record.scope.route)))
+
+
+async def list_operations(request: web.Request) -> web.Response:
+    query = _parse_query(request.query)
+    try:
+        records = await request.app[STORE_KEY].query(query)
+    except StoreUnavailable as exc:
+        raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+    routes = request.app[ROUTES_KEY]
+    return _json({"operations": [summary_view(record, routes.get(record.scope.route)) for record in records]})
+
+
+async def resolve_operation(request: web.Request) -> web.Response:
+    record = await _load(request)
+    try:
+        payload = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidResolution(f"The body must be JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidResolution("The body must be a JSON object with 'outcome': 'done' or 'not_done'.")
+    route = request.app[ROUTES_KEY].get(record.scope.route)
+    transition = resolution(record, payload, route, f"{request.app[RESOLVER_KEY]}:{next(_resolutions)}")
+    store = request.app[STORE_KEY]
+    try:
+        current = await store.transition(transition)
+    except StoreUnavailable as exc:
+        raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+    if current is not None:
+        raise InvalidTransition(
+            "The operation changed while it was being resolved; look at it again.",
+            operation=record.op_id,
+            state=current.state.value,
+        )
+    return _json(record_view(transition.new.evolve(evidence=(*record.evidence, transition.evidence)), route))
+
+
+def resolution(
+    record: OperationRecord, payload: dict[str, Any], route: RouteConfig | None, resolver: str
+) -> Transition:
+    """The transition an operator's ``payload`` asks for (validated)."""
+    now = int(time.time() * 1000)
+    resolvable = record.state in (State.UNKNOWN, State.NEEDS_ATTENTION) or (
+        record.state is State.PENDING and not record.lease_alive(now)
+    )
+    if not resolvable:
+        raise InvalidTransition(
+            f"Only UNKNOWN and NEEDS_ATTENTION operations can be resolved; this one is {record.state.value}"
+            + (" with a live lease" if record.state is State.PENDING else "")
+            + ".",
+            operation=record.op_id,
+            state=record.state.value,
+        )
+    outcome = payload.get("outcome")
+    by = payload.get("by")
+    reason = payload.get("reason")
+    for name, value in (("by", by), ("reason", reason)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidResolution(f"'{name}' must be a string.")
+    evidence_detail = {"outcome": outcome, "by": by or "unknown", "reason": reason}
+    retention_s = route.retention_s if route is not None else 86400.0
+    base = record.evolve(fence=record.fence + 1, owner=resolver, lease_until_ms=0, updated_ms=now, next_probe_ms=0)
+    if outcome == "done":
+        response = _response(payload.get("response"))
+        new = base.evolve(state=State.COMPLETED, response=response, reconciled=True)
+        evidence_detail["status"] = response.status
+    elif outcome == "not_done":
+        if "response" in payload:
+            raise InvalidResolution("'response' only goes with outcome 'done'.")
+        new = base.evolve(state=State.RELEASED)
+    else:
+        raise InvalidResolution(f"'outcome' must be 'done' or 'not_done', got {outcome!r}.")
+    return Transition(
+        new,
+        record.fence,
+        frozenset({record.state}),
+        Evidence(now, "resolved", evidence_detail),
+        ttl_s=retention_s,
+    )
+
+
+def _response(raw: Any) -> StoredResponse:
+    if raw is None:
+        raise InvalidResolution(
+            "Outcome 'done' needs the 'response' to replay: {'status': 201, 'headers': {...}, 'body': ...}."
+        )
+    if not isinstance(raw, dict):
+        raise InvalidResolution("'response' must be an object with 'status', 'headers' and 'body'.")
+    status = raw.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise InvalidResolution(f"'response.status' must be an HTTP status from 200 to 599, got {status!r}.")
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise InvalidResolution("'response.headers' must map header names to strings.")
+    if "body_base64" in raw:
+        try:
+            body = base64.b64decode(raw["body_base64"], validate=True)
+        except (ValueError, TypeError) as exc:
+            raise InvalidResolution(f"'response.body_base64' is not base64: {exc}") from exc
+    elif isinstance(raw.get("body"), str):
+        body = raw["body"].encode()
+    elif "body" in raw:
+        body = orjson.dumps(raw["body"])
+        headers = {"Content-Type": "application/json", **headers}
+    else:
+        body = b""
+    return StoredResponse(
+        status=status,
+        headers=tuple(headers.items()),
+        body=body,
+        body_size=len(body),
+        body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+def summary_view(record: OperationRecord, route: RouteConfig | None) -> dict[str, Any]:
+    return {
+        "operation": record.op_id,
+        "state": record.state.value,
+        "route": record.scope.route,
+        "caller": record.scope.caller,
+        "task": record.scope.task,
+        "method": record.method,
+        "target": record.target,
+        "attempt": record.attempt,
+        "probes": record.probes,
+        "retry_class": record.retry_class,
+        "reconciled": record.reconciled,
+        "created_ms": record.created_ms,
+        "updated_ms": record.updated_ms,
+    }
+
+
+def record_view(record: OperationRecord, route: RouteConfig | None) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    view = summary_view(record, route)
+    view.update(
+        key=record.scope.key,
+        fingerprint=record.fingerprint,
+        fence=record.fence,
+        owner=record.owner,
+        lease_until_ms=record.lease_until_ms,
+        next_probe_ms=record.next_probe_ms,
+        attempt_ms=record.attempt_ms,
+        response=_response_view(record.response),
+        evidence=[evidence.to_dict() for evidence in record.evidence],
+        next=next_step(
+            record,
+            now,
+            route.max_attempts if route is not None else record.attempt,
+            route.reconcile.method if route is not None and route.reconcile is not None else None,
+        ),
+    )
+    return view
+
+
+def _response_view(response: StoredResponse | None) -> dict[str, Any] | None:
+    if response is None:
+        return None
+    view: dict[str, Any] = {
+        "status": response.status,
+        "headers": dict(response.headers),
+        "size": response.body_size,
+        "sha256": response.body_sha256,
+        "stored": response.body is not None,
+    }
+    if response.body is not None and len(response.body) <= _INLINE_BODY:
+        try:
+            view["body"] = response.body.decode()
+        except UnicodeDecodeError:
+            view["body_base64"] = base64.b64encode(response.body).decode()
+    return view
+
+
+def _parse_query(params: Mapping[str, str]) -> OpsQuery:
+    unknown = set(params) - {"state", "route", "task", "older_than", "limit"}
+    if unknown:
+        raise InvalidResolution(
+            f"Unknown query parameters {sorted(unknown)}; use state, route, task, older_than, limit."
+        )
+    state = None
+    if "state" in params:
+        try:
+            state = State(params["state"].upper())
+        except ValueError:
+            raise InvalidResolution(
+                f"'state' must be one of {', '.join(s.value for s in State)}, got {params['state']!r}."
+            ) from None
+    updated_before_ms = None
+    if "older_than" in params:
+        try:
+            updated_before_ms = int(time.time() * 1000) - round(parse_duration(params["older_than"]) * 1000)
+        except ValueError as exc:
+            raise InvalidResolution(f"'older_than': {exc}.") from exc
+    limit = params.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= _MAX_LIMIT:
+        raise InvalidResolution(f"'limit' must be a whole number from 1 to {_MAX_LIMIT}, got {limit!r}.")
+    return OpsQuery(
+        state=state,
+        route=params.get("route"),
+        task=params.get("task"),
+        updated_before_ms=updated_before_ms,
+        limit=int(limit),
+    )
+
+
+async def _load(request: web.Request) -> OperationRecord:
+    op_id = request.match_info["op_id"]
+    try:
+        record = await request.app[STORE_KEY].get(op_id)
+    except StoreUnavailable as exc:
+        raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+    if record is None:
+        raise OperationNotFound(f"No operation {op_id!r} (it may never have existed, or its retention ran out).")
+    return record
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
 def admin_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-
-
-__all__ = ["STORE_KEY", "ProblemError", "admin_routes"]
+    app.router.add_get("/_idem/ops", list_operations)
+    app.router.add_get(r"/_idem/ops/{op_id:[0-9a-f]{32}}", show_operation)
+    app.router.add_post(r"/_idem/ops/{op_id:[0-9a-f]{32}}/resolve", resolve_operation)

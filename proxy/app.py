@@ -14,43 +14,59 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from idemproxy.admin import STORE_KEY, admin_routes
+from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
-from idemproxy.ledger import Ledger
+from idemproxy.ledger import Ledger, new_instance_id
+from idemproxy.reconciler import Reconciler
 from idemproxy.routes import RouteTable
 from idemproxy.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
+RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 
 
-def build_proxy_app(config: ProxyConfig, store: Store) -> web.Application:
-    """The proxy application; ``store`` must be started by the caller."""
+def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool = True) -> web.Application:
+    """The proxy application; ``store`` must be started by the caller.
+
+    ``run_reconciler=False`` leaves background reconciliation off (on-demand
+    reconciliation still runs), for tests that drive it step by step."""
     largest_body = max(route.max_body for route in config.routes)
     app = web.Application(
         middlewares=[problem_middleware, non_origin_target_middleware], client_max_size=largest_body + 1
     )
+    instance_id = new_instance_id()
     forwarder = Forwarder()
+    reconciler = Reconciler(store, {route.name: route for route in config.routes}, forwarder, instance_id)
+    ledger = Ledger(store, instance_id, reconciler)
     app[STORE_KEY] = store
     app[FORWARDER_KEY] = forwarder
-    handler = ProxyHandler(RouteTable(config.routes), Ledger(store), forwarder, config.headers)
+    app[RECONCILER_KEY] = reconciler
+    handler = ProxyHandler(RouteTable(config.routes), ledger, forwarder, config.headers)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
 
-    async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def background_ctx(app: web.Application) -> AsyncIterator[None]:
         await forwarder.start()
+        ledger.start()
+        if run_reconciler:
+            reconciler.start()
         yield
+        await reconciler.close()
+        await ledger.close()
         await forwarder.close()
 
-    app.cleanup_ctx.append(forwarder_ctx)
+    app.cleanup_ctx.append(background_ctx)
     return app
 
 
-def build_admin_app(store: Store) -> web.Application:
+def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
     app = web.Application(middlewares=[problem_middleware])
     app[STORE_KEY] = store
+    app[ROUTES_KEY] = {route.name: route for route in config.routes}
+    app[RESOLVER_KEY] = f"{new_instance_id()}:operator"
     admin_routes(app)
     return app
 
@@ -63,7 +79,7 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None
     try:
         for app, address in (
             (build_proxy_app(config, store), config.listen),
-            (build_admin_app(store), config.admin_listen),
+            (build_admin_app(store, config), config.admin_listen),
         ):
             runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace_s, access_log=None)
             await runner.setup()

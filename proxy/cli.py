@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from idemproxy import __version__
 from idemproxy.config import ConfigError, Overrides, ProxyConfig, load_config
 from idemproxy.logs import configure_logging
+from idemproxy.ops_cli import add_ops_commands, run_ops
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "ops":
+        return run_ops(args)
     return int(args.func(args))
 
 
@@ -38,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=_check_config)
+
+    add_ops_commands(commands)
     return parser
 
 

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import yaml
 from yarl import URL
 
+from idemproxy.convert import boolean, kind, positive_duration, positive_int, statuses
+from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
 from idemproxy.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -81,6 +83,7 @@ class RouteConfig:
     ambiguous_statuses: frozenset[int] = frozenset({500, 502, 504})
     on_store_error: FailureMode = FailureMode.FAIL_CLOSED
     fingerprint_headers: tuple[str, ...] = ()
+    reconcile: ReconcileConfig | None = None
 
     def is_side_effecting(self, method: str) -> bool:
         return method in self.side_effect_methods
@@ -200,7 +203,7 @@ class _Reader:
 
     def mapping(self, raw: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
         if not isinstance(raw, dict):
-            self.fail(None, f"expected a mapping, got {_kind(raw)}")
+            self.fail(None, f"expected a mapping, got {kind(raw)}")
             return None
         for key in raw:
             if key not in allowed:
@@ -250,9 +253,7 @@ class _Reader:
                 )
             if overrides.upstream:
                 if "routes" in data:
-                    self.fail(
-                        "upstream", "cannot be combined with 'routes' in the file; use one or the other"
-                    )
+                    self.fail("upstream", "cannot be combined with 'routes' in the file; use one or the other")
                 else:
                     route = self.route(
                         {"prefix": "/", "name": "default", "upstream": overrides.upstream}, route_defaults
@@ -284,10 +285,8 @@ class _Reader:
             return StoreConfig(
                 url=self.value(data, "url", defaults.url, _store_url),
                 key_prefix=self.value(data, "key_prefix", defaults.key_prefix, _key_prefix),
-                socket_timeout_s=self.value(
-                    data, "socket_timeout", defaults.socket_timeout_s, _positive_duration
-                ),
-                max_connections=self.value(data, "max_connections", defaults.max_connections, _positive_int),
+                socket_timeout_s=self.value(data, "socket_timeout", defaults.socket_timeout_s, positive_duration),
+                max_connections=self.value(data, "max_connections", defaults.max_connections, positive_int),
             )
 
     def headers(self, raw: Any) -> HeaderNames:
@@ -320,7 +319,7 @@ class _Reader:
 
     def routes(self, raw: Any, defaults: dict[str, Any]) -> tuple[RouteConfig, ...]:
         if not isinstance(raw, list):
-            self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
+            self.fail("routes", f"expected a list of routes, got {kind(raw)}")
             return ()
         routes: list[RouteConfig] = []
         for index, item in enumerate(raw):
@@ -358,11 +357,11 @@ class _Reader:
             return None
         if overlap := route.not_applied_statuses & route.ambiguous_statuses:
             self.fail("ambiguous_statuses", f"{sorted(overlap)} also listed in not_applied_statuses")
-        for key, statuses in (
+        for key, listed in (
             ("not_applied_statuses", route.not_applied_statuses),
             ("ambiguous_statuses", route.ambiguous_statuses),
         ):
-            if bad := sorted(status for status in statuses if status < 400):
+            if bad := sorted(status for status in listed if status < 400):
                 self.fail(key, f"only 4xx and 5xx statuses can be listed, got {bad}")
         if safe := route.side_effect_methods & SAFE_METHODS:
             self.fail("side_effect_methods", f"{sorted(safe)} are safe methods and are never recorded")
@@ -383,13 +382,9 @@ _HEADER_KEYS = frozenset({"key", "caller", "task"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
-
-
 def _host_port(value: Any) -> HostPort:
     if not isinstance(value, str):
-        raise ValueError(f"expected 'HOST:PORT', got {_kind(value)}")
+        raise ValueError(f"expected 'HOST:PORT', got {kind(value)}")
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -399,13 +394,13 @@ def _host_port(value: Any) -> HostPort:
 
 def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {_kind(value)}")
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {kind(value)}")
     return value.lower()
 
 
 def _store_url(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a URL (redis://, rediss:// or sqlite:///PATH), got {_kind(value)}")
+        raise ValueError(f"expected a URL (redis://, rediss:// or sqlite:///PATH), got {kind(value)}")
     url = URL(value)
     if url.scheme in ("redis", "rediss") and url.host:
         return value
@@ -416,61 +411,33 @@ def _store_url(value: Any) -> str:
 
 def _key_prefix(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", value):
-        raise ValueError(f"expected 1-32 letters, digits, '_', '.' or '-', got {_kind(value)}")
-    return value
-
-
-def _positive_duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration greater than zero, got {value!r}")
-    return seconds
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {_kind(value)}")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_kind(value)}")
+        raise ValueError(f"expected 1-32 letters, digits, '_', '.' or '-', got {kind(value)}")
     return value
 
 
 def _header_name(value: Any) -> str:
     if not isinstance(value, str) or not _TOKEN.match(value):
-        raise ValueError(f"expected an HTTP header name, got {_kind(value)}")
+        raise ValueError(f"expected an HTTP header name, got {kind(value)}")
     return value
 
 
 def _header_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of header names, got {_kind(value)}")
+        raise ValueError(f"expected a list of header names, got {kind(value)}")
     return tuple(sorted({_header_name(item).lower() for item in value}))
 
 
 def _methods(value: Any) -> frozenset[str]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"expected a non-empty list of HTTP methods, got {_kind(value)}")
+        raise ValueError(f"expected a non-empty list of HTTP methods, got {kind(value)}")
     methods = set()
     for item in value:
         if not isinstance(item, str) or not _TOKEN.match(item):
-            raise ValueError(f"expected HTTP method names, got {_kind(item)}")
+            raise ValueError(f"expected HTTP method names, got {kind(item)}")
         methods.add(item.upper())
     if "CONNECT" in methods:
         raise ValueError("CONNECT is never proxied")
     return frozenset(methods)
-
-
-def _statuses(value: Any) -> frozenset[int]:
-    if not isinstance(value, list):
-        raise ValueError(f"expected a list of HTTP status codes, got {_kind(value)}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599:
-            raise ValueError(f"expected status codes from 100 to 599, got {_kind(item)}")
-    return frozenset(value)
 
 
 def _enum(enum: type[KeyMode] | type[FailureMode]) -> Callable[[Any], Any]:
@@ -479,20 +446,19 @@ def _enum(enum: type[KeyMode] | type[FailureMode]) -> Callable[[Any], Any]:
             return enum(value)
         except ValueError:
             choices = ", ".join(member.value for member in enum)
-            raise ValueError(f"expected one of {choices}, got {_kind(value)}") from None
+            raise ValueError(f"expected one of {choices}, got {kind(value)}") from None
 
     return convert
 
 
 def _prefix(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a path prefix such as '/tickets', got {_kind(value)}")
+        raise ValueError(f"expected a path prefix such as '/tickets', got {kind(value)}")
     trimmed = value.rstrip("/") or "/"
     segments = trimmed.split("/")
     if not _PREFIX.match(trimmed) or any(segment in (".", "..") for segment in segments):
         raise ValueError(
-            f"expected a path prefix such as '/tickets' (no '..', '.', '//', query or "
-            f"percent-escapes), got {value!r}"
+            f"expected a path prefix such as '/tickets' (no '..', '.', '//', query or percent-escapes), got {value!r}"
         )
     return trimmed
 
@@ -503,13 +469,13 @@ def _route_name(prefix: str) -> str:
 
 def _route_name_value(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-        raise ValueError(f"expected 1-64 letters, digits, '_', '.' or '-', got {_kind(value)}")
+        raise ValueError(f"expected 1-64 letters, digits, '_', '.' or '-', got {kind(value)}")
     return value
 
 
 def _upstream_url(value: Any) -> URL:
     if not isinstance(value, str):
-        raise ValueError(f"expected an http:// or https:// URL, got {_kind(value)}")
+        raise ValueError(f"expected an http:// or https:// URL, got {kind(value)}")
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"expected an http:// or https:// URL with a host, got {value!r}")
@@ -520,21 +486,22 @@ def _upstream_url(value: Any) -> URL:
 
 #: Route policy keys in YAML -> (RouteConfig field, converter).
 _ROUTE_POLICY: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "strip_prefix": ("strip_prefix", _bool),
+    "strip_prefix": ("strip_prefix", boolean),
     "side_effect_methods": ("side_effect_methods", _methods),
     "key_mode": ("key_mode", _enum(KeyMode)),
-    "retention": ("retention_s", _positive_duration),
+    "retention": ("retention_s", positive_duration),
     "wait": ("wait_s", parse_duration),
-    "connect_timeout": ("connect_timeout_s", _positive_duration),
-    "read_timeout": ("read_timeout_s", _positive_duration),
-    "lease": ("lease_s", _positive_duration),
+    "connect_timeout": ("connect_timeout_s", positive_duration),
+    "read_timeout": ("read_timeout_s", positive_duration),
+    "lease": ("lease_s", positive_duration),
     "max_body": ("max_body", parse_size),
     "max_stored_response": ("max_stored_response", parse_size),
-    "max_attempts": ("max_attempts", _positive_int),
-    "not_applied_statuses": ("not_applied_statuses", _statuses),
-    "ambiguous_statuses": ("ambiguous_statuses", _statuses),
+    "max_attempts": ("max_attempts", positive_int),
+    "not_applied_statuses": ("not_applied_statuses", statuses),
+    "ambiguous_statuses": ("ambiguous_statuses", statuses),
     "on_store_error": ("on_store_error", _enum(FailureMode)),
     "fingerprint_headers": ("fingerprint_headers", _header_list),
+    "reconcile": ("reconcile", parse_reconcile),
 }
 _ROUTE_POLICY_KEYS = frozenset(_ROUTE_POLICY)
 _ROUTE_KEYS = _ROUTE_POLICY_KEYS | {"name", "prefix", "upstream"}

@@ -44,6 +44,13 @@ def decide(record: OperationRecord, fingerprint: str, now_ms: int, max_attempts:
             return Action.RETRY if record.attempt < max_attempts else Action.EXHAUSTED
 
 
+def needs_reconciling(record: OperationRecord, now_ms: int) -> bool:
+    """Nobody knows the outcome and nobody is establishing it right now."""
+    if record.state is State.PENDING:
+        return not record.lease_alive(now_ms)
+    return record.state is State.UNKNOWN and not record.claimed(now_ms)
+
+
 class FailureKind(StrEnum):
     """How forwarding failed, as far as the proxy can tell."""
 
@@ -79,3 +86,34 @@ def classify_status(status: int, not_applied: frozenset[int], ambiguous: frozens
 def classify_failure(kind: FailureKind) -> Outcome:
     """The outcome of an attempt that got no complete HTTP response."""
     return _FAILURE_OUTCOMES[kind]
+
+
+def next_step(record: OperationRecord, now_ms: int, max_attempts: int, reconcile_method: str | None) -> str:
+    """The exact condition under which ``record`` moves forward, for operators."""
+    resolve = f"or an operator resolves it: idemproxy ops resolve {record.op_id} --done|--not-done"
+    match record.state:
+        case State.COMPLETED:
+            return "Final: duplicates get the stored answer until the record's retention runs out."
+        case State.RELEASED:
+            if record.attempt >= max_attempts:
+                return f"Final: all {max_attempts} attempts were used; a new key is a new operation."
+            return f"The next request with this key is forwarded as attempt {record.attempt + 1} of {max_attempts}."
+        case State.PENDING if record.lease_alive(now_ms):
+            return (
+                f"Waiting for owner {record.owner} to record the outcome of attempt {record.attempt}; "
+                f"if it has not by {record.lease_until_ms} (lease expiry, ms), the outcome becomes unknown."
+            )
+        case State.NEEDS_ATTENTION:
+            return (
+                "Nothing automatic will change it: an operator must resolve it: "
+                f"idemproxy ops resolve {record.op_id} --done|--not-done"
+            )
+    if reconcile_method is None:
+        return f"No reconcile method is configured for the route: it escalates to NEEDS_ATTENTION, {resolve}."
+    if record.claimed(now_ms):
+        return f"Reconciler {record.owner} is running a {reconcile_method} now: found -> COMPLETED, absent -> RELEASED."
+    when = f"at {record.next_probe_ms} (ms)" if record.next_probe_ms > now_ms else "now (it is due)"
+    return (
+        f"A {reconcile_method} runs {when}: found -> COMPLETED, proven absent -> RELEASED, "
+        f"unknown -> retried with backoff, then NEEDS_ATTENTION; {resolve}."
+    )

@@ -3,8 +3,10 @@
 The tree is deliberately shallow::
 
     ProblemError                      one problem+json ``type`` per subclass
-    ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused
-    ├── NoRoute (404)
+    ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
+    │                                 InvalidResolution
+    ├── NoRoute (404), OperationNotFound (404)
+    ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
     ├── BodyTooLarge (413)
     ├── FingerprintMismatch (422)
@@ -94,6 +96,23 @@ class NoRoute(ProblemError):
     status = 404
     slug = "no-route"
     title = "No route for this path"
+
+
+class OperationNotFound(ProblemError):
+    status = 404
+    slug = "operation-not-found"
+    title = "No such operation"
+
+
+class InvalidResolution(BadRequest):
+    slug = "invalid-resolution"
+    title = "Invalid resolution request"
+
+
+class InvalidTransition(ProblemError):
+    status = 409
+    slug = "invalid-transition"
+    title = "The operation cannot make that transition"
 
 
 class MethodNotAllowed(ProblemError):

@@ -8,8 +8,10 @@ when the body is JSON, so key order and whitespace do not matter).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -20,6 +22,20 @@ from idemproxy.records import Scope
 MAX_KEY_LENGTH = 255
 _LONG_DIGIT_RUN = re.compile(rb"\d{19,}")  # every integer beyond 64 bits has 19+ digits
 _SEPARATOR = b"\x1f"
+
+
+def canonical_json(value: Any) -> bytes:
+    """``value`` as canonical JSON: keys sorted, no insignificant whitespace, UTF-8.
+
+    The rule ``canonical_body`` applies to a JSON body, for callers that hold the
+    parsed value (the adapters derive operation keys from tool arguments with it).
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # Integers beyond 64 bits (and other values orjson refuses): the standard
+        # library writes them exactly, still deterministically.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def canonical_body(body: bytes, content_type: str | None) -> bytes:
@@ -73,9 +89,7 @@ def validate_key(key: str) -> str:
     if not key:
         raise InvalidKey("The idempotency key is empty.")
     if len(key) > MAX_KEY_LENGTH:
-        raise InvalidKey(
-            f"The idempotency key has {len(key)} characters; at most {MAX_KEY_LENGTH} are allowed."
-        )
+        raise InvalidKey(f"The idempotency key has {len(key)} characters; at most {MAX_KEY_LENGTH} are allowed.")
     if not key.isascii() or not key.isprintable():
         raise InvalidKey("The idempotency key must consist of printable ASCII characters.")
     return key

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from idemproxy.config import RouteConfig
@@ -26,6 +27,13 @@ class UpstreamFailed(Exception):
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
@@ -60,6 +68,34 @@ class Forwarder:
         # tests/test_forwarding.py proves the resend stays off.
         session._retry_connection = False
         self._session = session
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the forwarder is not started")
+        return self._session
+
+    async def fetch(
+        self,
+        method: str,
+        url: URL | str,
+        headers: CIMultiDict[str] | dict[str, str],
+        data: bytes | None,
+        timeout_s: float,
+        max_body: int = 8 * 1024 * 1024,
+    ) -> Fetched:
+        """One complete request and response (for probes), bounded in time and size."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        try:
+            async with self.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+            ) as response:
+                body = await response.content.read(max_body + 1)
+                if len(body) > max_body:
+                    raise UpstreamFailed(FailureKind.CONNECTION_LOST, f"response larger than {max_body} bytes")
+                return Fetched(response.status, response.headers, body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         if self._session is not None:

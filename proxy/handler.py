@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,14 @@ from idemproxy.headers import (
     upstream_request_headers,
 )
 from idemproxy.ledger import Answered, Ledger, OperationRequest
-from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
 from idemproxy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+RECONCILED_HEADER = "Idempotent-Reconciled"
 OPERATION_HEADER = "Idempotency-Operation"
 ANONYMOUS = "anonymous"
 _CHUNK = 64 * 1024
@@ -95,9 +97,7 @@ def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
 class ProxyHandler:
     """Handles every request on the proxy listener."""
 
-    def __init__(
-        self, routes: RouteTable, ledger: Ledger, forwarder: Forwarder, header_names: HeaderNames
-    ) -> None:
+    def __init__(self, routes: RouteTable, ledger: Ledger, forwarder: Forwarder, header_names: HeaderNames) -> None:
         self.routes = routes
         self.ledger = ledger
         self.forwarder = forwarder
@@ -117,23 +117,23 @@ class ProxyHandler:
         self, request: web.Request, route: RouteConfig, target: Target, body: bytes
     ) -> web.StreamResponse:
         headers = request.headers
-        request_fp = fingerprint(
-            request.method, target.path, target.query, headers, route.fingerprint_headers, body
-        )
+        request_fp = fingerprint(request.method, target.path, target.query, headers, route.fingerprint_headers, body)
         caller = headers.get(self.names.caller) or ANONYMOUS
         task = headers.get(self.names.task)
         key = headers.get(self.names.key)
         if key is None:
             if route.key_mode is KeyMode.REQUIRE:
-                raise MissingKey(
-                    f"Route {route.name!r} requires an {self.names.key} header on {request.method}."
-                )
+                raise MissingKey(f"Route {route.name!r} requires an {self.names.key} header on {request.method}.")
             if route.key_mode is KeyMode.OPTIONAL:
                 return await self._forward_unrecorded(request, route, target, body)
             key = derive_key(caller, task, request_fp)
         else:
             validate_key(key)
         scope = Scope(caller=caller, route=route.name, key=key, task=task)
+        upstream_headers = self._upstream_headers(request)
+        stored_request = None
+        if route.reconcile is not None and route.reconcile.stores_request:
+            stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
         op = OperationRequest(
             op_id=operation_id(scope),
             scope=scope,
@@ -143,14 +143,13 @@ class ProxyHandler:
             lease_s=route.lease_s,
             wait_s=route.wait_s,
             max_attempts=route.max_attempts,
+            stored_request=stored_request,
         )
         try:
             begun = await self.ledger.begin(op)
         except StoreUnavailable as exc:
             if route.on_store_error is FailureMode.FAIL_OPEN:
-                log.warning(
-                    "ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name}
-                )
+                log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
                 return await self._forward_unrecorded(request, route, target, body)
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
@@ -159,7 +158,7 @@ class ProxyHandler:
             ) from exc
         if isinstance(begun, Answered):
             return _answer(begun, route)
-        return await self._forward_owned(request, route, target, body, begun.record)
+        return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
 
     async def _forward_owned(
         self,
@@ -168,31 +167,24 @@ class ProxyHandler:
         target: Target,
         body: bytes,
         owned: OperationRecord,
+        upstream_headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         url = upstream_url(route, target)
         try:
-            async with self.forwarder.request(
-                route, request.method, url, self._upstream_headers(request), body
-            ) as upstream:
-                outcome = classify_status(
-                    upstream.status, route.not_applied_statuses, route.ambiguous_statuses
-                )
+            async with self.forwarder.request(route, request.method, url, upstream_headers, body) as upstream:
+                outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
                 relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
         except UpstreamFailed as exc:
             return await self._record_failure(route, owned, exc.kind, exc.detail)
         except asyncio.CancelledError:
             # The proxy is shutting down mid-request: nobody knows what the tool did.
             await asyncio.shield(
-                self._finish(
-                    owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"}
-                )
+                self._finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
             )
             raise
         if relayed.stored is None:
             kind = relayed.failed or FailureKind.CONNECTION_LOST
-            await self._finish(
-                owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True}
-            )
+            await self._finish(owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True})
             return relayed.response
         stored = relayed.stored
         detail = {"status": stored.status, "size": stored.body_size, "sha256": stored.body_sha256}
@@ -244,14 +236,10 @@ class ProxyHandler:
 
     # -- calls that bypass the ledger ----------------------------------------------------
 
-    async def _passthrough(
-        self, request: web.Request, route: RouteConfig, target: Target
-    ) -> web.StreamResponse:
+    async def _passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
         data = request.content if request.body_exists else None
         if request.content_length is not None and request.content_length > route.max_body:
-            raise BodyTooLarge(
-                f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes)."
-            )
+            raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
         return await self._stream(request, route, target, data)
 
     async def _forward_unrecorded(
@@ -259,9 +247,7 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         return await self._stream(request, route, target, body)
 
-    async def _stream(
-        self, request: web.Request, route: RouteConfig, target: Target, data: Any
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, route: RouteConfig, target: Target, data: Any) -> web.StreamResponse:
         url = upstream_url(route, target)
         try:
             async with self.forwarder.request(
@@ -287,9 +273,7 @@ class ProxyHandler:
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) else None
-        return upstream_request_headers(
-            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host
-        )
+        return upstream_request_headers(request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -302,9 +286,7 @@ class _Relayed:
     failed: FailureKind | None = None
 
 
-async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str
-) -> _Relayed:
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str) -> _Relayed:
     """Read the upstream's answer for the first caller and for the ledger.
 
     Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
@@ -383,6 +365,8 @@ def _answer(answered: Answered, route: RouteConfig) -> web.Response:
         assert stored.body is not None
         response = web.Response(status=stored.status, body=stored.body, headers=stored.headers)
         response.headers[REPLAYED_HEADER] = "true"
+        if record.reconciled:
+            response.headers[RECONCILED_HEADER] = "true"
         response.headers[OPERATION_HEADER] = record.op_id
         return response
     raise _problem_for(action, record, route)
@@ -409,17 +393,23 @@ def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) ->
                 **facts,
             )
         case Action.UNKNOWN:
+            retry_in_s = max(1, -(-(record.next_probe_ms - int(time.time() * 1000)) // 1000))
             return OutcomeUnknown(
                 "An earlier attempt was sent but its outcome is unknown "
                 f"({record.retry_class or 'lease expired'}); it will not be forwarded again until "
-                "the outcome is established. Check the tool's state or ask an operator to resolve it.",
+                "the outcome is established. Retry later with the same key, or ask an operator to resolve it.",
+                headers={"Retry-After": str(retry_in_s)},
                 retry_class=record.retry_class,
+                probes=record.probes,
                 **facts,
             )
         case Action.NEEDS_ATTENTION:
             return NeedsAttention(
                 "The outcome of this operation could not be established automatically; an operator "
-                "must resolve it (done or not done) before it can be answered or retried.",
+                f"must resolve it (`idemproxy ops resolve {record.op_id} --done|--not-done`) before it "
+                "can be answered or retried.",
+                retry_class=record.retry_class,
+                probes=record.probes,
                 **facts,
             )
         case Action.NOT_STORED:
@@ -434,8 +424,7 @@ def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) ->
             )
         case Action.EXHAUSTED:
             return AttemptsExhausted(
-                f"All {route.max_attempts} attempts of this operation were used up "
-                "without a definitive answer.",
+                f"All {route.max_attempts} attempts of this operation were used up without a definitive answer.",
                 max_attempts=route.max_attempts,
                 **facts,
             )
@@ -452,9 +441,7 @@ def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The whole request body, or 413 before anything is recorded."""
-    too_large = BodyTooLarge(
-        f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit
-    )
+    too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()

@@ -9,7 +9,6 @@ attempt's outcome, guarded by the owner's fencing token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -17,9 +16,11 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from idemproxy.decisions import Action, Outcome, decide
-from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredResponse
+from idemproxy.leases import LeaseKeeper
+from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredRequest, StoredResponse
 from idemproxy.store import Store, StoreUnavailable, Transition
 
 log = logging.getLogger(__name__)
@@ -53,20 +54,46 @@ class OperationRequest:
     lease_s: float
     wait_s: float
     max_attempts: int
+    stored_request: StoredRequest | None = None  # kept when the route reconciles with it
+
+
+class OnDemandReconciler(Protocol):
+    async def on_demand(self, record: OperationRecord) -> OperationRecord: ...
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def new_instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 class Ledger:
-    def __init__(self, store: Store, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        instance_id: str | None = None,
+        reconciler: OnDemandReconciler | None = None,
+    ) -> None:
         self.store = store
-        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.instance_id = instance_id or new_instance_id()
+        self.reconciler = reconciler
+        self.leases = LeaseKeeper(store)
         self._attempts = itertools.count(1)
+
+    def start(self) -> None:
+        self.leases.start()
+
+    async def close(self) -> None:
+        await self.leases.close()
 
     def _new_owner(self) -> str:
         return f"{self.instance_id}:{next(self._attempts)}"
+
+    def _own(self, record: OperationRecord, request: OperationRequest) -> Owned:
+        self.leases.hold(record, request.lease_s)
+        return Owned(record)
 
     async def begin(self, request: OperationRequest) -> Owned | Answered:
         """Reserve ``request``'s operation, or say why it must not be forwarded."""
@@ -84,16 +111,23 @@ class Ledger:
             target=request.target,
             created_ms=now,
             updated_ms=now,
+            attempt_ms=now,
+            request=request.stored_request,
         )
         existing = await self.store.reserve(record, _reserved_evidence(record, now))
         if existing is None:
-            return Owned(record)
+            return self._own(record, request)
         return await self._resolve(request, existing)
 
     async def _resolve(self, request: OperationRequest, existing: OperationRecord) -> Owned | Answered:
         deadline: float | None = None  # set when this caller starts waiting
+        reconciled = False
         while True:
             action = decide(existing, request.fingerprint, now_ms(), request.max_attempts)
+            if action is Action.UNKNOWN and self.reconciler is not None and not reconciled:
+                reconciled = True  # at most one on-demand reconciliation per request
+                existing = await self.reconciler.on_demand(existing)
+                continue
             if action is Action.RETRY:
                 taken = await self._take_over(request, existing)
                 if isinstance(taken, Owned):
@@ -104,16 +138,16 @@ class Ledger:
                 if deadline is None:
                     deadline = time.monotonic() + request.wait_s
                 if time.monotonic() < deadline:
-                    current = await self._wait_for_change(request, deadline)
+                    current = await self.store.wait_for(
+                        request.op_id, deadline, lambda record: _no_longer_waiting(record, request)
+                    )
                     if current is None:  # a released record expired meanwhile: start afresh
                         return await self.begin(request)
                     existing = current
                     continue
             return Answered(action, existing, waited=deadline is not None)
 
-    async def _take_over(
-        self, request: OperationRequest, released: OperationRecord
-    ) -> Owned | OperationRecord:
+    async def _take_over(self, request: OperationRequest, released: OperationRecord) -> Owned | OperationRecord:
         now = now_ms()
         record = released.evolve(
             state=State.PENDING,
@@ -122,8 +156,12 @@ class Ledger:
             owner=self._new_owner(),
             lease_until_ms=now + round(request.lease_s * 1000),
             updated_ms=now,
+            attempt_ms=now,
             retry_class=None,
             response=None,
+            probes=0,
+            next_probe_ms=0,
+            request=request.stored_request,
         )
         current = await self.store.transition(
             Transition(
@@ -133,23 +171,7 @@ class Ledger:
                 evidence=_reserved_evidence(record, now),
             )
         )
-        return Owned(record) if current is None else current
-
-    async def _wait_for_change(self, request: OperationRequest, deadline: float) -> OperationRecord | None:
-        """The record once it no longer says WAIT, or as it is at ``deadline``."""
-        async with self.store.watch(request.op_id) as changed:
-            while True:
-                changed.clear()
-                current = await self.store.get(request.op_id)
-                if current is None:
-                    return None
-                action = decide(current, request.fingerprint, now_ms(), request.max_attempts)
-                remaining = deadline - time.monotonic()
-                if action is not Action.WAIT or remaining <= 0:
-                    return current
-                wake_in = min(remaining, self.store.poll_interval_s, _lease_left_s(current))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wake_in)
+        return self._own(record, request) if current is None else current
 
     async def finish(
         self,
@@ -166,6 +188,7 @@ class Ledger:
         retried briefly; after that the record stays PENDING and its expired
         lease makes it UNKNOWN, never silently lost.
         """
+        self.leases.release(owned.op_id)
         now = now_ms()
         new = owned.evolve(
             state=outcome.state,
@@ -181,16 +204,19 @@ class Ledger:
             expect_states=frozenset({State.PENDING}),
             evidence=evidence,
             ttl_s=retention_s if outcome.state in (State.COMPLETED, State.RELEASED) else None,
+            due_ms=now if outcome.state is State.UNKNOWN else None,  # reconcile at once
         )
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
-                return await self.store.transition(transition)
+                current = await self.store.transition(transition)
+                if current is not None:
+                    # A zombie's outcome: kept as evidence, never as the record's state.
+                    await self.store.note(owned.op_id, Evidence(now, "late-outcome", {**detail, "owner": owned.owner}))
+                return current
             except StoreUnavailable:
                 if delay is None:
                     raise
-                log.warning(
-                    "store unavailable while recording an outcome; retrying", extra={"op": owned.op_id}
-                )
+                log.warning("store unavailable while recording an outcome; retrying", extra={"op": owned.op_id})
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -199,6 +225,7 @@ def _reserved_evidence(record: OperationRecord, now: int) -> Evidence:
     return Evidence(now, "reserved", {"attempt": record.attempt, "owner": record.owner})
 
 
-def _lease_left_s(record: OperationRecord) -> float:
-    # Wake when the lease runs out, so an expired lease is seen without a notification.
-    return max(0.001, (record.lease_until_ms - now_ms()) / 1000)
+def _no_longer_waiting(record: OperationRecord | None, request: OperationRequest) -> bool:
+    if record is None:
+        return True
+    return decide(record, request.fingerprint, now_ms(), request.max_attempts) is not Action.WAIT

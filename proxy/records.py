@@ -56,6 +56,15 @@ class StoredResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """What was sent, kept only for routes that reconcile by resending or by
+    probes that quote the request body."""
+
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Evidence:
     """One observed fact about an operation, appended and never rewritten."""
 
@@ -81,17 +90,26 @@ class OperationRecord:
     fingerprint: str
     attempt: int
     owner: str
-    lease_until_ms: int  # only meaningful while PENDING
+    lease_until_ms: int  # the owner (attempt or reconciler) holds the record until then
     method: str
     target: str
     created_ms: int
     updated_ms: int
     retry_class: RetryClass | None = None
     response: StoredResponse | None = None
+    reconciled: bool = False  # the response was established by reconciliation or an operator
+    probes: int = 0  # reconciliation probes since the outcome became unknown
+    next_probe_ms: int = 0  # an UNKNOWN record is not probed again before this
+    attempt_ms: int = 0  # when the current attempt was reserved (sent soon after)
+    request: StoredRequest | None = None
     evidence: tuple[Evidence, ...] = ()
 
     def lease_alive(self, now_ms: int) -> bool:
         return self.state is State.PENDING and self.lease_until_ms > now_ms
+
+    def claimed(self, now_ms: int) -> bool:
+        """An UNKNOWN record some reconciler is probing right now."""
+        return self.state is State.UNKNOWN and self.lease_until_ms > now_ms
 
     def evolve(self, **changes: Any) -> OperationRecord:
         return dataclasses.replace(self, **changes)

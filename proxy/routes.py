@@ -32,9 +32,7 @@ class Target:
 def parse_target(method: str, raw_target: str) -> Target:
     """Validate a request target; raise a 4xx problem for anything but a plain path."""
     if method == "CONNECT":
-        raise MethodNotAllowed(
-            "CONNECT is not supported: idemproxy forwards only to its configured upstreams."
-        )
+        raise MethodNotAllowed("CONNECT is not supported: idemproxy forwards only to its configured upstreams.")
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise AbsoluteFormRefused(
             "Only origin-form request targets ('/path?query') are accepted; idemproxy "
@@ -48,9 +46,7 @@ def parse_target(method: str, raw_target: str) -> Target:
         if segment.split(";", 1)[0] in (".", ".."):
             raise InvalidTarget("Dot segments ('.' and '..') are not allowed in the request path.")
     if _DANGEROUS_ESCAPE.search(path):
-        raise InvalidTarget(
-            "Encoded dots, slashes, backslashes and control characters are not allowed in the path."
-        )
+        raise InvalidTarget("Encoded dots, slashes, backslashes and control characters are not allowed in the path.")
     return Target(path=path, query=query)
 
 

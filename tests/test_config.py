@@ -209,9 +209,7 @@ def test_store_url_forms(store: Any, url: str) -> None:
 @pytest.mark.parametrize(
     ("defaults", "policy", "attribute", "own", "inherited"),
     [
-        pytest.param(
-            {"key_mode": "derive"}, {}, "key_mode", KeyMode.DERIVE, KeyMode.DERIVE, id="key-mode-applied"
-        ),
+        pytest.param({"key_mode": "derive"}, {}, "key_mode", KeyMode.DERIVE, KeyMode.DERIVE, id="key-mode-applied"),
         pytest.param(
             {"key_mode": "derive"},
             {"key_mode": "optional"},
@@ -230,9 +228,7 @@ def test_store_url_forms(store: Any, url: str) -> None:
             id="retention-overridden",
         ),
         pytest.param({"max_body": "2MiB"}, {}, "max_body", 2 * 1024**2, 2 * 1024**2, id="max-body-applied"),
-        pytest.param(
-            {"max_body": "2MiB"}, {"max_body": 10}, "max_body", 10, 2 * 1024**2, id="max-body-overridden"
-        ),
+        pytest.param({"max_body": "2MiB"}, {"max_body": 10}, "max_body", 10, 2 * 1024**2, id="max-body-overridden"),
         pytest.param({"strip_prefix": True}, {}, "strip_prefix", True, True, id="strip-prefix-applied"),
         pytest.param(
             {"strip_prefix": True},
@@ -344,9 +340,7 @@ _FIELDS = {
         pytest.param(False, True, True, 2, id="flag-over-env"),
     ],
 )
-def test_precedence(
-    tmp_path: Path, field_name: str, in_file: bool, in_env: bool, in_flags: bool, winner: int
-) -> None:
+def test_precedence(tmp_path: Path, field_name: str, in_file: bool, in_env: bool, in_flags: bool, winner: int) -> None:
     file_key, env_var, getter, values = _FIELDS[field_name]
     lines = [f"{file_key}: {values[0]!r}"] if in_file else []
     lines += ["routes:", f"  - {{prefix: /, upstream: '{UPSTREAM}'}}"]
@@ -371,9 +365,7 @@ def test_environment_store_keeps_file_store_settings(tmp_path: Path) -> None:
     )
 
 
-def test_environ_argument_replaces_process_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_environ_argument_replaces_process_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, f'listen: "127.0.0.1:7000"\nroutes: [{{prefix: /, upstream: "{UPSTREAM}"}}]\n')
     monkeypatch.setenv("IDEMPROXY_LISTEN", "127.0.0.1:7777")
     assert load_config(path, environ={}).listen == HostPort("127.0.0.1", 7000)
@@ -423,9 +415,7 @@ def test_invalid_environment_value_is_reported(variable: str, value: str, key: s
     [
         pytest.param(None, Overrides(upstream="http://tool:9000/base"), {}, id="flag-no-file"),
         pytest.param("", Overrides(upstream="http://tool:9000/base"), {}, id="flag-empty-file"),
-        pytest.param(
-            "listen: '127.0.0.1:7000'\n", Overrides(upstream="http://tool:9000/base"), {}, id="flag-file"
-        ),
+        pytest.param("listen: '127.0.0.1:7000'\n", Overrides(upstream="http://tool:9000/base"), {}, id="flag-file"),
         pytest.param(None, None, {"IDEMPROXY_UPSTREAM": "http://tool:9000/base"}, id="env-no-file"),
     ],
 )
@@ -498,9 +488,7 @@ INVALID = [
     ),
     pytest.param({"routes": {"prefix": "/"}}, "routes", "expected a list of routes", id="routes-not-a-list"),
     pytest.param({"routes": ["/tickets"]}, "routes[0]", "expected a mapping", id="route-not-a-mapping"),
-    pytest.param(
-        {"routes": [{"upstream": UPSTREAM}]}, "routes[0].prefix", "is required", id="missing-prefix"
-    ),
+    pytest.param({"routes": [{"upstream": UPSTREAM}]}, "routes[0].prefix", "is required", id="missing-prefix"),
     pytest.param({"routes": [{"prefix": "/x"}]}, "routes[0].upstream", "is required", id="missing-upstream"),
     pytest.param({"store": 5, **doc()}, "store", "expected a mapping", id="store-not-a-mapping"),
     pytest.param({"headers": ["X-K"], **doc()}, "headers", "expected a mapping", id="headers-not-a-mapping"),
@@ -519,34 +507,22 @@ INVALID = [
         "expected one of fail_closed, fail_open",
         id="on-store-error",
     ),
-    pytest.param(
-        doc(strip_prefix="yes"), "routes[0].strip_prefix", "expected true or false", id="strip-prefix-str"
-    ),
+    pytest.param(doc(strip_prefix="yes"), "routes[0].strip_prefix", "expected true or false", id="strip-prefix-str"),
     pytest.param(doc(retention="1w"), "routes[0].retention", "expected a duration", id="retention-unit"),
     pytest.param(doc(retention=0), "routes[0].retention", "greater than zero", id="retention-zero"),
-    pytest.param(
-        doc(connect_timeout="0s"), "routes[0].connect_timeout", "greater than zero", id="connect-zero"
-    ),
-    pytest.param(
-        doc(read_timeout="-1s"), "routes[0].read_timeout", "expected a duration", id="read-negative"
-    ),
+    pytest.param(doc(connect_timeout="0s"), "routes[0].connect_timeout", "greater than zero", id="connect-zero"),
+    pytest.param(doc(read_timeout="-1s"), "routes[0].read_timeout", "expected a duration", id="read-negative"),
     pytest.param(doc(wait="forever"), "routes[0].wait", "expected a duration", id="wait-word"),
     pytest.param(doc(max_body="1.5MiB"), "routes[0].max_body", "expected a size", id="max-body-fraction"),
-    pytest.param(
-        doc(max_stored_response="1TB"), "routes[0].max_stored_response", "expected a size", id="stored-unit"
-    ),
+    pytest.param(doc(max_stored_response="1TB"), "routes[0].max_stored_response", "expected a size", id="stored-unit"),
     pytest.param(doc(max_attempts=0), "routes[0].max_attempts", "at least 1", id="max-attempts-zero"),
     pytest.param(doc(max_attempts=True), "routes[0].max_attempts", "at least 1", id="max-attempts-bool"),
     pytest.param(doc(max_attempts="3"), "routes[0].max_attempts", "at least 1", id="max-attempts-str"),
     pytest.param(doc(name="has space"), "routes[0].name", "letters, digits", id="name-space"),
     pytest.param(doc(name="x" * 65), "routes[0].name", "1-64", id="name-too-long"),
     # methods
-    pytest.param(
-        doc(side_effect_methods=[]), "routes[0].side_effect_methods", "non-empty list", id="methods-empty"
-    ),
-    pytest.param(
-        doc(side_effect_methods="POST"), "routes[0].side_effect_methods", "list", id="methods-not-list"
-    ),
+    pytest.param(doc(side_effect_methods=[]), "routes[0].side_effect_methods", "non-empty list", id="methods-empty"),
+    pytest.param(doc(side_effect_methods="POST"), "routes[0].side_effect_methods", "list", id="methods-not-list"),
     pytest.param(
         doc(side_effect_methods=["PO ST"]),
         "routes[0].side_effect_methods",
@@ -584,9 +560,7 @@ INVALID = [
         "from 100 to 599",
         id="statuses-range",
     ),
-    pytest.param(
-        doc(ambiguous_statuses=[True]), "routes[0].ambiguous_statuses", "from 100 to 599", id="statuses-bool"
-    ),
+    pytest.param(doc(ambiguous_statuses=[True]), "routes[0].ambiguous_statuses", "from 100 to 599", id="statuses-bool"),
     pytest.param(
         doc(not_applied_statuses=[429, 503], ambiguous_statuses=[503, 500]),
         "routes[0].ambiguous_statuses",
@@ -618,12 +592,8 @@ INVALID = [
         "HTTP header name",
         id="fp-bad-name",
     ),
-    pytest.param(
-        {"headers": {"key": "Idem Key"}, **doc()}, "headers.key", "HTTP header name", id="key-header-space"
-    ),
-    pytest.param(
-        {"headers": {"caller": ""}, **doc()}, "headers.caller", "HTTP header name", id="caller-header-empty"
-    ),
+    pytest.param({"headers": {"key": "Idem Key"}, **doc()}, "headers.key", "HTTP header name", id="key-header-space"),
+    pytest.param({"headers": {"caller": ""}, **doc()}, "headers.caller", "HTTP header name", id="caller-header-empty"),
     # prefixes
     pytest.param(doc(prefix="tickets"), "routes[0].prefix", "path prefix", id="prefix-no-leading-slash"),
     pytest.param(doc(prefix="/a/../b"), "routes[0].prefix", "path prefix", id="prefix-dotdot"),
@@ -662,16 +632,10 @@ INVALID = [
         id="duplicate-derived-name",
     ),
     # upstream URLs
-    pytest.param(
-        doc(upstream="ftp://tool/x"), "routes[0].upstream", "http:// or https://", id="upstream-ftp"
-    ),
-    pytest.param(
-        doc(upstream="tool:9000"), "routes[0].upstream", "http:// or https://", id="upstream-no-scheme"
-    ),
+    pytest.param(doc(upstream="ftp://tool/x"), "routes[0].upstream", "http:// or https://", id="upstream-ftp"),
+    pytest.param(doc(upstream="tool:9000"), "routes[0].upstream", "http:// or https://", id="upstream-no-scheme"),
     pytest.param(doc(upstream="http://"), "routes[0].upstream", "with a host", id="upstream-no-host"),
-    pytest.param(
-        doc(upstream="http://tool?x=1"), "routes[0].upstream", "must not carry a query", id="upstream-query"
-    ),
+    pytest.param(doc(upstream="http://tool?x=1"), "routes[0].upstream", "must not carry a query", id="upstream-query"),
     pytest.param(doc(upstream="http://tool/#top"), "routes[0].upstream", "fragment", id="upstream-fragment"),
     pytest.param(
         doc(upstream="http://user:secret@tool"),
@@ -680,9 +644,7 @@ INVALID = [
         id="upstream-user-password",
     ),
     pytest.param(doc(upstream="http://user@tool"), "routes[0].upstream", "credentials", id="upstream-user"),
-    pytest.param(
-        doc(upstream="http://:secret@tool"), "routes[0].upstream", "credentials", id="upstream-password"
-    ),
+    pytest.param(doc(upstream="http://:secret@tool"), "routes[0].upstream", "credentials", id="upstream-password"),
     pytest.param(doc(upstream=9000), "routes[0].upstream", "http:// or https://", id="upstream-int"),
     # lease
     pytest.param(
@@ -707,9 +669,7 @@ INVALID = [
     pytest.param({"listen": "8080", **doc()}, "listen", "expected 'HOST:PORT'", id="listen-no-host"),
     pytest.param({"listen": 8080, **doc()}, "listen", "expected 'HOST:PORT'", id="listen-int"),
     pytest.param({"listen": "0.0.0.0:0", **doc()}, "listen", "port from 1 to 65535", id="listen-port-zero"),
-    pytest.param(
-        {"listen": "0.0.0.0:65536", **doc()}, "listen", "port from 1 to 65535", id="listen-port-high"
-    ),
+    pytest.param({"listen": "0.0.0.0:65536", **doc()}, "listen", "port from 1 to 65535", id="listen-port-high"),
     pytest.param({"admin_listen": "host:http", **doc()}, "admin_listen", "port from 1", id="admin-port-name"),
     pytest.param(
         {"listen": "127.0.0.1:9000", "admin_listen": "127.0.0.1:9000", **doc()},
@@ -717,25 +677,19 @@ INVALID = [
         "must differ from listen (127.0.0.1:9000)",
         id="admin-equals-listen",
     ),
-    pytest.param(
-        {"log_level": "verbose", **doc()}, "log_level", "debug, info, warning, error", id="log-level"
-    ),
+    pytest.param({"log_level": "verbose", **doc()}, "log_level", "debug, info, warning, error", id="log-level"),
     pytest.param({"shutdown_grace": "soon", **doc()}, "shutdown_grace", "duration", id="shutdown-grace"),
     pytest.param({"store": "postgres://db", **doc()}, "store.url", "redis://HOST", id="store-scheme"),
     pytest.param({"store": "redis://", **doc()}, "store.url", "redis://HOST", id="store-redis-no-host"),
     pytest.param({"store": "sqlite:///", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-no-path"),
-    pytest.param(
-        {"store": "sqlite://ledger.db", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-2-slashes"
-    ),
+    pytest.param({"store": "sqlite://ledger.db", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-2-slashes"),
     pytest.param(
         {"store": {"key_prefix": "has space"}, **doc()},
         "store.key_prefix",
         "1-32 letters",
         id="key-prefix-space",
     ),
-    pytest.param(
-        {"store": {"key_prefix": "x" * 33}, **doc()}, "store.key_prefix", "1-32", id="key-prefix-long"
-    ),
+    pytest.param({"store": {"key_prefix": "x" * 33}, **doc()}, "store.key_prefix", "1-32", id="key-prefix-long"),
     pytest.param(
         {"store": {"socket_timeout": 0}, **doc()},
         "store.socket_timeout",
@@ -936,9 +890,7 @@ def test_cli_check_config_missing_file(tmp_path: Path) -> None:
             id="upstream-flag-with-routes",
         ),
         pytest.param(None, [], "routes: no routes configured", id="nothing-configured"),
-        pytest.param(
-            None, ["--upstream", UPSTREAM, "--listen", "nonsense"], ".listen: ", id="bad-listen-flag"
-        ),
+        pytest.param(None, ["--upstream", UPSTREAM, "--listen", "nonsense"], ".listen: ", id="bad-listen-flag"),
     ],
 )
 def test_cli_run_with_invalid_config_exits_2_without_starting(

@@ -61,9 +61,7 @@ async def test_concurrent_duplicates_spread_over_two_instances_cause_one_effect(
 ) -> None:
     config = proxy_config(upstream.url, wait="30s")
     proxies = [await aiohttp_client(build_proxy_app(config, store)) for store in two_stores]
-    requests = [
-        asyncio.create_task(proxies[n % 2].post("/gate", json={"n": 1}, headers=KEY)) for n in range(40)
-    ]
+    requests = [asyncio.create_task(proxies[n % 2].post("/gate", json={"n": 1}, headers=KEY)) for n in range(40)]
     await upstream.arrived.wait()
     upstream.release.set()
     responses = await asyncio.gather(*requests)

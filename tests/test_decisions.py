@@ -69,18 +69,10 @@ def record(
 DECIDE_TABLE = [
     # -- PENDING: lease alive -> wait; expired -> the owner vanished, outcome unknown
     pytest.param(record(State.PENDING, lease_until_ms=ALIVE), FP, Action.WAIT, id="pending-same-lease-alive"),
-    pytest.param(
-        record(State.PENDING, lease_until_ms=NOW_MS + 1), FP, Action.WAIT, id="pending-same-lease-1ms-left"
-    ),
-    pytest.param(
-        record(State.PENDING, lease_until_ms=NOW_MS), FP, Action.UNKNOWN, id="pending-same-lease-ends-now"
-    ),
-    pytest.param(
-        record(State.PENDING, lease_until_ms=EXPIRED), FP, Action.UNKNOWN, id="pending-same-lease-expired"
-    ),
-    pytest.param(
-        record(State.PENDING, lease_until_ms=ALIVE), OTHER_FP, Action.MISMATCH, id="pending-diff-lease-alive"
-    ),
+    pytest.param(record(State.PENDING, lease_until_ms=NOW_MS + 1), FP, Action.WAIT, id="pending-same-lease-1ms-left"),
+    pytest.param(record(State.PENDING, lease_until_ms=NOW_MS), FP, Action.UNKNOWN, id="pending-same-lease-ends-now"),
+    pytest.param(record(State.PENDING, lease_until_ms=EXPIRED), FP, Action.UNKNOWN, id="pending-same-lease-expired"),
+    pytest.param(record(State.PENDING, lease_until_ms=ALIVE), OTHER_FP, Action.MISMATCH, id="pending-diff-lease-alive"),
     pytest.param(
         record(State.PENDING, lease_until_ms=EXPIRED),
         OTHER_FP,
@@ -95,16 +87,10 @@ DECIDE_TABLE = [
         Action.REPLAY,
         id="completed-same-empty-body-is-stored",
     ),
-    pytest.param(
-        record(State.COMPLETED, response=NOT_KEPT), FP, Action.NOT_STORED, id="completed-same-body-none"
-    ),
-    pytest.param(
-        record(State.COMPLETED, response=None), FP, Action.NOT_STORED, id="completed-same-no-response"
-    ),
+    pytest.param(record(State.COMPLETED, response=NOT_KEPT), FP, Action.NOT_STORED, id="completed-same-body-none"),
+    pytest.param(record(State.COMPLETED, response=None), FP, Action.NOT_STORED, id="completed-same-no-response"),
     pytest.param(record(State.COMPLETED, response=BODY), OTHER_FP, Action.MISMATCH, id="completed-diff-body"),
-    pytest.param(
-        record(State.COMPLETED, response=NOT_KEPT), OTHER_FP, Action.MISMATCH, id="completed-diff-body-none"
-    ),
+    pytest.param(record(State.COMPLETED, response=NOT_KEPT), OTHER_FP, Action.MISMATCH, id="completed-diff-body-none"),
     pytest.param(
         record(State.COMPLETED, lease_until_ms=EXPIRED),
         FP,
@@ -125,15 +111,9 @@ DECIDE_TABLE = [
         Action.EXHAUSTED,
         id="released-same-attempts-exhausted",
     ),
-    pytest.param(
-        record(State.RELEASED, attempt=MAX_ATTEMPTS + 1), FP, Action.EXHAUSTED, id="released-same-beyond-max"
-    ),
-    pytest.param(
-        record(State.RELEASED, attempt=1), OTHER_FP, Action.MISMATCH, id="released-diff-attempts-left"
-    ),
-    pytest.param(
-        record(State.RELEASED, attempt=MAX_ATTEMPTS), OTHER_FP, Action.MISMATCH, id="released-diff-exhausted"
-    ),
+    pytest.param(record(State.RELEASED, attempt=MAX_ATTEMPTS + 1), FP, Action.EXHAUSTED, id="released-same-beyond-max"),
+    pytest.param(record(State.RELEASED, attempt=1), OTHER_FP, Action.MISMATCH, id="released-diff-attempts-left"),
+    pytest.param(record(State.RELEASED, attempt=MAX_ATTEMPTS), OTHER_FP, Action.MISMATCH, id="released-diff-exhausted"),
     pytest.param(
         record(State.RELEASED, lease_until_ms=ALIVE), FP, Action.RETRY, id="released-same-stale-lease-ignored"
     ),
@@ -235,12 +215,8 @@ def test_classify_status_custom_sets(
 
 
 FAILURE_TABLE = [
-    pytest.param(
-        FailureKind.CONNECT, Outcome(State.RELEASED, RetryClass.CONNECT_FAILED), id="connect-nothing-sent"
-    ),
-    pytest.param(
-        FailureKind.TIMEOUT, Outcome(State.UNKNOWN, RetryClass.READ_TIMEOUT), id="timeout-after-sending"
-    ),
+    pytest.param(FailureKind.CONNECT, Outcome(State.RELEASED, RetryClass.CONNECT_FAILED), id="connect-nothing-sent"),
+    pytest.param(FailureKind.TIMEOUT, Outcome(State.UNKNOWN, RetryClass.READ_TIMEOUT), id="timeout-after-sending"),
     pytest.param(
         FailureKind.CONNECTION_LOST,
         Outcome(State.UNKNOWN, RetryClass.CONNECTION_LOST),

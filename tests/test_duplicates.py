@@ -70,9 +70,7 @@ async def test_completed_same_fingerprint_is_replayed_byte_for_byte(
     assert upstream.count() == 1
 
 
-async def test_json_body_with_other_key_order_is_the_same_request(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_json_body_with_other_key_order_is_the_same_request(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy()
     headers = {**KEY, "Content-Type": "application/json"}
     first = await client.post("/items", data=b'{"a": 1, "b": [1, 2]}', headers=headers)
@@ -82,9 +80,7 @@ async def test_json_body_with_other_key_order_is_the_same_request(
     assert upstream.count() == 1
 
 
-async def test_different_fingerprint_gets_422_in_any_state(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_different_fingerprint_gets_422_in_any_state(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy()
     await client.post("/items", json={"title": "a"}, headers=KEY)
     other_body = await client.post("/items", json={"title": "b"}, headers=KEY)
@@ -133,26 +129,51 @@ async def test_pending_duplicate_past_the_wait_bound_gets_409_with_retry_after(
     assert upstream.count() == 1
 
 
-async def test_timeout_after_sending_makes_the_outcome_unknown(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
-    client = await make_proxy(connect_timeout="1s", read_timeout="300ms", lease="10s")
+UNDECIDABLE_PROBE = {
+    "probe": {"url": "{upstream}/probe-status/500", "match": "matches[0]"},
+    "max_probes": 3,
+}
+
+
+async def test_timeout_after_sending_makes_the_outcome_unknown(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    client = await make_proxy(connect_timeout="1s", read_timeout="300ms", lease="10s", reconcile=UNDECIDABLE_PROBE)
     first = await client.post("/slow", json={}, headers=KEY)
     duplicate = await client.post("/slow", json={}, headers=KEY)
 
     assert first.status == 504
     assert await problem_type(first) == "upstream-timeout"
     assert duplicate.status == 409
+    assert int(duplicate.headers["Retry-After"]) >= 1
     body = await duplicate.json(content_type=PROBLEM)
     assert body["type"].endswith("outcome-unknown")
     assert body["retry_class"] == RetryClass.READ_TIMEOUT
+    assert body["probes"] == 1
+    assert upstream.count() == 1
+
+
+async def test_unknown_outcome_without_a_reconcile_method_needs_attention(
+    make_proxy: ProxyFactory, upstream: Upstream, store: Store
+) -> None:
+    client = await make_proxy(connect_timeout="1s", read_timeout="300ms", lease="10s")
+    first = await client.post("/slow", json={}, headers=KEY)
+    duplicate = await client.post("/slow", json={}, headers=KEY)
+
+    assert first.status == 504
+    assert duplicate.status == 409
+    body = await duplicate.json(content_type=PROBLEM)
+    assert body["type"].endswith("needs-attention")
+    assert body["retry_class"] == RetryClass.READ_TIMEOUT
+    record = await store.get(op_id_for("op-1"))
+    assert record is not None
+    assert record.state is State.NEEDS_ATTENTION
+    assert record.evidence[-1].kind == "escalated"
     assert upstream.count() == 1
 
 
 async def test_connection_reset_after_sending_makes_the_outcome_unknown(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    client = await make_proxy()
+    client = await make_proxy(reconcile=UNDECIDABLE_PROBE)
     first = await client.post("/reset", json={}, headers=KEY)
     duplicate = await client.post("/reset", json={}, headers=KEY)
 
@@ -166,7 +187,7 @@ async def test_connection_reset_after_sending_makes_the_outcome_unknown(
 async def test_ambiguous_status_is_passed_through_once_then_unknown(
     make_proxy: ProxyFactory, upstream: Upstream, store: Store
 ) -> None:
-    client = await make_proxy()
+    client = await make_proxy(reconcile=UNDECIDABLE_PROBE)
     first = await client.post("/status/502", json={}, headers=KEY)
     duplicate = await client.post("/status/502", json={}, headers=KEY)
 
@@ -184,7 +205,7 @@ async def test_ambiguous_status_is_passed_through_once_then_unknown(
 async def test_needs_attention_gets_409_and_is_never_forwarded(
     make_proxy: ProxyFactory, upstream: Upstream, store: Store
 ) -> None:
-    client = await make_proxy()
+    client = await make_proxy(reconcile=UNDECIDABLE_PROBE)
     await client.post("/reset", json={}, headers=KEY)
     record = await store.get(op_id_for("op-1"))
     assert record is not None
@@ -223,9 +244,7 @@ async def test_not_applied_status_releases_and_the_retry_is_a_new_attempt(
     assert upstream.count() == 2
 
 
-async def test_released_operation_with_no_attempts_left_gets_429(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_released_operation_with_no_attempts_left_gets_429(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy(max_attempts=2)
     statuses = [(await client.post("/status/429", json={}, headers=KEY)).status for _ in range(2)]
     exhausted = await client.post("/status/429", json={}, headers=KEY)
@@ -239,9 +258,7 @@ async def test_released_operation_with_no_attempts_left_gets_429(
 async def test_connect_failure_releases_the_operation(
     make_proxy: ProxyFactory, store: Store, unused_tcp_port: int
 ) -> None:
-    client = await make_proxy(
-        config=proxy_config(f"http://127.0.0.1:{unused_tcp_port}", connect_timeout="1s")
-    )
+    client = await make_proxy(config=proxy_config(f"http://127.0.0.1:{unused_tcp_port}", connect_timeout="1s"))
     response = await client.post("/items", json={}, headers=KEY)
 
     assert response.status == 502

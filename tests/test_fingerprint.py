@@ -250,9 +250,7 @@ SCOPE = Scope(caller="agent-a", route="tickets", key="k1", task="t1")
         pytest.param(replace(SCOPE, caller="agent-b"), id="caller"),
         pytest.param(replace(SCOPE, route="mail"), id="route"),
         pytest.param(replace(SCOPE, key="k2"), id="key"),
-        pytest.param(
-            replace(SCOPE, caller="agent-a:tickets", route="", key="k1"), id="caller-route-boundary"
-        ),
+        pytest.param(replace(SCOPE, caller="agent-a:tickets", route="", key="k1"), id="caller-route-boundary"),
         pytest.param(replace(SCOPE, route="tickets:k1", key=""), id="route-key-boundary"),
     ],
 )

@@ -58,7 +58,7 @@ async def test_store_down_fails_closed_with_503_and_forwards_nothing(
     redis_store: Store,
 ) -> None:
     client = await client_for()
-    admin = await aiohttp_client(build_admin_app(redis_store))
+    admin = await aiohttp_client(build_admin_app(redis_store, proxy_config(upstream.url)))
     private_redis.kill()
 
     response = await client.post("/items", json={}, headers=KEY)

@@ -33,9 +33,7 @@ async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float
 
 
 @pytest.fixture
-async def proxy_process(
-    upstream: Upstream, tmp_path: Path
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def proxy_process(upstream: Upstream, tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     listen, admin = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "idemproxy", "run",
@@ -59,9 +57,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits_cleanly(
 ) -> None:
     process, base = proxy_process
     async with aiohttp.ClientSession() as session:
-        in_flight = asyncio.create_task(
-            session.post(f"{base}/gate", json={}, headers={"Idempotency-Key": "k"})
-        )
+        in_flight = asyncio.create_task(session.post(f"{base}/gate", json={}, headers={"Idempotency-Key": "k"}))
         await upstream.arrived.wait()
         process.send_signal(signal.SIGTERM)
         assert process.stderr is not None
@@ -123,9 +119,7 @@ async def test_make_run_demo_starts_both_prints_a_curl_line_and_stops_on_ctrl_c(
                 response = await session.post(
                     f"{proxy}/tickets", json={"title": "printer on fire"}, headers={"Idempotency-Key": "demo"}
                 )
-                answers.append(
-                    (response.status, await response.read(), response.headers.get("Idempotent-Replayed"))
-                )
+                answers.append((response.status, await response.read(), response.headers.get("Idempotent-Replayed")))
             listing = await (await session.get(f"{proxy}/tickets")).json()
         assert answers[0][:2] == answers[1][:2]
         assert answers[0][0] == 201

@@ -123,9 +123,7 @@ async def test_non_origin_targets_are_refused_and_nothing_is_forwarded(
 async def test_unknown_route_is_404(make_proxy: ProxyFactory, upstream: Upstream, store_url: str) -> None:
     config = proxy_config(upstream.url, store_url)
     only_items = config.__class__(
-        routes=(
-            config.routes[0].__class__(name="items", prefix="/items", upstream=config.routes[0].upstream),
-        ),
+        routes=(config.routes[0].__class__(name="items", prefix="/items", upstream=config.routes[0].upstream),),
     )
     client = await make_proxy(config=only_items)
     response = await client.post("/itemsx", json={}, headers=KEY)
@@ -166,17 +164,13 @@ async def test_invalid_keys_are_400_and_nothing_is_forwarded(
     assert upstream.count() == 0
 
 
-async def test_a_key_of_255_printable_characters_is_accepted(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_a_key_of_255_printable_characters_is_accepted(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy()
     response = await client.post("/items", json={}, headers={"Idempotency-Key": "k" * 255})
     assert response.status == 201
 
 
-async def test_derive_mode_deduplicates_calls_without_a_key(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_derive_mode_deduplicates_calls_without_a_key(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy(key_mode="derive")
     task = {"X-Agent-Task": "task-7"}
     first = await client.post("/items", json={"title": "a"}, headers=task)
@@ -189,9 +183,7 @@ async def test_derive_mode_deduplicates_calls_without_a_key(
     assert upstream.count() == 2
 
 
-async def test_optional_mode_forwards_keyless_calls_unrecorded(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_optional_mode_forwards_keyless_calls_unrecorded(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy(key_mode="optional")
     for _ in range(2):
         assert (await client.post("/items", json={})).status == 201
@@ -230,9 +222,7 @@ async def test_oversize_chunked_body_is_413(make_proxy: ProxyFactory, upstream: 
 # -- passthrough -----------------------------------------------------------------------------
 
 
-async def test_safe_methods_pass_straight_through(
-    make_proxy: ProxyFactory, upstream: Upstream, store_url: str
-) -> None:
+async def test_safe_methods_pass_straight_through(make_proxy: ProxyFactory, upstream: Upstream, store_url: str) -> None:
     client = await make_proxy()
     first = await client.get("/items", headers=KEY)
     second = await client.get("/items", headers=KEY)
@@ -244,18 +234,14 @@ async def test_safe_methods_pass_straight_through(
     assert upstream.count() == 3
 
 
-async def test_methods_not_marked_side_effecting_pass_through(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_methods_not_marked_side_effecting_pass_through(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy(side_effect_methods=["POST"])
     for _ in range(2):
         assert (await client.put("/items", json={})).status == 201
     assert upstream.count() == 2
 
 
-async def test_pooled_connection_loss_never_resends_a_put(
-    make_proxy: ProxyFactory, upstream: Upstream
-) -> None:
+async def test_pooled_connection_loss_never_resends_a_put(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     """aiohttp resends PUT/DELETE on a dropped keep-alive connection unless told not to."""
     client = await make_proxy()
     warm = await client.put("/items", json={}, headers={"Idempotency-Key": "warm"})

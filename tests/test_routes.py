@@ -26,9 +26,7 @@ def make_route(prefix: str, upstream: str = "http://tool:9000", *, strip_prefix:
 REFUSED = [
     # not origin-form: idemproxy is not a forward proxy
     pytest.param("GET", "http://evil/x", AbsoluteFormRefused, 400, id="absolute-form-http"),
-    pytest.param(
-        "POST", "https://evil.example:443/x?y=1", AbsoluteFormRefused, 400, id="absolute-form-https"
-    ),
+    pytest.param("POST", "https://evil.example:443/x?y=1", AbsoluteFormRefused, 400, id="absolute-form-https"),
     pytest.param("GET", "evil.example:443", AbsoluteFormRefused, 400, id="authority-form-without-connect"),
     pytest.param("CONNECT", "evil.example:443", MethodNotAllowed, 405, id="connect-authority-form"),
     pytest.param("CONNECT", "/tickets", MethodNotAllowed, 405, id="connect-with-a-path"),
@@ -170,9 +168,7 @@ def test_empty_table_has_no_route() -> None:
 @pytest.mark.parametrize(
     ("prefix", "upstream", "strip", "target", "expected"),
     [
-        pytest.param(
-            "/", "http://tool:9000", False, "/tickets/7", "http://tool:9000/tickets/7", id="root-route"
-        ),
+        pytest.param("/", "http://tool:9000", False, "/tickets/7", "http://tool:9000/tickets/7", id="root-route"),
         pytest.param(
             "/tickets",
             "http://tool:9000",
@@ -229,9 +225,7 @@ def test_empty_table_has_no_route() -> None:
             "http://tool/7/comments",
             id="strip-multi-segment-prefix",
         ),
-        pytest.param(
-            "/", "http://tool/base", True, "/x", "http://tool/base/x", id="strip-root-prefix-is-noop"
-        ),
+        pytest.param("/", "http://tool/base", True, "/x", "http://tool/base/x", id="strip-root-prefix-is-noop"),
         pytest.param(
             "/tickets",
             "http://tool",

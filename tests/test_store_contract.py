@@ -193,9 +193,7 @@ class Inspector:
             return
         assert self.sqlite_store is not None
         with contextlib.closing(sqlite3.connect(self.sqlite_store.path, timeout=5)) as db:
-            cursor = db.execute(
-                "UPDATE operations SET expires_ms = ? WHERE op_id = ?", (now_ms() - 1000, op_id)
-            )
+            cursor = db.execute("UPDATE operations SET expires_ms = ? WHERE op_id = ?", (now_ms() - 1000, op_id))
             db.commit()
             assert cursor.rowcount == 1
 
@@ -447,9 +445,7 @@ async def test_a_reserved_record_never_expires(store: Store, inspector: Inspecto
 
 
 @pytest.mark.parametrize("state", [State.COMPLETED, State.RELEASED])
-async def test_resolved_states_are_kept_for_their_ttl(
-    store: Store, inspector: Inspector, state: State
-) -> None:
+async def test_resolved_states_are_kept_for_their_ttl(store: Store, inspector: Inspector, state: State) -> None:
     first = await reserve_new(store)
     assert await store.transition(move(outcome(first, state), fence=1, ttl_s=120)) is None
 
@@ -499,9 +495,7 @@ async def test_unresolved_states_are_never_given_a_ttl_even_when_asked(
     assert await inspector.expires_in_ms(first.op_id) is None
 
 
-async def test_an_expired_record_is_absent_and_can_be_reserved_anew(
-    store: Store, inspector: Inspector
-) -> None:
+async def test_an_expired_record_is_absent_and_can_be_reserved_anew(store: Store, inspector: Inspector) -> None:
     first = await reserve_new(store, "instance-a:1")
     done = outcome(first, State.COMPLETED, response=make_response(b"old"))
     assert await store.transition(move(done, fence=1, ttl_s=3600)) is None

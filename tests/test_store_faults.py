@@ -109,9 +109,7 @@ async def test_redis_restart_keeps_records_and_the_store_reconnects(
     assert await redis_store.get(second.op_id) == second
 
 
-async def test_redis_sigkill_keeps_acknowledged_writes(
-    private_redis: RedisServer, redis_store: Store
-) -> None:
+async def test_redis_sigkill_keeps_acknowledged_writes(private_redis: RedisServer, redis_store: Store) -> None:
     first = await reserve_new(redis_store)
     done = await complete(redis_store, first, b'{"ticket": 1}')
     pending = await reserve_new(redis_store)  # acknowledged, then the crash
@@ -217,9 +215,7 @@ async def test_redis_hung_raises_store_unavailable_and_a_lost_reply_is_applied_o
 async def test_redis_script_flush_reloads_the_scripts(redis_store: Store, raw_redis: aioredis.Redis) -> None:
     """After SCRIPT FLUSH (a failover to a replica, a restart without AOF of the
     script cache) the store gets NOSCRIPT and must load its scripts again."""
-    reserve_sha, transition_sha = (
-        hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, TRANSITION)
-    )
+    reserve_sha, transition_sha = (hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE, TRANSITION))
     first = await reserve_new(redis_store)
     await complete(redis_store, first, b"before the flush")
     assert await raw_redis.script_exists(reserve_sha, transition_sha) == [True, True]

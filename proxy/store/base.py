@@ -9,8 +9,10 @@ decisions live in ``idemproxy.decisions``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,6 +32,27 @@ class RecordMissing(StoreError, KeyError):
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease renewal: extend ``op_id``'s lease if ``owner`` still holds it with ``fence``."""
+
+    op_id: str
+    fence: int
+    owner: str
+    until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpsQuery:
+    """Which operations an operator wants to see."""
+
+    state: State | None = None
+    route: str | None = None
+    task: str | None = None
+    updated_before_ms: int | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """Replace the record with ``new`` if it is in ``expect_states`` with ``expect_fence``.
 
@@ -42,6 +65,15 @@ class Transition:
     expect_states: frozenset[State]
     evidence: Evidence
     ttl_s: float | None = None
+    #: When the reconciler must look at the record (ms); 0 takes it off the
+    #: schedule. PENDING records default to their lease expiry.
+    due_ms: int | None = None
+
+    @property
+    def due_at_ms(self) -> int:
+        if self.due_ms is not None:
+            return self.due_ms
+        return self.new.lease_until_ms if self.new.state is State.PENDING else 0
 
     @property
     def ttl_ms(self) -> int:
@@ -75,6 +107,30 @@ class Store(ABC):
     @abstractmethod
     async def get(self, op_id: str) -> OperationRecord | None:
         """The record, with its evidence, or ``None``."""
+
+    @abstractmethod
+    async def renew(self, leases: list[Lease]) -> list[bool]:
+        """Extend each lease still held by its owner (one round trip for all);
+        ``False`` where the owner lost the record."""
+
+    @abstractmethod
+    async def note(self, op_id: str, evidence: Evidence) -> bool:
+        """Append ``evidence`` without changing the record (``False``: no record)."""
+
+    @abstractmethod
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        """Op ids the reconciler must look at by ``now_ms``, most overdue first."""
+
+    @abstractmethod
+    async def query(self, query: OpsQuery) -> list[OperationRecord]:
+        """Records matching ``query``, most recently updated first.
+
+        Unresolved states are listed from an index; COMPLETED and RELEASED
+        (or no state) need a bounded scan, for operators only."""
+
+    @abstractmethod
+    async def count_unresolved(self) -> dict[State, int]:
+        """How many records are PENDING, UNKNOWN and NEEDS_ATTENTION, across instances."""
 
     @abstractmethod
     async def ping(self) -> None:
@@ -116,6 +172,25 @@ class Store(ABC):
                 if subscribed.done() and not subscribed.cancelled() and subscribed.exception() is None:
                     await self._unsubscribe(op_id)
 
+    async def wait_for(
+        self, op_id: str, deadline: float, until: Callable[[OperationRecord | None], bool]
+    ) -> OperationRecord | None:
+        """The record once ``until(record)`` holds, or as it is at ``deadline``
+        (``time.monotonic()``); woken by change notifications, not polling."""
+        async with self.watch(op_id) as changed:
+            while True:
+                changed.clear()
+                current = await self.get(op_id)
+                remaining = deadline - time.monotonic()
+                if until(current) or remaining <= 0:
+                    return current
+                wake_in = min(remaining, self.poll_interval_s)
+                if current is not None and current.lease_until_ms:
+                    # Wake when a lease runs out, so its expiry is seen without a notification.
+                    wake_in = min(wake_in, max(0.001, current.lease_until_ms / 1000 - time.time()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wake_in)
+
     def _notify_local(self, op_id: str) -> None:
         for event in self._watchers.get(op_id, ()):
             event.set()
@@ -125,3 +200,13 @@ class Store(ABC):
 
     async def _unsubscribe(self, op_id: str) -> None:  # noqa: B027 - optional hook
         """Stop receiving them."""
+
+
+def matches(record: OperationRecord, query: OpsQuery) -> bool:
+    """Whether ``record`` belongs in the answer to ``query`` (shared by the stores)."""
+    return (
+        (query.state is None or record.state is query.state)
+        and (query.route is None or record.scope.route == query.route)
+        and (query.task is None or record.scope.task == query.task)
+        and (query.updated_before_ms is None or record.updated_ms < query.updated_before_ms)
+    )

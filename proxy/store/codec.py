@@ -19,6 +19,7 @@ from idemproxy.records import (
     RetryClass,
     Scope,
     State,
+    StoredRequest,
     StoredResponse,
 )
 
@@ -31,9 +32,10 @@ LEASE = "l"
 META = "m"
 BODY = "b"
 EVIDENCE = "e"
+REQUEST_BODY = "q"
 
 #: Fields every write replaces, in this order.
-WRITTEN_FIELDS = (STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE, META, BODY)
+WRITTEN_FIELDS = (STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE, META, BODY, REQUEST_BODY)
 
 
 def encode(record: OperationRecord) -> dict[str, bytes]:
@@ -47,6 +49,16 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
     }
     if record.retry_class is not None:
         meta["retry_class"] = record.retry_class.value
+    if record.reconciled:
+        meta["reconciled"] = True
+    if record.probes:
+        meta["probes"] = record.probes
+    if record.next_probe_ms:
+        meta["next_probe_ms"] = record.next_probe_ms
+    if record.attempt_ms:
+        meta["attempt_ms"] = record.attempt_ms
+    if record.request is not None:
+        meta["request_headers"] = record.request.headers
     fields = {
         STATE: record.state.value.encode(),
         FENCE: str(record.fence).encode(),
@@ -67,6 +79,7 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
     fields[META] = orjson.dumps(meta)
     # Always written, so a transition never leaves a previous body behind.
     fields[BODY] = response.body if response is not None and response.body is not None else b""
+    fields[REQUEST_BODY] = record.request.body if record.request is not None else b""
     return fields
 
 
@@ -88,6 +101,12 @@ def decode(op_id: str, fields: Mapping[str, bytes | str]) -> OperationRecord:
             body_sha256=stored["sha256"],
         )
     retry_class = meta.get("retry_class")
+    request = None
+    if (request_headers := meta.get("request_headers")) is not None:
+        request = StoredRequest(
+            headers=tuple((name, value) for name, value in request_headers),
+            body=_bytes(fields.get(REQUEST_BODY) or b""),
+        )
     return OperationRecord(
         op_id=op_id,
         scope=Scope(caller=caller, route=route, key=key, task=task),
@@ -103,6 +122,11 @@ def decode(op_id: str, fields: Mapping[str, bytes | str]) -> OperationRecord:
         updated_ms=meta["updated_ms"],
         retry_class=RetryClass(retry_class) if retry_class is not None else None,
         response=response,
+        reconciled=meta.get("reconciled", False),
+        probes=meta.get("probes", 0),
+        next_probe_ms=meta.get("next_probe_ms", 0),
+        attempt_ms=meta.get("attempt_ms", 0),
+        request=request,
         evidence=decode_evidence(fields.get(EVIDENCE)),
     )
 

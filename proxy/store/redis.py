@@ -16,8 +16,8 @@ from redis.exceptions import RedisError
 
 from idemproxy.records import Evidence, OperationRecord, State
 from idemproxy.store import codec
-from idemproxy.store.base import RecordMissing, Store, StoreUnavailable, Transition
-from idemproxy.store.redis_schema import RESERVE, TRANSITION, RedisKeys
+from idemproxy.store.base import Lease, OpsQuery, RecordMissing, Store, StoreUnavailable, Transition, matches
+from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,8 @@ class RedisStore(Store):
         self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._reserve = self._redis.register_script(RESERVE)
         self._transition = self._redis.register_script(TRANSITION)
+        self._renew = self._redis.register_script(RENEW)
+        self._note = self._redis.register_script(NOTE)
         self._pubsub: PubSub | None = None
         self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
         self._keepalive_subscribed = False
@@ -92,10 +94,11 @@ class RedisStore(Store):
             record.owner,
             record.lease_until_ms,
             codec.encode_evidence(evidence),
+            record.updated_ms,
         ]
         for name, value in fields.items():
             args += (name, value)
-        keys = [self.keys.record(record.op_id), self.keys.due(record.op_id)]
+        keys = self.keys.script_keys(record.op_id)
         reply = await self._call(lambda: self._reserve(keys=keys, args=args))
         if reply[0] == 1:
             return None
@@ -111,13 +114,15 @@ class RedisStore(Store):
             new.fence,
             new.owner,
             transition.ttl_ms,
-            new.lease_until_ms if new.state is State.PENDING else 0,
+            transition.due_at_ms,
             codec.encode_evidence(transition.evidence),
             self.keys.channel(new.op_id),
+            INDEXED_STATES.index(new.state) + 3 if new.state in INDEXED_STATES else 0,
+            new.updated_ms,
         ]
         for name, value in codec.encode(new).items():
             args += (name, value)
-        keys = [self.keys.record(new.op_id), self.keys.due(new.op_id)]
+        keys = self.keys.script_keys(new.op_id)
         reply = await self._call(lambda: self._transition(keys=keys, args=args))
         if reply[0] == 1:
             self._notify_local(new.op_id)
@@ -132,8 +137,101 @@ class RedisStore(Store):
             return None
         return codec.decode(op_id, {_text(name): value for name, value in fields.items()})
 
+    async def renew(self, leases: list[Lease]) -> list[bool]:
+        if not leases:
+            return []
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for lease in leases:
+                    await self._renew(
+                        keys=[self.keys.record(lease.op_id), self.keys.due(lease.op_id)],
+                        args=[lease.op_id, lease.fence, lease.owner, lease.until_ms],
+                        client=pipe,
+                    )
+                return await pipe.execute()
+
+        return [bool(renewed) for renewed in await self._call(run)]
+
+    async def note(self, op_id: str, evidence: Evidence) -> bool:
+        keys = [self.keys.record(op_id)]
+        args = [codec.encode_evidence(evidence)]
+        return bool(await self._call(lambda: self._note(keys=keys, args=args)))
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for shard in self.keys.due_shards():
+                    pipe.zrangebyscore(shard, "-inf", now_ms, start=0, num=limit, withscores=True)
+                return await pipe.execute()
+
+        due = [(score, _text(op_id)) for shard in await self._call(run) for op_id, score in shard]
+        return [op_id for _, op_id in sorted(due)[:limit]]
+
+    async def query(self, query: OpsQuery) -> list[OperationRecord]:
+        if query.state in INDEXED_STATES:
+            assert query.state is not None
+            op_ids = await self._indexed(query.state, query.updated_before_ms)
+        else:
+            op_ids = await self._scan(query.limit * 20)
+        records = await self._get_many(op_ids)
+        matching = [record for record in records if matches(record, query)]
+        matching.sort(key=lambda record: record.updated_ms, reverse=True)
+        return matching[: query.limit]
+
+    async def count_unresolved(self) -> dict[State, int]:
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for state in INDEXED_STATES:
+                    for shard in self.keys.state_shards(state):
+                        pipe.zcard(shard)
+                return await pipe.execute()
+
+        counts = await self._call(run)
+        per_state = len(counts) // len(INDEXED_STATES)
+        return {state: sum(counts[i * per_state : (i + 1) * per_state]) for i, state in enumerate(INDEXED_STATES)}
+
     async def ping(self) -> None:
         await self._call(self._redis.ping)
+
+    async def _indexed(self, state: State, updated_before_ms: int | None) -> list[str]:
+        upper = updated_before_ms if updated_before_ms is not None else "+inf"
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for shard in self.keys.state_shards(state):
+                    pipe.zrangebyscore(shard, "-inf", upper)
+                return await pipe.execute()
+
+        return [_text(op_id) for shard in await self._call(run) for op_id in shard]
+
+    async def _scan(self, bound: int) -> list[str]:
+        """At most ``bound`` op ids from a SCAN: listing resolved records is for operators only."""
+        marker = ":op:"
+
+        async def run() -> list[str]:
+            found: list[str] = []
+            async for key in self._redis.scan_iter(match=self.keys.record_pattern(), count=1000):
+                found.append(_text(key).rsplit(marker, 1)[1])
+                if len(found) >= bound:
+                    break
+            return found
+
+        return await self._call(run)
+
+    async def _get_many(self, op_ids: list[str]) -> list[OperationRecord]:
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for op_id in op_ids:
+                    pipe.hgetall(self.keys.record(op_id))
+                return await pipe.execute()
+
+        replies = await self._call(run)
+        return [
+            codec.decode(op_id, {_text(name): value for name, value in fields.items()})
+            for op_id, fields in zip(op_ids, replies, strict=True)
+            if fields
+        ]
 
     # -- notifications -----------------------------------------------------------------
 

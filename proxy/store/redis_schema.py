@@ -2,18 +2,26 @@
 
 Layout, for key prefix ``idem`` and an operation id ``ab12...`` (hex)::
 
-    idem:{ab}:op:ab12...    hash: the operation record (fields: ``store.codec``)
-    idem:{ab}:due           sorted set: op ids the reconciler must look at, by due time (ms)
-    idem:done:ab12...       pub/sub channel: "the record changed", payload = new state
+    idem:{ab}:op:ab12...            hash: the operation record (fields: ``store.codec``)
+    idem:{ab}:due                   sorted set: op ids the reconciler must look at, by due time (ms)
+    idem:{ab}:state:PENDING         sorted set: unresolved op ids by state, scored by last update
+    idem:{ab}:state:UNKNOWN           (ms), for operators' listings and exact gauges
+    idem:{ab}:state:NEEDS_ATTENTION
+    idem:done:ab12...               pub/sub channel: "the record changed", payload = new state
 
 The hash tag ``{ab}`` is the id's first byte, so every key of one operation
-lives in one cluster slot and the reconciler's index is spread over 256
-shards instead of one hot key.
+lives in one cluster slot and the indexes are spread over 256 shards instead
+of a few hot keys.
 """
 
 from __future__ import annotations
 
+from idemproxy.records import UNRESOLVED_STATES, State
+
 SHARD_COUNT = 256
+#: The order of the state indexes in every script's KEYS.
+INDEXED_STATES = (State.PENDING, State.UNKNOWN, State.NEEDS_ATTENTION)
+assert frozenset(INDEXED_STATES) == UNRESOLVED_STATES
 
 
 class RedisKeys:
@@ -31,8 +39,25 @@ class RedisKeys:
     def due(self, op_id: str) -> str:
         return f"{self.prefix}:{{{op_id[:2]}}}:due"
 
+    def state_index(self, op_id: str, state: State) -> str:
+        return f"{self.prefix}:{{{op_id[:2]}}}:state:{state.value}"
+
+    def script_keys(self, op_id: str) -> list[str]:
+        """KEYS for RESERVE and TRANSITION: record, due index, the three state indexes."""
+        return [
+            self.record(op_id),
+            self.due(op_id),
+            *(self.state_index(op_id, state) for state in INDEXED_STATES),
+        ]
+
     def due_shards(self) -> list[str]:
         return [f"{self.prefix}:{{{shard:02x}}}:due" for shard in range(SHARD_COUNT)]
+
+    def state_shards(self, state: State) -> list[str]:
+        return [f"{self.prefix}:{{{shard:02x}}}:state:{state.value}" for shard in range(SHARD_COUNT)]
+
+    def record_pattern(self) -> str:
+        return f"{self.prefix}:{{??}}:op:*"
 
     def channel(self, op_id: str) -> str:
         return self.channel_prefix + op_id
@@ -43,11 +68,13 @@ class RedisKeys:
 
 # KEYS[1]  record hash
 # KEYS[2]  due index of the record's shard
+# KEYS[3..5] state indexes of the shard: PENDING, UNKNOWN, NEEDS_ATTENTION
 # ARGV[1]  op id
 # ARGV[2]  owner of the new record (unique per attempt)
 # ARGV[3]  due time in ms (the lease expiry)
 # ARGV[4]  evidence line (JSON)
-# ARGV[5..] field, value, ... of the new record
+# ARGV[5]  now in ms (the state index score)
+# ARGV[6..] field, value, ... of the new record
 # Returns  {1} when the record was created, or already created by this owner
 #          (a retried call); {0, {field, value, ...}} with the existing record.
 RESERVE = """
@@ -56,13 +83,15 @@ if owner then
   if owner == ARGV[2] then return {1} end
   return {0, redis.call('HGETALL', KEYS[1])}
 end
-redis.call('HSET', KEYS[1], 'e', ARGV[4], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'e', ARGV[4], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return {1}
 """
 
 # KEYS[1]  record hash
 # KEYS[2]  due index of the record's shard
+# KEYS[3..5] state indexes of the shard: PENDING, UNKNOWN, NEEDS_ATTENTION
 # ARGV[1]  op id
 # ARGV[2]  expected fence
 # ARGV[3]  expected states, space-delimited with a leading and trailing space
@@ -73,7 +102,9 @@ return {1}
 # ARGV[8]  due time in ms for the reconciler; 0 removes it from the index
 # ARGV[9]  evidence line (JSON), appended
 # ARGV[10] pub/sub channel announcing the change
-# ARGV[11..] field, value, ... of the new record
+# ARGV[11] index of the new state's KEYS entry (3..5), 0 for a resolved state
+# ARGV[12] now in ms (the state index score)
+# ARGV[13..] field, value, ... of the new record
 # Returns  {1} applied (or already applied by this same owner and fence: a
 #          retried call); {0, {field, value, ...}} guard failed, with the
 #          current record; {-1} no such record.
@@ -88,7 +119,7 @@ if current[2] ~= ARGV[2] or not string.find(ARGV[3], ' ' .. current[1] .. ' ', 1
 end
 local evidence = redis.call('HGET', KEYS[1], 'e')
 if evidence and #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[9] else evidence = ARGV[9] end
-redis.call('HSET', KEYS[1], 'e', evidence, unpack(ARGV, 11))
+redis.call('HSET', KEYS[1], 'e', evidence, unpack(ARGV, 13))
 if tonumber(ARGV[7]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
 else
@@ -99,6 +130,36 @@ if tonumber(ARGV[8]) > 0 then
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
+for i = 3, 5 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+local state_index = tonumber(ARGV[11])
+if state_index > 0 then redis.call('ZADD', KEYS[state_index], ARGV[12], ARGV[1]) end
 redis.call('PUBLISH', ARGV[10], ARGV[4])
 return {1}
+"""
+
+# KEYS[1]  record hash
+# KEYS[2]  due index of the record's shard
+# ARGV[1]  op id
+# ARGV[2]  fence the owner holds
+# ARGV[3]  owner
+# ARGV[4]  new lease expiry in ms (also the new due time)
+# Returns  1 renewed; 0 the owner no longer holds the record.
+RENEW = """
+local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
+if current[2] ~= ARGV[2] or current[3] ~= ARGV[3] then return 0 end
+if current[1] ~= 'PENDING' and current[1] ~= 'UNKNOWN' then return 0 end
+redis.call('HSET', KEYS[1], 'l', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+# KEYS[1]  record hash
+# ARGV[1]  evidence line (JSON), appended
+# Returns  1 appended; 0 no such record.
+NOTE = """
+local evidence = redis.call('HGET', KEYS[1], 'e')
+if not evidence then return 0 end
+if #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[1] else evidence = ARGV[1] end
+redis.call('HSET', KEYS[1], 'e', evidence)
+return 1
 """

@@ -15,9 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from idemproxy.records import Evidence, OperationRecord, State
+from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
 from idemproxy.store import codec
-from idemproxy.store.base import RecordMissing, Store, StoreUnavailable, Transition
+from idemproxy.store.base import (
+    Lease,
+    OpsQuery,
+    RecordMissing,
+    Store,
+    StoreUnavailable,
+    Transition,
+    matches,
+)
 
 T = TypeVar("T")
 
@@ -32,17 +40,20 @@ CREATE TABLE IF NOT EXISTS operations (
     l          INTEGER NOT NULL,
     m          BLOB NOT NULL,
     b          BLOB,
+    q          BLOB,
     e          BLOB NOT NULL,
     due_ms     INTEGER,  -- when the reconciler must look at it; NULL: not due
+    updated_ms INTEGER NOT NULL,
     expires_ms INTEGER   -- NULL: kept until resolved
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS operations_due ON operations (due_ms) WHERE due_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS operations_expiry ON operations (expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS operations_unresolved ON operations (s, updated_ms)
+    WHERE s IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION');
 """
+_SCHEMA_VERSION = 1
 _COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
-_SELECT = (
-    f"SELECT {', '.join(_COLUMNS)} FROM operations WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?)"
-)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM operations WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?)"
 _PURGE_BATCH = 500
 _PURGE_INTERVAL_S = 60.0
 
@@ -92,6 +103,65 @@ class SqliteStore(Store):
     async def get(self, op_id: str) -> OperationRecord | None:
         return await self._run(self._get, op_id)
 
+    async def renew(self, leases: list[Lease]) -> list[bool]:
+        return await self._run(self._renew, leases) if leases else []
+
+    async def note(self, op_id: str, evidence: Evidence) -> bool:
+        return await self._run(self._note, op_id, evidence)
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        rows = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT op_id FROM operations WHERE due_ms IS NOT NULL AND due_ms <= ? ORDER BY due_ms LIMIT ?",
+                    (now_ms, limit),
+                )
+                .fetchall()
+            )
+        )
+        return [row[0] for row in rows]
+
+    async def query(self, query: OpsQuery) -> list[OperationRecord]:
+        clauses = ["(expires_ms IS NULL OR expires_ms > ?)"]
+        params: list[Any] = [_now_ms()]
+        if query.state is not None:
+            clauses.append("s = ?")
+            params.append(query.state.value)
+        if query.updated_before_ms is not None:
+            clauses.append("updated_ms < ?")
+            params.append(query.updated_before_ms)
+        sql = (
+            f"SELECT op_id, {', '.join(_COLUMNS)} FROM operations WHERE {' AND '.join(clauses)}"
+            " ORDER BY updated_ms DESC"
+        )
+
+        def run() -> list[OperationRecord]:
+            found: list[OperationRecord] = []
+            for row in self._conn().execute(sql, params):
+                record = _decode(row[0], row[1:])
+                if matches(record, query):
+                    found.append(record)
+                    if len(found) >= query.limit:
+                        break
+            return found
+
+        return await self._run(run)
+
+    async def count_unresolved(self) -> dict[State, int]:
+        rows = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT s, COUNT(*) FROM operations WHERE s IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION') GROUP BY s"
+                )
+                .fetchall()
+            )
+        )
+        counts = dict.fromkeys(UNRESOLVED_STATES, 0)
+        counts.update({State(state): count for state, count in rows})
+        return counts
+
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
 
@@ -104,7 +174,15 @@ class SqliteStore(Store):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            db.close()
+            raise StoreUnavailable(
+                f"{self.path} holds ledger schema version {version}; this idemproxy reads version "
+                f"{_SCHEMA_VERSION}. Use a new file or the matching idemproxy version."
+            )
         db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         self._db = db
 
     def _conn(self) -> sqlite3.Connection:
@@ -122,13 +200,14 @@ class SqliteStore(Store):
                 return None if existing.owner == record.owner else existing
             fields = codec.encode(record)
             db.execute(
-                "INSERT OR REPLACE INTO operations (op_id, s, f, fp, a, o, l, m, b, e, due_ms, expires_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                f"INSERT OR REPLACE INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms,"
+                " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (
                     record.op_id,
                     *(fields[name] for name in codec.WRITTEN_FIELDS),
                     codec.encode_evidence(evidence),
                     record.lease_until_ms,
+                    record.updated_ms,
                 ),
             )
         return None
@@ -149,17 +228,40 @@ class SqliteStore(Store):
             fields = codec.encode(new)
             ttl_ms = transition.ttl_ms
             db.execute(
-                "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?,"
-                " e = e || ? , due_ms = ?, expires_ms = ? WHERE op_id = ?",
+                "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?, q = ?,"
+                " e = e || ?, due_ms = ?, updated_ms = ?, expires_ms = ? WHERE op_id = ?",
                 (
                     *(fields[name] for name in codec.WRITTEN_FIELDS),
                     b"\n" + codec.encode_evidence(transition.evidence),
-                    new.lease_until_ms if new.state is State.PENDING else None,
+                    transition.due_at_ms or None,
+                    new.updated_ms,
                     now + ttl_ms if ttl_ms else None,
                     new.op_id,
                 ),
             )
         return None
+
+    def _renew(self, leases: list[Lease]) -> list[bool]:
+        db = self._conn()
+        renewed: list[bool] = []
+        with _immediate(db):
+            for lease in leases:
+                cursor = db.execute(
+                    "UPDATE operations SET l = ?, due_ms = ? WHERE op_id = ? AND f = ? AND o = ?"
+                    " AND s IN ('PENDING', 'UNKNOWN')",
+                    (lease.until_ms, lease.until_ms, lease.op_id, lease.fence, lease.owner),
+                )
+                renewed.append(cursor.rowcount == 1)
+        return renewed
+
+    def _note(self, op_id: str, evidence: Evidence) -> bool:
+        db = self._conn()
+        with _immediate(db):
+            cursor = db.execute(
+                "UPDATE operations SET e = e || ? WHERE op_id = ?",
+                (b"\n" + codec.encode_evidence(evidence), op_id),
+            )
+        return cursor.rowcount == 1
 
     def _get(self, op_id: str) -> OperationRecord | None:
         row = self._conn().execute(_SELECT, (op_id, _now_ms())).fetchone()

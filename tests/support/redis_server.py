@@ -23,9 +23,7 @@ class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError(
-                "redis-server is not on PATH; `make test` installs it (apt-get install redis-server)"
-            )
+            raise RuntimeError("redis-server is not on PATH; `make test` installs it (apt-get install redis-server)")
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 
 
@@ -29,12 +30,24 @@ class Upstream:
     - ``/big/{size}``: performs an effect, answers ``size`` bytes;
     - ``/cookie``: performs an effect, answers with a Set-Cookie header;
     - ``/echo``: performs an effect, answers with the headers it received.
+    - ``/flaky``: hangs without an effect until ``flaky_ok`` is set, then performs one;
+    - ``/late``: answers nothing in time, performs its effect ``late_s`` later (sets ``committed``);
+    - ``/keyed``: honours ``Idempotency-Key``: a repeated key gets the first answer, no new
+      effect; with ``drop_first`` the first answer is lost (connection dropped after the effect).
+
+    Reads that perform no effect, for probes: ``/lookup?key=K`` lists the effects made with
+    Idempotency-Key K; ``/probe-status/{code}`` answers ``code``.
     """
 
     url: str = ""
     effects: list[Effect] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    flaky_ok: bool = False
+    late_s: float = 0.5
+    drop_first: bool = False
+    keyed_answers: dict[str, bytes] = field(default_factory=dict)
 
     def count(self, path: str | None = None) -> int:
         return sum(1 for effect in self.effects if path is None or effect.path == path)
@@ -93,6 +106,47 @@ class Upstream:
         await self._record(request)
         return web.json_response({"headers": dict(request.headers), "raw_path": request.raw_path}, status=200)
 
+    async def flaky(self, request: web.Request) -> web.Response:
+        if not self.flaky_ok:
+            self.arrived.set()
+            await asyncio.sleep(30)
+        effect = await self._record(request)
+        return web.json_response({"effect": len(self.effects), "method": effect.method}, status=201)
+
+    async def late(self, request: web.Request) -> web.Response:
+        self.arrived.set()
+        await asyncio.sleep(self.late_s)
+        await self._record(request)
+        self.committed.set()
+        return web.json_response({"effect": len(self.effects)}, status=201)
+
+    async def keyed(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key", "")
+        if key in self.keyed_answers:
+            await request.read()
+            return web.Response(body=self.keyed_answers[key], status=201, content_type="application/json")
+        await self._record(request)
+        body = orjson.dumps({"effect": len(self.effects), "key": key})
+        self.keyed_answers[key] = body
+        if self.drop_first:
+            self.drop_first = False
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        return web.Response(body=body, status=201, content_type="application/json")
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        matches = [
+            {"effect": number, "path": effect.path, "key": key}
+            for number, effect in enumerate(self.effects, start=1)
+            if effect.headers.get("Idempotency-Key") == key
+        ]
+        return web.json_response({"matches": matches})
+
+    async def probe_status(self, request: web.Request) -> web.Response:
+        return web.json_response({"probe": True}, status=int(request.match_info["code"]))
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/items", self.items)
@@ -105,4 +159,9 @@ class Upstream:
         app.router.add_route("*", "/cookie", self.cookie)
         app.router.add_route("*", "/echo", self.echo)
         app.router.add_route("*", "/echo/{tail:.*}", self.echo)
+        app.router.add_route("*", "/flaky", self.flaky)
+        app.router.add_route("*", "/late", self.late)
+        app.router.add_route("*", "/keyed", self.keyed)
+        app.router.add_get("/lookup", self.lookup)
+        app.router.add_get(r"/probe-status/{code:\d+}", self.probe_status)
         return app

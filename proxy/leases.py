@@ -1,0 +1,90 @@
+"""Keeping the leases of in-flight attempts alive.
+
+While a request is in flight its owner renews the lease, so only a crashed or
+stuck instance's lease runs out. All leases of one process are renewed
+together, in one store round trip, a third of the way through their term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from idemproxy.records import OperationRecord
+from idemproxy.store import Store, StoreUnavailable
+from idemproxy.store.base import Lease
+
+log = logging.getLogger(__name__)
+
+_MIN_TICK_S = 0.05
+
+
+@dataclass(slots=True)
+class _Held:
+    fence: int
+    owner: str
+    lease_s: float
+    renew_at: float  # monotonic
+
+
+class LeaseKeeper:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._held: dict[str, _Held] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, record: OperationRecord, lease_s: float) -> None:
+        self._held[record.op_id] = _Held(record.fence, record.owner, lease_s, time.monotonic() + lease_s / 3)
+        self._changed.set()
+
+    def release(self, op_id: str) -> None:
+        self._held.pop(op_id, None)
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="idemproxy-lease-keeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = {op_id: held for op_id, held in self._held.items() if held.renew_at <= now}
+            if due:
+                await self._renew(due)
+            self._changed.clear()
+            next_at = min((held.renew_at for held in self._held.values()), default=None)
+            timeout = None if next_at is None else max(_MIN_TICK_S, next_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _renew(self, due: dict[str, _Held]) -> None:
+        wall_ms = int(time.time() * 1000)
+        leases = [
+            Lease(op_id, held.fence, held.owner, wall_ms + round(held.lease_s * 1000)) for op_id, held in due.items()
+        ]
+        try:
+            renewed = await self.store.renew(leases)
+        except StoreUnavailable as exc:
+            log.warning("cannot renew leases; retrying", extra={"leases": len(leases), "error": str(exc)})
+            for held in due.values():
+                held.renew_at = time.monotonic() + min(1.0, held.lease_s / 10)
+            return
+        now = time.monotonic()
+        for (op_id, held), ok in zip(due.items(), renewed, strict=True):
+            if ok:
+                held.renew_at = now + held.lease_s / 3
+            elif self._held.get(op_id) is held:
+                log.warning("lease lost: another owner took the operation over", extra={"op": op_id})
+                del self._held[op_id]

@@ -1,0 +1,195 @@
+"""Asking a tool whether an operation took effect: probe, hook or resend.
+
+A probe that errors, times out or answers an unexpected status is
+``unknown``, never ``absent``: only positive evidence of absence releases an
+operation for another attempt.
+
+Hooks (``reconcile.hook: module:function``) are async functions taking the
+record and an ``aiohttp.ClientSession`` and returning a ``ProbeResult``::
+
+    from idemproxy.probes import ProbeResult
+
+    async def find_ticket(record, session):
+        async with session.get(f"http://tickets/by-key/{record.scope.key}") as response:
+            if response.status == 404:
+                return ProbeResult.absent()
+            if response.status == 200:
+                return ProbeResult.found(200, await response.read())
+            return ProbeResult.unknown(f"status {response.status}")
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote
+
+import jmespath
+import orjson
+
+from idemproxy.config import RouteConfig
+from idemproxy.decisions import classify_status
+from idemproxy.forwarder import Forwarder, UpstreamFailed
+from idemproxy.headers import storable_response_headers
+from idemproxy.reconcile_config import FoundResponse, ProbeConfig, ReconcileConfig, url_fields
+from idemproxy.records import OperationRecord, State, StoredResponse
+from idemproxy.routes import Target, upstream_url
+
+JSON_HEADERS = (("Content-Type", "application/json"),)
+
+
+class ProbeOutcome(StrEnum):
+    FOUND = "found"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    outcome: ProbeOutcome
+    response: StoredResponse | None = None  # what callers get, when FOUND
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def found(
+        cls,
+        status: int,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...] = JSON_HEADERS,
+        **detail: Any,
+    ) -> ProbeResult:
+        response = StoredResponse(
+            status=status,
+            headers=headers,
+            body=body,
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
+        )
+        return cls(ProbeOutcome.FOUND, response, detail)
+
+    @classmethod
+    def absent(cls, **detail: Any) -> ProbeResult:
+        return cls(ProbeOutcome.ABSENT, None, detail)
+
+    @classmethod
+    def unknown(cls, reason: str, **detail: Any) -> ProbeResult:
+        return cls(ProbeOutcome.UNKNOWN, None, {"reason": reason, **detail})
+
+
+async def run_probe(route: RouteConfig, record: OperationRecord, forwarder: Forwarder) -> ProbeResult:
+    """Whatever the route's reconcile method says about ``record``; never raises."""
+    config = route.reconcile
+    if config is None:
+        return ProbeResult.unknown("no reconcile method configured")
+    try:
+        if config.probe is not None:
+            return await _http_probe(config, config.probe, route, record, forwarder)
+        if config.hook is not None:
+            return await _hook_probe(config, record, forwarder)
+        return await _resend(route, record, forwarder)
+    except Exception as exc:  # a probe must never take the reconciler down
+        return ProbeResult.unknown(f"{type(exc).__name__}: {exc}")
+
+
+async def _http_probe(
+    config: ReconcileConfig,
+    probe: ProbeConfig,
+    route: RouteConfig,
+    record: OperationRecord,
+    forwarder: Forwarder,
+) -> ProbeResult:
+    try:
+        url = render_url(probe.url, route, record)
+    except LookupError as exc:
+        return ProbeResult.unknown(f"cannot build the probe URL: {exc}")
+    detail: dict[str, Any] = {"method": "probe", "url": url}
+    try:
+        fetched = await forwarder.fetch(probe.method, url, dict(probe.headers), None, probe.timeout_s)
+    except UpstreamFailed as exc:
+        return ProbeResult.unknown(exc.detail, **detail)
+    detail["status"] = fetched.status
+    if fetched.status in probe.absent_statuses:
+        return ProbeResult.absent(**detail)
+    if fetched.status not in probe.match_statuses:
+        return ProbeResult.unknown(f"unexpected probe status {fetched.status}", **detail)
+    try:
+        document = orjson.loads(fetched.body)
+    except orjson.JSONDecodeError:
+        return ProbeResult.unknown("the probe's body is not JSON", **detail)
+    resource = probe.match.search(document)
+    if resource is None or resource in ([], {}, False, ""):
+        return ProbeResult.absent(**detail)
+    body = found_body(config.found, resource, document, fetched.body, record.scope.key)
+    return ProbeResult.found(config.found.status, body, **detail)
+
+
+async def _hook_probe(config: ReconcileConfig, record: OperationRecord, forwarder: Forwarder) -> ProbeResult:
+    assert config.hook is not None
+    result = await config.hook(record, forwarder.session)
+    if not isinstance(result, ProbeResult):
+        return ProbeResult.unknown(f"hook {config.hook_name} returned {type(result).__name__}, not ProbeResult")
+    return ProbeResult(result.outcome, result.response, {"method": "hook", **result.detail})
+
+
+async def _resend(route: RouteConfig, record: OperationRecord, forwarder: Forwarder) -> ProbeResult:
+    """The upstream honours Idempotency-Key: sending the request again returns the original outcome."""
+    if record.request is None:
+        return ProbeResult.unknown("the original request was not kept, so it cannot be resent")
+    path, _, query = record.target.partition("?")
+    url = upstream_url(route, Target(path=path, query=query))
+    detail: dict[str, Any] = {"method": "resend"}
+    try:
+        fetched = await forwarder.fetch(
+            record.method, url, dict(record.request.headers), record.request.body, route.read_timeout_s
+        )
+    except UpstreamFailed as exc:
+        return ProbeResult.unknown(exc.detail, **detail)
+    detail["status"] = fetched.status
+    outcome = classify_status(fetched.status, route.not_applied_statuses, route.ambiguous_statuses)
+    if outcome.state is not State.COMPLETED:
+        return ProbeResult.unknown(f"the resend was answered {fetched.status}", **detail)
+    return ProbeResult.found(fetched.status, fetched.body, storable_response_headers(fetched.headers), **detail)
+
+
+def render_url(template: str, route: RouteConfig, record: OperationRecord) -> str:
+    """The probe URL for ``record``; every substituted value is percent-encoded."""
+    values: dict[str, str] = {
+        "upstream": str(route.upstream).rstrip("/"),
+        "key": quote(record.scope.key, safe=""),
+        "op_id": record.op_id,
+        "caller": quote(record.scope.caller, safe=""),
+        "task": quote(record.scope.task or "", safe=""),
+    }
+    body_fields = [name for name in url_fields(template) if name.startswith("body.")]
+    if body_fields:
+        if record.request is None:
+            raise LookupError("the original request body was not kept")
+        document = orjson.loads(record.request.body)
+        for name in body_fields:
+            value: Any = document
+            for part in name.removeprefix("body.").split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise LookupError(f"the request body has no field {name.removeprefix('body.')!r}")
+                value = value[part]
+            values[name] = quote(value if isinstance(value, str) else orjson.dumps(value).decode(), safe="")
+    return template.format_map(values)
+
+
+def found_body(found: FoundResponse, resource: Any, document: Any, raw: bytes, key: str) -> bytes:
+    if found.body == "resource":
+        return orjson.dumps(resource)
+    if found.body == "probe":
+        return raw
+    return orjson.dumps(_fill(found.body, {"resource": resource, "probe": document, "key": key}))
+
+
+def _fill(template: Any, context: dict[str, Any]) -> Any:
+    if isinstance(template, str) and template.startswith("${") and template.endswith("}"):
+        return jmespath.search(template[2:-1], context)
+    if isinstance(template, dict):
+        return {name: _fill(value, context) for name, value in template.items()}
+    if isinstance(template, list):
+        return [_fill(value, context) for value in template]
+    return template
