@@ -57,6 +57,7 @@ class ProbeResult:
         cls,
         status: int,
         body: bytes,
+        /,
         headers: tuple[tuple[str, str], ...] = JSON_HEADERS,
         **detail: Any,
     ) -> ProbeResult:
@@ -109,7 +110,7 @@ async def _http_probe(
         fetched = await forwarder.fetch(probe.method, url, dict(probe.headers), None, probe.timeout_s)
     except UpstreamFailed as exc:
         return ProbeResult.unknown(exc.detail, **detail)
-    detail["status"] = fetched.status
+    detail["probe_status"] = fetched.status
     if fetched.status in probe.absent_statuses:
         return ProbeResult.absent(**detail)
     if fetched.status not in probe.match_statuses:
@@ -146,7 +147,7 @@ async def _resend(route: RouteConfig, record: OperationRecord, forwarder: Forwar
         )
     except UpstreamFailed as exc:
         return ProbeResult.unknown(exc.detail, **detail)
-    detail["status"] = fetched.status
+    detail["resend_status"] = fetched.status
     outcome = classify_status(fetched.status, route.not_applied_statuses, route.ambiguous_statuses)
     if outcome.state is not State.COMPLETED:
         return ProbeResult.unknown(f"the resend was answered {fetched.status}", **detail)

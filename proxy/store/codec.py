@@ -87,8 +87,8 @@ def encode_evidence(evidence: Evidence) -> bytes:
     return orjson.dumps(evidence.to_dict())
 
 
-def decode(op_id: str, fields: Mapping[str, bytes | str]) -> OperationRecord:
-    meta = orjson.loads(fields[META])
+def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationRecord:
+    meta = orjson.loads(_bytes(fields[META]))
     caller, route, key, task = meta["scope"]
     response = None
     if (stored := meta.get("response")) is not None:
@@ -131,16 +131,16 @@ def decode(op_id: str, fields: Mapping[str, bytes | str]) -> OperationRecord:
     )
 
 
-def decode_evidence(raw: bytes | str | None) -> tuple[Evidence, ...]:
+def decode_evidence(raw: bytes | str | int | None) -> tuple[Evidence, ...]:
     if not raw:
         return ()
     lines = _bytes(raw).split(b"\n")
     return tuple(Evidence.from_dict(orjson.loads(line)) for line in lines if line)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
+def _bytes(value: bytes | str | int) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()

@@ -204,7 +204,7 @@ class SqliteStore(Store):
                 " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (
                     record.op_id,
-                    *(fields[name] for name in codec.WRITTEN_FIELDS),
+                    *_sql_values(fields),
                     codec.encode_evidence(evidence),
                     record.lease_until_ms,
                     record.updated_ms,
@@ -231,7 +231,7 @@ class SqliteStore(Store):
                 "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?, q = ?,"
                 " e = e || ?, due_ms = ?, updated_ms = ?, expires_ms = ? WHERE op_id = ?",
                 (
-                    *(fields[name] for name in codec.WRITTEN_FIELDS),
+                    *_sql_values(fields),
                     b"\n" + codec.encode_evidence(transition.evidence),
                     transition.due_at_ms or None,
                     new.updated_ms,
@@ -309,6 +309,24 @@ class _immediate:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+_INTEGER_FIELDS = frozenset({codec.FENCE, codec.ATTEMPT, codec.LEASE})
+_TEXT_FIELDS = frozenset({codec.STATE, codec.FINGERPRINT, codec.OWNER})
+
+
+def _sql_values(fields: dict[str, bytes]) -> list[int | str | bytes]:
+    """Typed column values, so SQL comparisons (state, fence, owner) work on them."""
+    values: list[int | str | bytes] = []
+    for name in codec.WRITTEN_FIELDS:
+        raw = fields[name]
+        if name in _INTEGER_FIELDS:
+            values.append(int(raw))
+        elif name in _TEXT_FIELDS:
+            values.append(raw.decode())
+        else:
+            values.append(raw)
+    return values
 
 
 def _decode(op_id: str, row: tuple[Any, ...]) -> OperationRecord:

@@ -48,6 +48,11 @@ class Upstream:
     late_s: float = 0.5
     drop_first: bool = False
     keyed_answers: dict[str, bytes] = field(default_factory=dict)
+    lookups: int = 0
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    trickle_chunks: int = 8
+    trickle_every_s: float = 0.3
+    trickle_progress: list[asyncio.Event] = field(default_factory=list)
 
     def count(self, path: str | None = None) -> int:
         return sum(1 for effect in self.effects if path is None or effect.path == path)
@@ -115,9 +120,18 @@ class Upstream:
 
     async def late(self, request: web.Request) -> web.Response:
         self.arrived.set()
-        await asyncio.sleep(self.late_s)
-        await self._record(request)
-        self.committed.set()
+        body = await request.read()
+        effect = Effect(request.method, request.path, dict(request.headers), body)
+
+        async def commit_later() -> None:
+            await asyncio.sleep(self.late_s)
+            self.effects.append(effect)
+            self.committed.set()
+
+        # The commit happens whether or not the caller is still waiting for it.
+        self._background.add(task := asyncio.create_task(commit_later()))
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
         return web.json_response({"effect": len(self.effects)}, status=201)
 
     async def keyed(self, request: web.Request) -> web.StreamResponse:
@@ -135,7 +149,23 @@ class Upstream:
             return web.Response()
         return web.Response(body=body, status=201, content_type="application/json")
 
+    async def trickle(self, request: web.Request) -> web.StreamResponse:
+        """Performs an effect, then answers slowly: a chunk every ``trickle_every_s``;
+        ``trickle_progress[i]`` is set once chunk ``i`` is sent."""
+        await self._record(request)
+        self.trickle_progress[:] = [asyncio.Event() for _ in range(self.trickle_chunks)]
+        response = web.StreamResponse(status=201)
+        response.content_type = "text/plain"
+        await response.prepare(request)
+        for chunk in range(self.trickle_chunks):
+            await asyncio.sleep(self.trickle_every_s)
+            await response.write(f"chunk {chunk}\n".encode())
+            self.trickle_progress[chunk].set()
+        await response.write_eof()
+        return response
+
     async def lookup(self, request: web.Request) -> web.Response:
+        self.lookups += 1
         key = request.query.get("key")
         matches = [
             {"effect": number, "path": effect.path, "key": key}
@@ -162,6 +192,7 @@ class Upstream:
         app.router.add_route("*", "/flaky", self.flaky)
         app.router.add_route("*", "/late", self.late)
         app.router.add_route("*", "/keyed", self.keyed)
+        app.router.add_route("*", "/trickle", self.trickle)
         app.router.add_get("/lookup", self.lookup)
         app.router.add_get(r"/probe-status/{code:\d+}", self.probe_status)
         return app
