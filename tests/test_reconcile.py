@@ -193,9 +193,7 @@ async def test_owner_renews_its_lease_while_the_request_is_in_flight(
     first = asyncio.create_task(client.post("/trickle", json={}, headers=KEY))
     await upstream.arrived.wait()
     initial = await record_of(store)
-    while not upstream.trickle_progress:
-        await asyncio.sleep(0)  # the handler creates the events right after the effect
-    await upstream.trickle_progress[6].wait()  # 2.1 s in: the first lease ran out long ago
+    await upstream.trickled(6).wait()  # 2.1 s in: the first lease ran out long ago
 
     renewed = await record_of(store)
     assert renewed.state is State.PENDING

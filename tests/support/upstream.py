@@ -52,7 +52,7 @@ class Upstream:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     trickle_chunks: int = 8
     trickle_every_s: float = 0.3
-    trickle_progress: list[asyncio.Event] = field(default_factory=list)
+    _trickled: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def count(self, path: str | None = None) -> int:
         return sum(1 for effect in self.effects if path is None or effect.path == path)
@@ -150,19 +150,21 @@ class Upstream:
         return web.Response(body=body, status=201, content_type="application/json")
 
     async def trickle(self, request: web.Request) -> web.StreamResponse:
-        """Performs an effect, then answers slowly: a chunk every ``trickle_every_s``;
-        ``trickle_progress[i]`` is set once chunk ``i`` is sent."""
+        """Performs an effect, then answers slowly: a chunk every ``trickle_every_s``."""
         await self._record(request)
-        self.trickle_progress[:] = [asyncio.Event() for _ in range(self.trickle_chunks)]
         response = web.StreamResponse(status=201)
         response.content_type = "text/plain"
         await response.prepare(request)
         for chunk in range(self.trickle_chunks):
             await asyncio.sleep(self.trickle_every_s)
             await response.write(f"chunk {chunk}\n".encode())
-            self.trickle_progress[chunk].set()
+            self.trickled(chunk).set()
         await response.write_eof()
         return response
+
+    def trickled(self, chunk: int) -> asyncio.Event:
+        """Set once ``/trickle`` has sent chunk number ``chunk``."""
+        return self._trickled.setdefault(chunk, asyncio.Event())
 
     async def lookup(self, request: web.Request) -> web.Response:
         self.lookups += 1
