@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from idemproxy import metrics
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import next_step
 from idemproxy.errors import (
@@ -87,7 +88,9 @@ async def resolve_operation(request: web.Request) -> web.Response:
         current = await store.transition(transition)
     except StoreUnavailable as exc:
         raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
-    if current is not None:
+    if current is None:
+        metrics.RECONCILED.labels(record.scope.route, "resolved").inc()
+    else:
         raise InvalidTransition(
             "The operation changed while it was being resolved; look at it again.",
             operation=record.op_id,

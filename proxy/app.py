@@ -14,18 +14,21 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
 from idemproxy.ledger import Ledger, new_instance_id
+from idemproxy.observe import LOG_KEYS, observe_middleware
 from idemproxy.reconciler import Reconciler
 from idemproxy.routes import RouteTable
-from idemproxy.store import Store, open_store
+from idemproxy.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
+UNRESOLVED_REFRESH_S = 5.0
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 
 
@@ -36,8 +39,10 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     reconciliation still runs), for tests that drive it step by step."""
     largest_body = max(route.max_body for route in config.routes)
     app = web.Application(
-        middlewares=[problem_middleware, non_origin_target_middleware], client_max_size=largest_body + 1
+        middlewares=[observe_middleware, problem_middleware, non_origin_target_middleware],
+        client_max_size=largest_body + 1,
     )
+    app[LOG_KEYS] = config.log_keys
     instance_id = new_instance_id()
     forwarder = Forwarder()
     reconciler = Reconciler(store, {route.name: route for route in config.routes}, forwarder, instance_id)
@@ -68,7 +73,32 @@ def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
     app[ROUTES_KEY] = {route.name: route for route in config.routes}
     app[RESOLVER_KEY] = f"{new_instance_id()}:operator"
     admin_routes(app)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+    async def unresolved_gauge_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_refresh_unresolved(store), name="idemproxy-unresolved-gauge")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(unresolved_gauge_ctx)
     return app
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _refresh_unresolved(store: Store, every_s: float = UNRESOLVED_REFRESH_S) -> None:
+    """Keep the unresolved-operations gauge equal to the store's count (the whole deployment's)."""
+    while True:
+        try:
+            for state, count in (await store.count_unresolved()).items():
+                metrics.UNRESOLVED.labels(state.value).set(count)
+        except StoreUnavailable:
+            metrics.STORE_ERRORS.labels("count").inc()
+        await asyncio.sleep(every_s)
 
 
 async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None:

@@ -113,6 +113,7 @@ class ProxyConfig:
     headers: HeaderNames = field(default_factory=HeaderNames)
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
+    log_keys: bool = False  # idempotency keys and paths in access logs (debugging only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,7 @@ class _Reader:
         admin_listen = self.value(data, "admin_listen", defaults.admin_listen, _host_port)
         log_level = self.value(data, "log_level", defaults.log_level, _log_level)
         grace = self.value(data, "shutdown_grace", defaults.shutdown_grace_s, parse_duration)
+        log_keys = self.value(data, "log_keys", defaults.log_keys, boolean)
         store = self.store(data.get("store", {}))
         headers = self.headers(data.get("headers", {}))
         route_defaults = self.route_defaults(data.get("route_defaults", {}))
@@ -272,6 +274,7 @@ class _Reader:
             headers=headers,
             log_level=log_level,
             shutdown_grace_s=grace,
+            log_keys=log_keys,
         )
 
     def store(self, raw: Any) -> StoreConfig:
@@ -375,7 +378,17 @@ class _Reader:
 
 
 _TOP_KEYS = frozenset(
-    {"listen", "admin_listen", "store", "headers", "routes", "route_defaults", "log_level", "shutdown_grace"}
+    {
+        "listen",
+        "admin_listen",
+        "store",
+        "headers",
+        "routes",
+        "route_defaults",
+        "log_level",
+        "shutdown_grace",
+        "log_keys",
+    }
 )
 _STORE_KEYS = frozenset({"url", "key_prefix", "socket_timeout", "max_connections"})
 _HEADER_KEYS = frozenset({"key", "caller", "task"})

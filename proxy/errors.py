@@ -36,6 +36,8 @@ class ProblemError(Exception):
     status: ClassVar[int] = 500
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal error"
+    #: The proxy's decision, as counted in metrics and logged.
+    decision: ClassVar[str] = "error"
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class BadRequest(ProblemError):
     status = 400
     slug = "bad-request"
     title = "Bad request"
+    decision = "rejected"
 
 
 class MissingKey(BadRequest):
@@ -96,12 +99,14 @@ class NoRoute(ProblemError):
     status = 404
     slug = "no-route"
     title = "No route for this path"
+    decision = "rejected"
 
 
 class OperationNotFound(ProblemError):
     status = 404
     slug = "operation-not-found"
     title = "No such operation"
+    decision = "rejected"
 
 
 class InvalidResolution(BadRequest):
@@ -113,30 +118,35 @@ class InvalidTransition(ProblemError):
     status = 409
     slug = "invalid-transition"
     title = "The operation cannot make that transition"
+    decision = "rejected"
 
 
 class MethodNotAllowed(ProblemError):
     status = 405
     slug = "method-not-allowed"
     title = "Method not allowed"
+    decision = "rejected"
 
 
 class BodyTooLarge(ProblemError):
     status = 413
     slug = "body-too-large"
     title = "Request body too large"
+    decision = "rejected"
 
 
 class FingerprintMismatch(ProblemError):
     status = 422
     slug = "fingerprint-mismatch"
     title = "Idempotency key reused with a different request"
+    decision = "mismatch"
 
 
 class Conflict(ProblemError):
     status = 409
     slug = "conflict"
     title = "Conflict"
+    decision = "conflict"
 
 
 class InFlight(Conflict):
@@ -147,28 +157,33 @@ class InFlight(Conflict):
 class OutcomeUnknown(Conflict):
     slug = "outcome-unknown"
     title = "Outcome of the operation is unknown"
+    decision = "unknown"
 
 
 class NeedsAttention(Conflict):
     slug = "needs-attention"
     title = "Operation needs an operator's attention"
+    decision = "needs_attention"
 
 
 class ResponseNotStored(Conflict):
     slug = "response-not-stored"
     title = "Operation completed, but its response was too large to store"
+    decision = "not_stored"
 
 
 class AttemptsExhausted(ProblemError):
     status = 429
     slug = "attempts-exhausted"
     title = "No attempts left for this operation"
+    decision = "exhausted"
 
 
 class UpstreamError(ProblemError):
     status = 502
     slug = "upstream-error"
     title = "Upstream error"
+    decision = "forwarded"
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -191,6 +206,7 @@ class LedgerUnavailable(ProblemError):
     status = 503
     slug = "ledger-unavailable"
     title = "Operation ledger unavailable"
+    decision = "fail_closed"
 
 
 class InternalError(ProblemError):

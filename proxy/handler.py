@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
+from yarl import URL
 
+from idemproxy import metrics
 from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
 from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
@@ -44,6 +47,7 @@ from idemproxy.headers import (
     upstream_request_headers,
 )
 from idemproxy.ledger import Answered, Ledger, OperationRequest
+from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
 from idemproxy.store import StoreUnavailable
@@ -74,6 +78,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(InternalError("The proxy failed unexpectedly; see its logs."), request)
 
 
+def _decide(request: web.Request, decision: str) -> None:
+    observation = request.get(OBSERVATION)
+    if observation is not None and observation.decision is None:
+        observation.decision = decision
+
+
 @web.middleware
 async def non_origin_target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Targets the catch-all route cannot match (``CONNECT host:443``, ``OPTIONS *``) get
@@ -86,6 +96,7 @@ async def non_origin_target_middleware(request: web.Request, handler: Handler) -
 
 
 def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
+    _decide(request, exc.decision)
     return web.Response(
         status=exc.status,
         body=exc.to_json(),
@@ -106,29 +117,36 @@ class ProxyHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         target = parse_target(request.method, request.raw_path)
         route = self.routes.match(target.path)
+        observation = request[OBSERVATION]
+        observation.route = route.name
         if not route.is_side_effecting(request.method):
+            observation.decision = "passthrough"
             return await self._passthrough(request, route, target)
+        observation.side_effecting = True
         body = await _read_body(request, route.max_body)
-        return await self._side_effect(request, route, target, body)
+        return await self._side_effect(request, route, target, body, observation)
 
     # -- side-effecting calls ----------------------------------------------------------
 
     async def _side_effect(
-        self, request: web.Request, route: RouteConfig, target: Target, body: bytes
+        self, request: web.Request, route: RouteConfig, target: Target, body: bytes, observation: Observation
     ) -> web.StreamResponse:
         headers = request.headers
         request_fp = fingerprint(request.method, target.path, target.query, headers, route.fingerprint_headers, body)
         caller = headers.get(self.names.caller) or ANONYMOUS
         task = headers.get(self.names.task)
         key = headers.get(self.names.key)
+        observation.task = task
         if key is None:
             if route.key_mode is KeyMode.REQUIRE:
                 raise MissingKey(f"Route {route.name!r} requires an {self.names.key} header on {request.method}.")
             if route.key_mode is KeyMode.OPTIONAL:
+                observation.decision = "unrecorded"
                 return await self._forward_unrecorded(request, route, target, body)
             key = derive_key(caller, task, request_fp)
         else:
             validate_key(key)
+        observation.key = key
         scope = Scope(caller=caller, route=route.name, key=key, task=task)
         upstream_headers = self._upstream_headers(request)
         stored_request = None
@@ -145,11 +163,14 @@ class ProxyHandler:
             max_attempts=route.max_attempts,
             stored_request=stored_request,
         )
+        observation.op_id = op.op_id
         try:
             begun = await self.ledger.begin(op)
         except StoreUnavailable as exc:
+            metrics.STORE_ERRORS.labels("reserve").inc()
             if route.on_store_error is FailureMode.FAIL_OPEN:
                 log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
+                observation.decision = "fail_open"
                 return await self._forward_unrecorded(request, route, target, body)
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
@@ -157,7 +178,10 @@ class ProxyHandler:
                 headers={"Retry-After": "1"},
             ) from exc
         if isinstance(begun, Answered):
-            return _answer(begun, route)
+            observation.attempt = begun.record.attempt
+            return _answer(begun, route, observation)
+        observation.decision = "forwarded"
+        observation.attempt = begun.record.attempt
         return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
 
     async def _forward_owned(
@@ -171,10 +195,12 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         url = upstream_url(route, target)
         try:
-            async with self.forwarder.request(route, request.method, url, upstream_headers, body) as upstream:
-                outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
-                relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
+            with _upstream_timer(request, route):
+                async with self.forwarder.request(route, request.method, url, upstream_headers, body) as upstream:
+                    outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
+                    relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
         except UpstreamFailed as exc:
+            metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             return await self._record_failure(route, owned, exc.kind, exc.detail)
         except asyncio.CancelledError:
             # The proxy is shutting down mid-request: nobody knows what the tool did.
@@ -223,6 +249,7 @@ class ProxyHandler:
         try:
             current = await self.ledger.finish(owned, outcome, stored, route.retention_s, detail)
         except StoreUnavailable:
+            metrics.STORE_ERRORS.labels("record").inc()
             log.error(
                 "could not record the outcome; the operation stays PENDING until its lease expires",
                 extra={"op": owned.op_id, "outcome": outcome.state.value},
@@ -250,25 +277,30 @@ class ProxyHandler:
     async def _stream(self, request: web.Request, route: RouteConfig, target: Target, data: Any) -> web.StreamResponse:
         url = upstream_url(route, target)
         try:
-            async with self.forwarder.request(
-                route, request.method, url, self._upstream_headers(request), data
-            ) as upstream:
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=client_response_headers(upstream.headers, keep_length=True),
-                )
-                await response.prepare(request)
-                try:
-                    async for chunk in upstream.content.iter_chunked(_CHUNK):
-                        await response.write(chunk)
-                except (aiohttp.ClientError, TimeoutError):
-                    _abort(request)  # a truncated body must not look complete
-                    return response
-                await response.write_eof()
-                return response
+            with _upstream_timer(request, route):
+                return await self._relay_stream(request, route, url, data)
         except UpstreamFailed as exc:
+            metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             raise _unrecorded_failure(exc) from exc
+
+    async def _relay_stream(self, request: web.Request, route: RouteConfig, url: URL, data: Any) -> web.StreamResponse:
+        async with self.forwarder.request(
+            route, request.method, url, self._upstream_headers(request), data
+        ) as upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=client_response_headers(upstream.headers, keep_length=True),
+            )
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError):
+                _abort(request)  # a truncated body must not look complete
+                return response
+            await response.write_eof()
+            return response
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -355,11 +387,15 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-def _answer(answered: Answered, route: RouteConfig) -> web.Response:
+def _answer(answered: Answered, route: RouteConfig, observation: Observation) -> web.Response:
     """The response for a request that must not be forwarded."""
     record = answered.record
     action = answered.action
     if action is Action.REPLAY:
+        if answered.reconciled:
+            observation.decision = "reconciled_found"
+        else:
+            observation.decision = "waited_replayed" if answered.waited else "replayed"
         stored = record.response
         assert stored is not None
         assert stored.body is not None
@@ -429,6 +465,17 @@ def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) ->
                 **facts,
             )
     raise AssertionError(f"no problem for {action}")
+
+
+@contextlib.contextmanager
+def _upstream_timer(request: web.Request, route: RouteConfig) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        request[OBSERVATION].upstream_s = elapsed
+        metrics.UPSTREAM_SECONDS.labels(route.name, metrics.method_label(request.method)).observe(elapsed)
 
 
 def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from idemproxy import metrics
 from idemproxy.decisions import Action, Outcome, decide
 from idemproxy.leases import LeaseKeeper
 from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredRequest, StoredResponse
@@ -42,6 +43,7 @@ class Answered:
     action: Action
     record: OperationRecord
     waited: bool = False
+    reconciled: bool = False  # reconciliation ran for this request
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ class Ledger:
 
     def _own(self, record: OperationRecord, request: OperationRequest) -> Owned:
         self.leases.hold(record, request.lease_s)
+        metrics.IN_FLIGHT.inc()
         return Owned(record)
 
     async def begin(self, request: OperationRequest) -> Owned | Answered:
@@ -114,7 +117,8 @@ class Ledger:
             attempt_ms=now,
             request=request.stored_request,
         )
-        existing = await self.store.reserve(record, _reserved_evidence(record, now))
+        with metrics.ledger_timer("reserve"):
+            existing = await self.store.reserve(record, _reserved_evidence(record, now))
         if existing is None:
             return self._own(record, request)
         return await self._resolve(request, existing)
@@ -145,7 +149,7 @@ class Ledger:
                         return await self.begin(request)
                     existing = current
                     continue
-            return Answered(action, existing, waited=deadline is not None)
+            return Answered(action, existing, waited=deadline is not None, reconciled=reconciled)
 
     async def _take_over(self, request: OperationRequest, released: OperationRecord) -> Owned | OperationRecord:
         now = now_ms()
@@ -163,7 +167,14 @@ class Ledger:
             next_probe_ms=0,
             request=request.stored_request,
         )
-        current = await self.store.transition(
+        with metrics.ledger_timer("take_over"):
+            current = await self._transition_take_over(record, released, now)
+        return self._own(record, request) if current is None else current
+
+    async def _transition_take_over(
+        self, record: OperationRecord, released: OperationRecord, now: int
+    ) -> OperationRecord | None:
+        return await self.store.transition(
             Transition(
                 new=record,
                 expect_fence=released.fence,
@@ -171,7 +182,6 @@ class Ledger:
                 evidence=_reserved_evidence(record, now),
             )
         )
-        return self._own(record, request) if current is None else current
 
     async def finish(
         self,
@@ -189,6 +199,7 @@ class Ledger:
         lease makes it UNKNOWN, never silently lost.
         """
         self.leases.release(owned.op_id)
+        metrics.IN_FLIGHT.dec()
         now = now_ms()
         new = owned.evolve(
             state=outcome.state,
@@ -208,7 +219,8 @@ class Ledger:
         )
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
-                current = await self.store.transition(transition)
+                with metrics.ledger_timer("record"):
+                    current = await self.store.transition(transition)
                 if current is not None:
                     # A zombie's outcome: kept as evidence, never as the record's state.
                     await self.store.note(owned.op_id, Evidence(now, "late-outcome", {**detail, "owner": owned.owner}))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from idemproxy import metrics
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import needs_reconciling
 from idemproxy.forwarder import Forwarder
@@ -232,6 +233,10 @@ class Reconciler:
         if current is not None:
             log.warning("probe result rejected by the fencing token", extra={"op": claimed.op_id})
             return None
+        metrics.PROBES.labels(route.name, result.outcome.value).inc()
+        if final.state is not State.UNKNOWN:
+            settled = {State.COMPLETED: "found", State.RELEASED: "absent"}.get(final.state, "escalated")
+            metrics.RECONCILED.labels(route.name, settled).inc()
         log.info(
             "reconciled",
             extra={"op": claimed.op_id, "result": result.outcome.value, "state": final.state.value, "probe": probes},
@@ -248,6 +253,7 @@ class Reconciler:
             retry_class=record.retry_class or RetryClass.LEASE_EXPIRED,
             updated_ms=now,
         )
+        metrics.RECONCILED.labels(record.scope.route, "escalated").inc()
         current = await self.store.transition(
             Transition(
                 escalated,

@@ -1,0 +1,152 @@
+"""Prometheus metrics for every decision the proxy makes.
+
+Labels stay low-cardinality: route names come from the configuration,
+methods are folded to a fixed set, decisions and results are enums. Keys,
+operation ids and task ids are never labels.
+
+With several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty
+directory) before starting: ``render`` then aggregates every worker's values.
+Gauges declare how they combine across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from idemproxy import __version__
+
+#: Every decision a request can end in (the ``decision`` label).
+DECISIONS = (
+    "forwarded",  # sent to the tool as a new attempt
+    "replayed",  # answered from the stored response
+    "waited_replayed",  # waited for an in-flight attempt, then answered from its response
+    "reconciled_found",  # answered with an outcome established by reconciliation
+    "conflict",  # 409: still in flight after the wait bound
+    "mismatch",  # 422: same key, different request
+    "unknown",  # 409: outcome unknown, reconciliation pending
+    "needs_attention",  # 409: escalated to an operator
+    "not_stored",  # 409: completed, response too large to replay
+    "exhausted",  # 429: no attempts left
+    "rejected",  # 4xx: invalid request (key, target, body, route)
+    "fail_closed",  # 503: ledger unreachable, not forwarded
+    "fail_open",  # ledger unreachable, forwarded unrecorded (route opted in)
+    "unrecorded",  # forwarded without a key on an optional-key route
+    "passthrough",  # safe method: streamed through, no ledger
+    "error",  # 500: a bug
+)
+#: Decisions that answered a duplicate without sending it to the tool again.
+PREVENTED = frozenset(
+    {"replayed", "waited_replayed", "reconciled_found", "conflict", "unknown", "needs_attention", "not_stored"}
+)
+_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter(
+    "idemproxy_requests",
+    "Requests handled, by the decision the proxy made.",
+    ["route", "method", "decision"],
+)
+DUPLICATES_PREVENTED = Counter(
+    "idemproxy_duplicate_side_effects_prevented",
+    "Duplicate requests answered without sending them to the tool again.",
+    ["route"],
+)
+UPSTREAM_SECONDS = Histogram(
+    "idemproxy_upstream_duration_seconds",
+    "Time from sending a request to the tool until its whole response was read.",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_FAILURES = Counter(
+    "idemproxy_upstream_failures",
+    "Forwarded requests that got no complete response, by what the failure proves.",
+    ["route", "kind"],
+)
+LEDGER_SECONDS = Histogram(
+    "idemproxy_ledger_duration_seconds",
+    "Time of one ledger (store) call.",
+    ["operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+OVERHEAD_SECONDS = Histogram(
+    "idemproxy_overhead_seconds",
+    "Time a side-effecting request spent in the proxy itself (total minus upstream).",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+STORE_ERRORS = Counter(
+    "idemproxy_store_errors",
+    "Ledger calls that failed because the store was unreachable.",
+    ["operation"],
+)
+IN_FLIGHT = Gauge(
+    "idemproxy_in_flight_operations",
+    "Operations this proxy has forwarded and not yet recorded an outcome for.",
+    multiprocess_mode="livesum",
+)
+UNRESOLVED = Gauge(
+    "idemproxy_unresolved_operations",
+    "Operations in the ledger whose outcome is not final, by state (the whole deployment's count).",
+    ["state"],
+    multiprocess_mode="max",
+)
+PROBES = Counter(
+    "idemproxy_reconciler_probes",
+    "Reconciliation probes, by result (found, absent, unknown).",
+    ["route", "result"],
+)
+RECONCILED = Counter(
+    "idemproxy_reconciled_operations",
+    "Operations whose unknown outcome was settled, by how (found, absent, escalated, resolved).",
+    ["route", "outcome"],
+)
+BUILD_INFO = Gauge(
+    "idemproxy_build_info",
+    "Version information; always 1.",
+    ["version", "python"],
+    multiprocess_mode="max",
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def count_request(route: str, method: str, decision: str) -> None:
+    REQUESTS.labels(route, method_label(method), decision).inc()
+    if decision in PREVENTED:
+        DUPLICATES_PREVENTED.labels(route).inc()
+
+
+@contextmanager
+def ledger_timer(operation: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition for /metrics, aggregated across workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,70 @@
+"""One observation per request: the decision, counted in metrics and logged once.
+
+The handler fills in what it learns (route, decision, operation, attempt,
+upstream time); the middleware times the whole request and emits one access
+log line and the metrics when the response is ready. Keys and bodies never
+appear in logs unless ``log_keys`` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from idemproxy import metrics
+
+access_log = logging.getLogger("idemproxy.access")
+
+
+@dataclass(slots=True)
+class Observation:
+    route: str = "-"
+    decision: str | None = None
+    op_id: str | None = None
+    attempt: int | None = None
+    task: str | None = None
+    key: str | None = None
+    upstream_s: float = 0.0
+    side_effecting: bool = False
+
+
+OBSERVATION = web.RequestKey("observation", Observation)
+LOG_KEYS = web.AppKey("log_keys", bool)
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    observation = Observation()
+    request[OBSERVATION] = observation
+    started = time.perf_counter()
+    status = 500
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    finally:
+        total_s = time.perf_counter() - started
+        decision = observation.decision or "error"
+        metrics.count_request(observation.route, request.method, decision)
+        if observation.side_effecting and decision != "rejected":
+            metrics.OVERHEAD_SECONDS.labels(observation.route).observe(max(0.0, total_s - observation.upstream_s))
+        if access_log.isEnabledFor(logging.INFO):
+            entry: dict[str, object] = {
+                "method": request.method,
+                "route": observation.route,
+                "decision": decision,
+                "status": status,
+                "op": observation.op_id,
+                "task": observation.task,
+                "attempt": observation.attempt,
+                "total_ms": round(total_s * 1000, 3),
+                "upstream_ms": round(observation.upstream_s * 1000, 3),
+            }
+            if request.app.get(LOG_KEYS):
+                entry["key"] = observation.key
+                entry["path"] = request.raw_path
+            access_log.info("request", extra=entry)
