@@ -90,14 +90,18 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def refresh_unresolved_once(store: Store) -> None:
+    """Set the unresolved-operations gauge to the store's count (the whole deployment's)."""
+    try:
+        for state, count in (await store.count_unresolved()).items():
+            metrics.UNRESOLVED.labels(state.value).set(count)
+    except StoreUnavailable:
+        metrics.STORE_ERRORS.labels("count").inc()
+
+
 async def _refresh_unresolved(store: Store, every_s: float = UNRESOLVED_REFRESH_S) -> None:
-    """Keep the unresolved-operations gauge equal to the store's count (the whole deployment's)."""
     while True:
-        try:
-            for state, count in (await store.count_unresolved()).items():
-                metrics.UNRESOLVED.labels(state.value).set(count)
-        except StoreUnavailable:
-            metrics.STORE_ERRORS.labels("count").inc()
+        await refresh_unresolved_once(store)
         await asyncio.sleep(every_s)
 
 
