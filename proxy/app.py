@@ -105,8 +105,10 @@ async def _refresh_unresolved(store: Store, every_s: float = UNRESOLVED_REFRESH_
         await asyncio.sleep(every_s)
 
 
-async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None:
-    """Run both listeners until SIGINT/SIGTERM, then drain and close."""
+async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reuse_port: bool = False) -> None:
+    """Run both listeners until SIGINT/SIGTERM, then drain and close.
+
+    ``reuse_port``: several worker processes listen on the same ports."""
     store = open_store(config.store)
     await store.start()
     runners: list[web.AppRunner] = []
@@ -118,7 +120,7 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None
             runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace_s, access_log=None)
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+            await web.TCPSite(runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port).start()
         log.info(
             "idemproxy listening",
             extra={

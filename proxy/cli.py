@@ -11,6 +11,7 @@ from idemproxy import __version__
 from idemproxy.config import ConfigError, Overrides, ProxyConfig, load_config
 from idemproxy.logs import configure_logging
 from idemproxy.ops_cli import add_ops_commands, run_ops
+from idemproxy.supervisor import WORKER_FLAG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (default 127.0.0.1:8081)")
     run.add_argument("--store", metavar="URL", help="redis://..., rediss://... or sqlite:///PATH")
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    run.add_argument("--workers", type=_positive, default=1, metavar="N", help="worker processes (default 1)")
+    run.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
@@ -58,11 +61,37 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     configure_logging(config.log_level)
+    if args.workers > 1:
+        from idemproxy.supervisor import supervise
+
+        return supervise(_worker_args(args), args.workers)
     from idemproxy.app import serve
 
     _install_uvloop()
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, reuse_port=args.worker))
     return 0
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The ``run`` arguments each worker gets (everything but --workers)."""
+    forwarded: list[str] = []
+    for flag, value in (
+        ("--config", args.config),
+        ("--upstream", args.upstream),
+        ("--listen", args.listen),
+        ("--admin-listen", args.admin_listen),
+        ("--store", args.store),
+        ("--log-level", args.log_level),
+    ):
+        if value is not None:
+            forwarded += [flag, value]
+    return forwarded
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def _check_config(args: argparse.Namespace) -> int:

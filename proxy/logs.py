@@ -17,6 +17,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         entry.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD)
