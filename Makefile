@@ -7,17 +7,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell { cat pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint format clean
+.PHONY: help setup run test lint format clean chaos bench
 
 help:
 	@echo "make run    - start the example ticket tool and idemproxy in front of it (Ctrl-C stops both)"
 	@echo "make test   - run the whole test suite (installs redis-server when missing)"
 	@echo "make lint   - ruff and mypy"
+	@echo "make chaos  - a long chaos campaign (OPERATIONS=10000) with faults and the invariant checker"
+	@echo "make bench  - benchmark idemproxy against nginx and a naive proxy (BENCH_ARGS=--quick for a smoke run)"
 
 $(STAMP):
 	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(VENV)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,lint]' --config-settings editable_mode=strict
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,autogen,camel]' --config-settings editable_mode=strict
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -28,7 +30,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@sh scripts/bootstrap.sh redis
+	@sh scripts/bootstrap.sh monitoring
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@sh scripts/bootstrap.sh redis
+	@sh scripts/bootstrap.sh bench-tools
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+chaos: $(STAMP)
+	@sh scripts/bootstrap.sh redis
+	$(BIN)/python -m tests.chaos.harness --operations $(or $(OPERATIONS),10000)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy adapters tests examples scripts

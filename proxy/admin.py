@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,11 +25,13 @@ from idemproxy import metrics
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import next_step
 from idemproxy.errors import (
+    InvalidQuery,
     InvalidResolution,
     InvalidTransition,
     LedgerUnavailable,
     OperationNotFound,
 )
+from idemproxy.headers import HOP_BY_HOP
 from idemproxy.records import Evidence, OperationRecord, State, StoredResponse
 from idemproxy.store import Store, StoreUnavailable, Transition
 from idemproxy.store.base import OpsQuery
@@ -41,6 +44,9 @@ RESOLVER_KEY = web.AppKey("resolver", str)
 #: Bodies up to this size are shown inline in ``show``; larger ones by size and hash only.
 _INLINE_BODY = 16 * 1024
 _MAX_LIMIT = 1000
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_REPLAYABLE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+_OP_ID = re.compile(r"[0-9a-f]{32}")
 _resolutions = itertools.count(1)
 
 
@@ -153,9 +159,7 @@ def _response(raw: Any) -> StoredResponse:
     status = raw.get("status")
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
         raise InvalidResolution(f"'response.status' must be an HTTP status from 200 to 599, got {status!r}.")
-    headers = raw.get("headers", {})
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        raise InvalidResolution("'response.headers' must map header names to strings.")
+    headers = _resolution_headers(raw.get("headers", {}))
     if "body_base64" in raw:
         try:
             body = base64.b64decode(raw["body_base64"], validate=True)
@@ -165,7 +169,8 @@ def _response(raw: Any) -> StoredResponse:
         body = raw["body"].encode()
     elif "body" in raw:
         body = orjson.dumps(raw["body"])
-        headers = {"Content-Type": "application/json", **headers}
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"
     else:
         body = b""
     return StoredResponse(
@@ -175,6 +180,22 @@ def _response(raw: Any) -> StoredResponse:
         body_size=len(body),
         body_sha256=hashlib.sha256(body).hexdigest(),
     )
+
+
+def _resolution_headers(raw: Any) -> dict[str, str]:
+    """Headers an operator gives for the replayed answer: end-to-end ones only, well-formed."""
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise InvalidResolution("'response.headers' must map header names to strings.")
+    for name, value in raw.items():
+        if not _TOKEN.fullmatch(name):
+            raise InvalidResolution(f"'response.headers': {name!r} is not a valid header name.")
+        if any(char in value for char in "\r\n\0"):
+            raise InvalidResolution(f"'response.headers': the value of {name!r} contains CR, LF or NUL.")
+        if name.lower() in _NOT_REPLAYABLE:
+            raise InvalidResolution(
+                f"'response.headers': {name} is not replayed (framing, hop-by-hop and cookies never are)."
+            )
+    return dict(raw)
 
 
 def summary_view(record: OperationRecord, route: RouteConfig | None) -> dict[str, Any]:
@@ -239,15 +260,13 @@ def _response_view(response: StoredResponse | None) -> dict[str, Any] | None:
 def _parse_query(params: Mapping[str, str]) -> OpsQuery:
     unknown = set(params) - {"state", "route", "task", "older_than", "limit"}
     if unknown:
-        raise InvalidResolution(
-            f"Unknown query parameters {sorted(unknown)}; use state, route, task, older_than, limit."
-        )
+        raise InvalidQuery(f"Unknown query parameters {sorted(unknown)}; use state, route, task, older_than, limit.")
     state = None
     if "state" in params:
         try:
             state = State(params["state"].upper())
         except ValueError:
-            raise InvalidResolution(
+            raise InvalidQuery(
                 f"'state' must be one of {', '.join(s.value for s in State)}, got {params['state']!r}."
             ) from None
     updated_before_ms = None
@@ -255,10 +274,10 @@ def _parse_query(params: Mapping[str, str]) -> OpsQuery:
         try:
             updated_before_ms = int(time.time() * 1000) - round(parse_duration(params["older_than"]) * 1000)
         except ValueError as exc:
-            raise InvalidResolution(f"'older_than': {exc}.") from exc
+            raise InvalidQuery(f"'older_than': {exc}.") from exc
     limit = params.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= _MAX_LIMIT:
-        raise InvalidResolution(f"'limit' must be a whole number from 1 to {_MAX_LIMIT}, got {limit!r}.")
+        raise InvalidQuery(f"'limit' must be a whole number from 1 to {_MAX_LIMIT}, got {limit!r}.")
     return OpsQuery(
         state=state,
         route=params.get("route"),
@@ -270,6 +289,10 @@ def _parse_query(params: Mapping[str, str]) -> OpsQuery:
 
 async def _load(request: web.Request) -> OperationRecord:
     op_id = request.match_info["op_id"]
+    if not _OP_ID.fullmatch(op_id):
+        raise OperationNotFound(
+            f"{op_id!r} is not an operation id (32 lower-case hex characters, as in Idempotency-Operation)."
+        )
     try:
         record = await request.app[STORE_KEY].get(op_id)
     except StoreUnavailable as exc:
@@ -287,5 +310,5 @@ def admin_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/_idem/ops", list_operations)
-    app.router.add_get(r"/_idem/ops/{op_id:[0-9a-f]{32}}", show_operation)
-    app.router.add_post(r"/_idem/ops/{op_id:[0-9a-f]{32}}/resolve", resolve_operation)
+    app.router.add_get("/_idem/ops/{op_id}", show_operation)
+    app.router.add_post("/_idem/ops/{op_id}/resolve", resolve_operation)

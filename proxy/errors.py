@@ -4,7 +4,7 @@ The tree is deliberately shallow::
 
     ProblemError                      one problem+json ``type`` per subclass
     ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
-    │                                 InvalidResolution
+    │                                 InvalidResolution, InvalidQuery
     ├── NoRoute (404), OperationNotFound (404)
     ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
@@ -13,7 +13,7 @@ The tree is deliberately shallow::
     ├── Conflict (409)                InFlight, OutcomeUnknown, NeedsAttention, ResponseNotStored
     ├── AttemptsExhausted (429)
     ├── UpstreamError (502/504)       UpstreamUnreachable, UpstreamConnectionLost, UpstreamTimeout
-    ├── LedgerUnavailable (503)
+    ├── LedgerUnavailable (503), LeaseLost (503)
     └── InternalError (500)
 
 The single place that turns them into HTTP responses is
@@ -114,6 +114,11 @@ class InvalidResolution(BadRequest):
     title = "Invalid resolution request"
 
 
+class InvalidQuery(BadRequest):
+    slug = "invalid-query"
+    title = "Invalid query parameters"
+
+
 class InvalidTransition(ProblemError):
     status = 409
     slug = "invalid-transition"
@@ -200,6 +205,13 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     slug = "upstream-timeout"
     title = "Upstream did not answer in time"
+
+
+class LeaseLost(ProblemError):
+    status = 503
+    slug = "lease-lost"
+    title = "The proxy lost its claim on the operation before sending it"
+    decision = "fail_closed"
 
 
 class LedgerUnavailable(ProblemError):

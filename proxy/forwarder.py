@@ -7,7 +7,7 @@ unknown outcome.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +18,13 @@ from yarl import URL
 
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import FailureKind
+
+
+class NotSent(Exception):
+    """A send guard refused: the request was never written to the tool."""
+
+
+SendGuard = Callable[[], bool]
 
 
 class UpstreamFailed(Exception):
@@ -34,6 +41,12 @@ class Fetched:
     status: int
     headers: CIMultiDictProxy[str]
     body: bytes
+
+
+async def _check_guard(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    guard = context.trace_request_ctx
+    if guard is not None and not guard():
+        raise NotSent("the send guard refused")
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
@@ -54,8 +67,12 @@ class Forwarder:
     async def start(self) -> None:
         if self._session is not None:
             raise RuntimeError("the forwarder is already started")
+        guard_trace = aiohttp.TraceConfig()
+        guard_trace.on_request_start.append(_check_guard)
+        guard_trace.on_connection_reuseconn.append(_check_guard)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            trace_configs=[guard_trace],
             auto_decompress=False,  # bytes pass through as the tool sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -110,8 +127,12 @@ class Forwarder:
         url: URL,
         headers: CIMultiDict[str],
         data: Any,
+        guard: SendGuard | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request; errors before the response starts raise ``UpstreamFailed``."""
+        """Send one request; errors before the response starts raise ``UpstreamFailed``.
+
+        ``guard`` is asked again just before the request goes out (also after a
+        pooled connection is picked); ``False`` raises ``NotSent``."""
         if self._session is None:
             raise RuntimeError("the forwarder is not started")
         timeout = aiohttp.ClientTimeout(
@@ -122,7 +143,13 @@ class Forwarder:
         )
         try:
             response = await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                trace_request_ctx=guard,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc

@@ -27,6 +27,7 @@ from idemproxy.errors import (
     FingerprintMismatch,
     InFlight,
     InternalError,
+    LeaseLost,
     LedgerUnavailable,
     MissingKey,
     NeedsAttention,
@@ -40,7 +41,7 @@ from idemproxy.errors import (
     UpstreamUnreachable,
 )
 from idemproxy.fingerprint import derive_key, fingerprint, operation_id, validate_key
-from idemproxy.forwarder import Forwarder, UpstreamFailed, failure_kind
+from idemproxy.forwarder import Forwarder, NotSent, UpstreamFailed, failure_kind
 from idemproxy.headers import (
     client_response_headers,
     storable_response_headers,
@@ -194,14 +195,34 @@ class ProxyHandler:
         upstream_headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         url = upstream_url(route, target)
+        op_id = owned.op_id
         try:
             with _upstream_timer(request, route):
-                async with self.forwarder.request(route, request.method, url, upstream_headers, body) as upstream:
+                async with self.forwarder.request(
+                    route,
+                    request.method,
+                    url,
+                    upstream_headers,
+                    body,
+                    guard=lambda: self.ledger.leases.still_held(op_id),
+                ) as upstream:
                     outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
                     relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             return await self._record_failure(route, owned, exc.kind, exc.detail)
+        except NotSent as exc:
+            # Paused or stalled past the lease: a reconciler may own the operation now.
+            # Nothing was sent, so release it if it is still ours.
+            await self._finish(
+                owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"}
+            )
+            raise LeaseLost(
+                "This proxy's claim on the operation ran out before the request was sent; it was not "
+                "sent. Retry with the same key.",
+                headers={"Retry-After": "1"},
+                operation=op_id,
+            ) from exc
         except asyncio.CancelledError:
             # The proxy is shutting down mid-request: nobody knows what the tool did.
             await asyncio.shield(

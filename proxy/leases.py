@@ -28,6 +28,7 @@ class _Held:
     owner: str
     lease_s: float
     renew_at: float  # monotonic
+    until_ms: int  # wall clock: the lease the store last confirmed
 
 
 class LeaseKeeper:
@@ -38,11 +39,23 @@ class LeaseKeeper:
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, record: OperationRecord, lease_s: float) -> None:
-        self._held[record.op_id] = _Held(record.fence, record.owner, lease_s, time.monotonic() + lease_s / 3)
+        self._held[record.op_id] = _Held(
+            record.fence, record.owner, lease_s, time.monotonic() + lease_s / 3, record.lease_until_ms
+        )
         self._changed.set()
 
     def release(self, op_id: str) -> None:
         self._held.pop(op_id, None)
+
+    def still_held(self, op_id: str) -> bool:
+        """Whether this process may still act as the owner: its confirmed lease has a
+        safety margin left. A process that was paused past its lease (a zombie) must
+        not send the request, because a reconciler may already have taken over."""
+        held = self._held.get(op_id)
+        if held is None:
+            return False
+        margin_ms = min(1000, round(held.lease_s * 100))  # a tenth of the lease, at most 1 s
+        return int(time.time() * 1000) < held.until_ms - margin_ms
 
     @property
     def holding(self) -> int:
@@ -82,9 +95,10 @@ class LeaseKeeper:
                 held.renew_at = time.monotonic() + min(1.0, held.lease_s / 10)
             return
         now = time.monotonic()
-        for (op_id, held), ok in zip(due.items(), renewed, strict=True):
+        for (op_id, held), lease, ok in zip(due.items(), leases, renewed, strict=True):
             if ok:
                 held.renew_at = now + held.lease_s / 3
+                held.until_ms = lease.until_ms
             elif self._held.get(op_id) is held:
                 log.warning("lease lost: another owner took the operation over", extra={"op": op_id})
                 del self._held[op_id]

@@ -222,8 +222,7 @@ class Ledger:
                 with metrics.ledger_timer("record"):
                     current = await self.store.transition(transition)
                 if current is not None:
-                    # A zombie's outcome: kept as evidence, never as the record's state.
-                    await self.store.note(owned.op_id, Evidence(now, "late-outcome", {**detail, "owner": owned.owner}))
+                    return await self._late_outcome(owned, new, current, detail, now, retention_s)
                 return current
             except StoreUnavailable:
                 if delay is None:
@@ -231,6 +230,42 @@ class Ledger:
                 log.warning("store unavailable while recording an outcome; retrying", extra={"op": owned.op_id})
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _late_outcome(
+        self,
+        owned: OperationRecord,
+        ours: OperationRecord,
+        current: OperationRecord,
+        detail: dict[str, object],
+        now: int,
+        retention_s: float,
+    ) -> OperationRecord:
+        """A fenced owner's outcome: evidence only, unless it proves an effect the
+        ledger wrongly believes absent (a zombie sent after a probe found nothing)."""
+        await self.store.note(owned.op_id, Evidence(now, "late-outcome", {**detail, "owner": owned.owner}))
+        if ours.state is not State.COMPLETED or current.state is not State.RELEASED:
+            return current
+        corrected = current.evolve(
+            state=State.COMPLETED,
+            fence=current.fence + 1,
+            owner=owned.owner,
+            response=ours.response,
+            reconciled=True,
+            updated_ms=now,
+        )
+        applied = await self.store.transition(
+            Transition(
+                corrected,
+                current.fence,
+                frozenset({State.RELEASED}),
+                Evidence(now, "corrected", {"reason": "a late outcome proves the effect", "owner": owned.owner}),
+                ttl_s=retention_s,
+            )
+        )
+        log.warning(
+            "a late outcome corrected a released operation", extra={"op": owned.op_id, "applied": applied is None}
+        )
+        return corrected if applied is None else applied
 
 
 def _reserved_evidence(record: OperationRecord, now: int) -> Evidence:

@@ -21,6 +21,7 @@ record and an ``aiohttp.ClientSession`` and returning a ``ProbeResult``::
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -38,6 +39,7 @@ from idemproxy.records import OperationRecord, State, StoredResponse
 from idemproxy.routes import Target, upstream_url
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 
 class ProbeOutcome(StrEnum):
@@ -175,7 +177,7 @@ def render_url(template: str, route: RouteConfig, record: OperationRecord) -> st
                     raise LookupError(f"the request body has no field {name.removeprefix('body.')!r}")
                 value = value[part]
             values[name] = quote(value if isinstance(value, str) else orjson.dumps(value).decode(), safe="")
-    return template.format_map(values)
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 
 def found_body(found: FoundResponse, resource: Any, document: Any, raw: bytes, key: str) -> bytes:

@@ -90,11 +90,21 @@ class ReconcileConfig:
         return "hook" if self.hook is not None else "resend"
 
     def backoff_after(self, probes: int) -> float:
-        return float(min(self.max_backoff_s, self.backoff_s * 2 ** max(0, probes - 1)))
+        exponent = min(max(0, probes - 1), 60)  # beyond 2**60 every backoff is capped anyway
+        return float(min(self.max_backoff_s, self.backoff_s * 2**exponent))
 
 
 def url_fields(template: str) -> list[str]:
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    """The placeholders of a probe URL template; conversions and format specs are refused,
+    because every substituted value is percent-encoded as it is."""
+    fields = []
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{field}}} may not carry a conversion or format spec")
+        fields.append(field)
+    return fields
 
 
 def parse_reconcile(raw: Any) -> ReconcileConfig:

@@ -34,6 +34,7 @@ class RetryClass(StrEnum):
     AMBIGUOUS_STATUS = "ambiguous-status"  # 500/502/504: may or may not have happened
     LEASE_EXPIRED = "lease-expired"  # the owning instance vanished
     ABORTED = "aborted"  # the proxy stopped while the request was in flight
+    NOT_SENT = "not-sent"  # the owner's lease ran out before it sent anything
 
 
 @dataclass(frozen=True, slots=True)

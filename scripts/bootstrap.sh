@@ -2,6 +2,8 @@
 # Installs what `make` needs and a fresh Debian/Ubuntu machine may lack:
 #   bootstrap.sh venv PYTHON DIR   create a virtual environment (python3-venv if missing)
 #   bootstrap.sh redis             make redis-server available on PATH
+#   bootstrap.sh bench-tools       make nginx and wrk available on PATH (for `make bench`)
+#   bootstrap.sh monitoring        make prometheus and promtool available on PATH (for the monitoring tests)
 set -eu
 
 as_root() {
@@ -45,8 +47,32 @@ redis)
     # The Debian package starts a system service; the tests start their own servers.
     as_root service redis-server stop >/dev/null 2>&1 || true
     ;;
+bench-tools)
+    missing=""
+    # Debian installs nginx under /usr/sbin, which is not on every user's PATH.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
+    command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+    [ -z "$missing" ] && exit 0
+    # shellcheck disable=SC2086  # one word per package
+    apt_install $missing || {
+        echo "bootstrap: could not install$missing; install nginx and wrk (apt-get install nginx wrk) and retry" >&2
+        exit 1
+    }
+    # The Debian package starts a system nginx on :80; the benchmark runs its own.
+    case "$missing" in *nginx*) as_root service nginx stop >/dev/null 2>&1 || true ;; esac
+    ;;
+monitoring)
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && exit 0
+    # Debian's prometheus package ships both binaries; its recommended node exporter is not needed.
+    apt_install --no-install-recommends prometheus || {
+        echo "bootstrap: prometheus/promtool are not on PATH and could not be installed; install them (apt-get install prometheus) and retry" >&2
+        exit 1
+    }
+    # The Debian package starts a system service on :9090; the tests start their own server.
+    as_root service prometheus stop >/dev/null 2>&1 || true
+    ;;
 *)
-    echo "usage: bootstrap.sh venv PYTHON DIR | redis" >&2
+    echo "usage: bootstrap.sh venv PYTHON DIR | redis | bench-tools | monitoring" >&2
     exit 2
     ;;
 esac

@@ -31,6 +31,7 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.NoRoute: 404,
     errors.OperationNotFound: 404,
     errors.InvalidResolution: 400,
+    errors.InvalidQuery: 400,
     errors.InvalidTransition: 409,
     errors.MethodNotAllowed: 405,
     errors.BodyTooLarge: 413,
@@ -46,6 +47,7 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.UpstreamConnectionLost: 502,
     errors.UpstreamTimeout: 504,
     errors.LedgerUnavailable: 503,
+    errors.LeaseLost: 503,
     errors.InternalError: 500,
 }
 

@@ -13,8 +13,10 @@ import orjson
 from aiohttp.test_utils import TestClient
 
 from idemproxy.app import RECONCILER_KEY
-from idemproxy.records import OperationRecord, RetryClass, State
-from idemproxy.store import Store
+from idemproxy.decisions import COMPLETED as COMPLETED_OUTCOME
+from idemproxy.ledger import Ledger, OperationRequest, Owned
+from idemproxy.records import Evidence, OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.store import Store, Transition
 from tests.conftest import ProxyFactory
 from tests.support import reconcile_hooks
 from tests.support.upstream import Upstream
@@ -229,3 +231,55 @@ async def test_expired_lease_of_a_vanished_owner_counts_as_unknown(
     assert (record.state, record.retry_class) == (State.COMPLETED, RetryClass.LEASE_EXPIRED)
     assert kinds(record)[-2:] == ["claimed", "probe"]
     assert upstream.count() == 2  # the "warm" call and the crashed owner's effect; no new one
+
+
+async def test_owner_paused_past_its_lease_before_sending_never_sends(
+    make_proxy: ProxyFactory, upstream: Upstream, store: Store, monkeypatch: Any
+) -> None:
+    """A process stalled between reserving and sending (GC pause, SIGSTOP) must not send:
+    a reconciler may already have proven the effect absent and released the operation."""
+    client = await make_proxy(connect_timeout="100ms", read_timeout="200ms", lease="400ms")
+    reserve = store.reserve
+
+    async def reserve_then_stall(*args: Any) -> Any:
+        reserved = await reserve(*args)
+        await asyncio.sleep(0.5)  # the injected fault: the owner stalls past its 400 ms lease
+        return reserved
+
+    monkeypatch.setattr(store, "reserve", reserve_then_stall)
+    stalled = await client.post("/items", json={}, headers=KEY)
+    monkeypatch.undo()
+    record = await record_of(store)
+
+    assert stalled.status == 503
+    assert await problem_type(stalled) == "lease-lost"
+    assert (record.state, record.retry_class) == (State.RELEASED, RetryClass.NOT_SENT)
+    assert upstream.count() == 0
+    retry = await client.post("/items", json={}, headers=KEY)
+    assert retry.status == 201
+    assert upstream.count() == 1
+
+
+async def test_late_success_of_a_fenced_owner_corrects_a_wrongly_released_operation(store: Store) -> None:
+    """If a zombie's request did take effect after a probe found nothing, its late
+    success must put the ledger right before anyone forwards the operation again."""
+    ledger = Ledger(store)
+    scope = Scope(caller="anonymous", route="root", key="op-1")
+    request = OperationRequest(op_id_for("op-1"), scope, "fp", "POST", "/items", 5.0, 1.0, 5)
+    owned = await ledger.begin(request)
+    assert isinstance(owned, Owned)
+    zombie = owned.record
+    claimed = zombie.evolve(state=State.UNKNOWN, fence=2, owner="reconciler:1")
+    assert await store.transition(Transition(claimed, 1, frozenset({State.PENDING}), Evidence(1, "claimed"))) is None
+    released = claimed.evolve(state=State.RELEASED, fence=3, owner="")
+    assert await store.transition(Transition(released, 2, frozenset({State.UNKNOWN}), Evidence(2, "probe"))) is None
+
+    response = StoredResponse(201, (("Content-Type", "application/json"),), b'{"id": 1}', 9, "sha")
+    current = await ledger.finish(zombie, COMPLETED_OUTCOME, response, 60.0, {"status": 201})
+
+    assert current is not None
+    stored = await record_of(store)
+    assert (stored.state, stored.reconciled) == (State.COMPLETED, True)
+    assert stored.response is not None
+    assert stored.response.body == b'{"id": 1}'
+    assert kinds(stored)[-2:] == ["late-outcome", "corrected"]
