@@ -179,7 +179,11 @@ class Deployment:
             self.proxies[index] = subprocess.Popen(
                 [sys.executable, "-m", "idemproxy", "run", "--config", str(path)], stdout=log, stderr=log
             )
-        _wait_http(f"http://127.0.0.1:{admin}/healthz")
+        try:
+            _wait_http(f"http://127.0.0.1:{admin}/healthz")
+        except RuntimeError as exc:
+            log_tail = (self.directory / f"proxy-{index}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"proxy {index} did not start: {exc}\n{log_tail}") from None
 
     def kill_proxy(self, index: int) -> None:
         process = self.proxies[index]
