@@ -16,6 +16,7 @@ from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
+from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_middleware
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 UNRESOLVED_REFRESH_S = 5.0
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
+AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
 
 
 def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool = True) -> web.Application:
@@ -38,11 +40,19 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     ``run_reconciler=False`` leaves background reconciliation off (on-demand
     reconciliation still runs), for tests that drive it step by step."""
     largest_body = max(route.max_body for route in config.routes)
+    authenticator = _authenticator(config, store)
+    route_table = RouteTable(config.routes)
     app = web.Application(
-        middlewares=[observe_middleware, problem_middleware, non_origin_target_middleware],
+        middlewares=[
+            observe_middleware,
+            problem_middleware,
+            *([proxy_auth_middleware(authenticator, route_table)] if authenticator is not None else []),
+            non_origin_target_middleware,
+        ],
         client_max_size=largest_body + 1,
     )
     app[LOG_KEYS] = config.log_keys
+    metrics.initialize((route.name, route.side_effect_methods) for route in config.routes)
     instance_id = new_instance_id()
     forwarder = Forwarder()
     reconciler = Reconciler(store, {route.name: route for route in config.routes}, forwarder, instance_id)
@@ -50,7 +60,7 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     app[STORE_KEY] = store
     app[FORWARDER_KEY] = forwarder
     app[RECONCILER_KEY] = reconciler
-    handler = ProxyHandler(RouteTable(config.routes), ledger, forwarder, config.headers)
+    handler = ProxyHandler(route_table, ledger, forwarder, config.headers)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
 
     async def background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -64,11 +74,37 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
         await forwarder.close()
 
     app.cleanup_ctx.append(background_ctx)
+    _add_identities_ctx(app, authenticator)
     return app
 
 
+def _authenticator(config: ProxyConfig, store: Store) -> Authenticator | None:
+    if config.auth is None:
+        return None
+    identities = IdentityStore(config.auth, frozenset(route.name for route in config.routes))
+    return Authenticator(identities, store, config.headers.key)
+
+
+def _add_identities_ctx(app: web.Application, authenticator: Authenticator | None) -> None:
+    """Reload identities on SIGHUP while the app runs."""
+    if authenticator is None:
+        return
+    app[AUTHENTICATOR_KEY] = authenticator
+
+    async def identities_ctx(app: web.Application) -> AsyncIterator[None]:
+        authenticator.identities.start()
+        yield
+        authenticator.identities.stop()
+
+    app.cleanup_ctx.append(identities_ctx)
+
+
 def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware])
+    authenticator = _authenticator(config, store)
+    app = web.Application(
+        middlewares=[problem_middleware, *([admin_auth_middleware(authenticator)] if authenticator else [])]
+    )
+    _add_identities_ctx(app, authenticator)
     app[STORE_KEY] = store
     app[ROUTES_KEY] = {route.name: route for route in config.routes}
     app[RESOLVER_KEY] = f"{new_instance_id()}:operator"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import (
@@ -103,7 +103,9 @@ UNRESOLVED = Gauge(
     "idemproxy_unresolved_operations",
     "Operations in the ledger whose outcome is not final, by state (the whole deployment's count).",
     ["state"],
-    multiprocess_mode="max",
+    # Every worker refreshes the same deployment-wide count; the most recent
+    # live one is right (a replaced worker's last value must not linger).
+    multiprocess_mode="livemostrecent",
 )
 PROBES = Counter(
     "idemproxy_reconciler_probes",
@@ -119,9 +121,35 @@ BUILD_INFO = Gauge(
     "idemproxy_build_info",
     "Version information; always 1.",
     ["version", "python"],
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+
+
+_STORE_OPERATIONS = ("reserve", "record", "count")
+_FAILURE_KINDS = ("connect", "timeout", "connection-lost")
+_PROBE_RESULTS = ("found", "absent", "unknown")
+_RECONCILE_OUTCOMES = ("found", "absent", "escalated", "resolved")
+_ALERTED_DECISIONS = ("fail_closed", "fail_open", "needs_attention", "error")
+
+
+def initialize(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Create the label sets alerts watch at 0, so their first event is a visible increase.
+
+    ``routes``: (route name, side-effecting methods) pairs."""
+    for operation in _STORE_OPERATIONS:
+        STORE_ERRORS.labels(operation)
+    for route, methods in routes:
+        DUPLICATES_PREVENTED.labels(route)
+        for kind in _FAILURE_KINDS:
+            UPSTREAM_FAILURES.labels(route, kind)
+        for result in _PROBE_RESULTS:
+            PROBES.labels(route, result)
+        for outcome in _RECONCILE_OUTCOMES:
+            RECONCILED.labels(route, outcome)
+        for method in methods:
+            for decision in _ALERTED_DECISIONS:
+                REQUESTS.labels(route, method_label(method), decision)
 
 
 def method_label(method: str) -> str:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ def supervise(worker_args: Sequence[str], workers: int) -> int:
     """Run ``idemproxy run <worker_args> --worker`` ``workers`` times until signalled."""
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="idemproxy-metrics-")
+    # Values left by a previous run would be added to this one's.
+    for stale in Path(metrics_dir).glob("*.db"):
+        stale.unlink()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = [sys.executable, "-m", "idemproxy", "run", *worker_args, WORKER_FLAG]
     stopping = False

@@ -1,0 +1,625 @@
+"""The monitoring kit (dashboard, alert rules) against promtool and a real Prometheus.
+
+``promtool`` and ``prometheus`` come from Debian's ``prometheus`` package, which
+``make test`` installs (``scripts/bootstrap.sh monitoring``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+import yaml
+from aiohttp.test_utils import TestClient
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from idemproxy import metrics
+from idemproxy.app import build_admin_app, build_proxy_app
+from idemproxy.store import Store
+from tests.conftest import proxy_config
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.upstream import Upstream
+
+T = TypeVar("T")
+Client = TestClient[Any, Any]
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = REPO / "monitoring" / "grafana" / "idemproxy-dashboard.json"
+ALERTS = REPO / "monitoring" / "prometheus" / "alerts.yml"
+ALERT_TESTS = REPO / "monitoring" / "prometheus" / "alerts_test.yml"
+README = REPO / "README.md"
+DATASOURCE = "${DS_PROMETHEUS}"
+ROUTE = "tools"
+METRIC_NAME = re.compile(r"\bidemproxy_[a-z0-9_]+")
+SELECTOR = re.compile(r"\b(idemproxy_[a-z0-9_]+)\s*\{([^}]*)\}")
+LIMIT_S = 60.0  # bound of every wait on Prometheus (it scrapes and evaluates every second)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path is not None, f"{name} is not on PATH; `sh scripts/bootstrap.sh monitoring` installs it"
+    return path
+
+
+def run_tool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool(args[0]), *args[1:]],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# -- what proxy/metrics.py exposes ---------------------------------------------------------------------
+
+_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ("",)}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str
+    labels: frozenset[str]
+
+    @property
+    def samples(self) -> set[str]:
+        return {self.name + suffix for suffix in _SUFFIXES[self.kind]}
+
+
+def exposed_families() -> dict[str, Family]:
+    families: dict[str, Family] = {}
+    for collector in vars(metrics).values():
+        if isinstance(collector, MetricWrapperBase):
+            [described] = collector.describe()
+            labels = frozenset(collector._labelnames) | ({"le"} if described.type == "histogram" else set())
+            families[described.name] = Family(described.name, described.type, labels)
+    return families
+
+
+def exposed_samples() -> dict[str, Family]:
+    """Sample name (``idemproxy_requests_total``) -> its family."""
+    return {sample: family for family in exposed_families().values() for sample in family.samples}
+
+
+# -- the dashboard -----------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return loaded
+
+
+def data_panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel but rows, including those inside collapsed rows."""
+    found: list[dict[str, Any]] = []
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            found.extend(panel.get("panels", []))
+        else:
+            found.append(panel)
+    return found
+
+
+def panel_exprs(board: dict[str, Any]) -> list[tuple[str, str]]:
+    """(``panel title/refId``, expr) for every target of every panel."""
+    return [
+        (f"{panel['title']}/{target['refId']}", target["expr"])
+        for panel in data_panels(board)
+        for target in panel.get("targets", [])
+    ]
+
+
+def concrete(expr: str, route: str = ".*") -> str:
+    """A panel expression as Grafana sends it, with the dashboard's variables filled in."""
+    filled = (
+        expr.replace("$__rate_interval", "30s")
+        .replace("$__range", "1h")
+        .replace("$__interval", "5s")
+        .replace("${route}", route)
+        .replace("$route", route)
+    )
+    assert "$" not in filled, f"unreplaced variable in {expr!r}"
+    return filled
+
+
+def test_dashboard_imports_anywhere_with_a_datasource_input_and_a_route_variable() -> None:
+    board = dashboard()
+    inputs = {item["name"]: item for item in board["__inputs"]}
+    assert inputs["DS_PROMETHEUS"]["type"] == "datasource"
+    assert inputs["DS_PROMETHEUS"]["pluginId"] == "prometheus"
+    assert board["uid"] == "idemproxy"
+    assert board["id"] is None  # Grafana assigns one on import
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    route = variables["route"]
+    assert route["datasource"]["uid"] == DATASOURCE
+    assert (route["includeAll"], route["multi"], route["allValue"]) == (True, True, ".*")
+    match = re.fullmatch(r"label_values\((idemproxy_[a-z_]+), route\)", route["query"]["query"])
+    assert match is not None
+    assert "route" in exposed_samples()[match.group(1)].labels
+    # Provisioned without an import step (the Helm chart), ${DS_PROMETHEUS} resolves to this variable.
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+
+
+def test_every_dashboard_panel_queries_idemproxy_metrics_that_exist() -> None:
+    board = dashboard()
+    panels = data_panels(board)
+    samples = exposed_samples()
+    ids = [panel["id"] for panel in board["panels"]] + [
+        panel["id"] for row in board["panels"] for panel in row.get("panels", [])
+    ]
+    assert len(ids) == len(set(ids))
+    assert len(panels) >= 10
+    for panel in panels:
+        title = panel["title"]
+        assert panel["datasource"]["uid"] == DATASOURCE, title
+        assert panel.get("description"), title
+        assert 0 <= panel["gridPos"]["x"] < panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, title
+        assert panel["targets"], f"{title} has no query"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == DATASOURCE, title
+            expr = target["expr"]
+            assert expr.strip(), f"{title}/{target['refId']} has an empty expr"
+            named = METRIC_NAME.findall(expr)
+            assert named, f"{title}: {expr!r} names no idemproxy metric"
+            unknown = set(named) - samples.keys()
+            assert not unknown, f"{title}: {sorted(unknown)} are not in proxy/metrics.py"
+            for name, matchers in SELECTOR.findall(expr):
+                for label in re.findall(r"([a-zA-Z_]+)\s*=~?", matchers):
+                    assert label in samples[name].labels, f"{title}: {name} has no label {label!r}"
+
+
+def test_dashboard_covers_every_required_view() -> None:
+    exprs = [expr for _, expr in panel_exprs(dashboard())]
+    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    assert {
+        "idemproxy_requests_total",  # traffic by decision
+        "idemproxy_duplicate_side_effects_prevented_total",
+        "idemproxy_overhead_seconds_bucket",
+        "idemproxy_upstream_duration_seconds_bucket",
+        "idemproxy_ledger_duration_seconds_bucket",
+        "idemproxy_upstream_failures_total",
+        "idemproxy_unresolved_operations",
+        "idemproxy_in_flight_operations",
+        "idemproxy_reconciler_probes_total",
+        "idemproxy_reconciled_operations_total",
+        "idemproxy_store_errors_total",
+    } <= used
+    assert any("sum by (decision)" in expr and "idemproxy_requests_total" in expr for expr in exprs)
+    for quantile in ("0.5", "0.99"):
+        assert any(f"histogram_quantile({quantile}, " in e and "idemproxy_overhead_seconds" in e for e in exprs)
+    assert any('decision=~"fail_closed' in expr for expr in exprs)
+
+
+# -- alert rules ----------------------------------------------------------------------------------------
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of ``markdown``."""
+    anchors = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and (heading := re.match(r"#{1,6} (.+)", line)):
+            text = heading.group(1).strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return anchors
+
+
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = run_tool("promtool", "check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    result = run_tool("promtool", "test", "rules", str(ALERT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_is_documented_and_unit_tested_firing_and_silent() -> None:
+    rules = alert_rules()
+    names = {rule["alert"] for rule in rules}
+    anchors = github_anchors(README.read_text(encoding="utf-8"))
+    samples = exposed_samples()
+    assert len(names) == len(rules)
+    assert {
+        "IdemproxyOperationsNeedAttention",
+        "IdemproxyUnknownOperationsPilingUp",
+        "IdemproxyStoreUnreachable",
+        "IdemproxyFailClosedRejections",
+        "IdemproxyOverheadHigh",
+        "IdemproxyReconcilerFailing",
+    } <= names
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        annotations = rule["annotations"]
+        assert annotations["summary"], name
+        assert annotations["description"], name
+        path, _, anchor = annotations["runbook_url"].partition("#")
+        assert path == "README.md", name
+        assert anchor == name.lower(), name
+        assert anchor in anchors, f"README.md has no heading for #{anchor}"
+        assert set(METRIC_NAME.findall(rule["expr"])) <= samples.keys(), name
+
+    tests = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))
+    assert tests["rule_files"] == [ALERTS.name]
+    checks = [check for case in tests["tests"] for check in case["alert_rule_test"]]
+    fired = {check["alertname"] for check in checks if check["exp_alerts"]}
+    silent = {check["alertname"] for check in checks if not check["exp_alerts"]}
+    assert fired == names
+    assert silent == names
+
+
+# -- the live exposition -------------------------------------------------------------------------------
+
+
+async def test_promtool_accepts_the_live_exposition_after_traffic(
+    aiohttp_client: Callable[..., Awaitable[Client]], store: Store, upstream: Upstream
+) -> None:
+    config = proxy_config(
+        upstream.url, reconcile={"probe": {"url": "{upstream}/lookup?key={key}", "match": "matches[0]"}}
+    )
+    proxy = await aiohttp_client(build_proxy_app(config, store, run_reconciler=False))
+    admin = await aiohttp_client(build_admin_app(store, config))
+    statuses = [
+        (await proxy.post(path, json=body, headers={"Idempotency-Key": key})).status
+        for path, body, key in [
+            ("/items", {"n": 1}, "a"),
+            ("/items", {"n": 1}, "a"),
+            ("/items", {"n": 2}, "a"),
+            ("/reset", {}, "r"),
+            ("/reset", {}, "r"),
+            ("/status/503", {}, "s"),
+        ]
+    ]
+    await proxy.get("/items")
+    exposition = await (await admin.get("/metrics")).read()
+
+    assert statuses == [201, 201, 422, 502, 200, 503]
+    names = {family.name for family in text_string_to_metric_families(exposition.decode())}
+    assert {"idemproxy_requests", "idemproxy_overhead_seconds", "idemproxy_reconciler_probes"} <= names
+    result = run_tool("promtool", "check", "metrics", stdin=exposition)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+# -- real processes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A child process whose stderr is read continuously (it never blocks on a full pipe)."""
+
+    process: asyncio.subprocess.Process
+    lines: list[bytes] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    ended: bool = False
+    reader: asyncio.Task[None] | None = None
+
+    async def read(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.lines.append(line)
+            async with self.changed:
+                self.changed.notify_all()
+        async with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def count(self, marker: bytes) -> int:
+        return sum(1 for line in self.lines if marker in line)
+
+    async def wait_for(self, marker: bytes, times: int = 1) -> None:
+        """Until ``marker`` has been logged ``times`` times."""
+        async with asyncio.timeout(LIMIT_S), self.changed:
+            await self.changed.wait_for(lambda: self.ended or self.count(marker) >= times)
+        if self.count(marker) < times:
+            raise AssertionError(f"stderr ended before {marker!r} x{times}: {b''.join(self.lines[-30:])!r}")
+
+
+@contextlib.asynccontextmanager
+async def running(*command: str, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    child = Running(process)
+    child.reader = asyncio.create_task(child.read())
+    try:
+        yield child
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await child.reader
+
+
+async def until(
+    check: Callable[[], Awaitable[T | None]], what: str, limit_s: float = LIMIT_S, every_s: float = 0.2
+) -> T:
+    """Poll ``check`` until it returns something truthy (an external process's progress)."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {limit_s:g}s waiting for {what}")
+        await asyncio.sleep(every_s)
+
+
+@dataclass
+class Prometheus:
+    session: aiohttp.ClientSession
+    url: str
+
+    async def api(self, path: str, **params: str) -> Any:
+        async with self.session.get(f"{self.url}/api/v1/{path}", params=params) as response:
+            body = await response.json()
+        assert body["status"] == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    async def query(self, promql: str) -> list[dict[str, Any]]:
+        data = await self.api("query", query=promql)
+        assert data["resultType"] == "vector", promql
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    async def scalar(self, promql: str) -> float:
+        result = await self.query(promql)
+        return float(result[0]["value"][1]) if result else math.nan
+
+    async def active_alerts(self) -> dict[str, list[dict[str, Any]]]:
+        alerts: dict[str, list[dict[str, Any]]] = {}
+        for alert in (await self.api("alerts"))["alerts"]:
+            alerts.setdefault(alert["labels"]["alertname"], []).append(alert)
+        return alerts
+
+
+def has_finite_value(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
+@contextlib.asynccontextmanager
+async def prometheus_scraping(tmp_path: Path, admin_port: int) -> AsyncIterator[Prometheus]:
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "idemproxy", "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}]}],
+    }
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    command = [
+        tool("prometheus"),
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    async with running(*command) as child, aiohttp.ClientSession() as session:
+        prometheus = Prometheus(session, f"http://127.0.0.1:{port}")
+
+        async def ready() -> bool:
+            if child.process.returncode is not None:
+                raise AssertionError(f"prometheus exited: {b''.join(child.lines[-20:])!r}")
+            try:
+                async with session.get(f"{prometheus.url}/-/ready") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await until(ready, "prometheus to be ready", every_s=0.1)
+        yield prometheus
+
+
+def write_proxy_config(tmp_path: Path, upstream: Upstream, redis_url: str) -> tuple[Path, int, int]:
+    listen, admin = free_port(), free_port()
+    config = {
+        "listen": f"127.0.0.1:{listen}",
+        "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"url": redis_url, "socket_timeout": "500ms"},
+        "routes": [
+            {
+                "name": ROUTE,
+                "prefix": "/",
+                "upstream": upstream.url,
+                "reconcile": {
+                    "probe": {"url": "{upstream}/lookup?key={key}", "match": "matches[0]"},
+                    "found": {"status": 201},
+                },
+            }
+        ],
+    }
+    path = tmp_path / "idemproxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, listen, admin
+
+
+async def drive_traffic(session: aiohttp.ClientSession, base: str, phase: str) -> list[int]:
+    """Forwards, a replay, a mismatch, a lost acknowledgment and its reconciliation, a read, a rejection."""
+    key = {"Idempotency-Key": f"{phase}-1"}
+    lost = {"Idempotency-Key": f"{phase}-lost"}
+    statuses = []
+    for method, path, body, headers in [
+        ("POST", "/items", {"n": 1}, key),
+        ("POST", "/items", {"n": 1}, key),
+        ("POST", "/items", {"n": 2}, key),
+        ("POST", "/reset", {}, lost),
+        ("POST", "/reset", {}, lost),
+        ("GET", "/items", None, {}),
+        ("POST", "/items", {}, {}),
+    ]:
+        async with session.request(method, f"{base}{path}", json=body, headers=headers) as response:
+            await response.read()
+            statuses.append(response.status)
+    return statuses
+
+
+PHASE_STATUSES = [201, 201, 422, 502, 201, 201, 400]
+
+
+async def test_real_prometheus_scrapes_the_proxy_and_every_panel_and_alert_has_data(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    config_file, listen, admin = write_proxy_config(tmp_path, upstream, redis_server.url)
+    base = f"http://127.0.0.1:{listen}"
+    command = [sys.executable, "-m", "idemproxy", "run", "--config", str(config_file)]
+    exprs = panel_exprs(dashboard())
+    try:
+        async with (
+            running(*command) as proxy,
+            prometheus_scraping(tmp_path, admin) as prometheus,
+            aiohttp.ClientSession() as session,
+        ):
+            await proxy.wait_for(b"idemproxy listening")
+            await until(lambda: prometheus.query('up{job="idemproxy"} == 1'), "the first successful scrape")
+
+            # Two rounds of traffic, so every series has grown between two scrapes (rates, quantiles).
+            assert await drive_traffic(session, base, "a") == PHASE_STATUSES
+            await until(
+                lambda: prometheus.query("sum(idemproxy_requests_total) >= 7"), "a scrape after the first round"
+            )
+            assert await drive_traffic(session, base, "b") == PHASE_STATUSES
+
+            # The ledger goes away: side-effecting calls fail closed, store errors are counted.
+            redis_server.kill()
+            fail_closed = 'idemproxy_requests_total{decision="fail_closed"}'
+            assert await post_status(session, f"{base}/items", "down-1") == 503
+            await until(lambda: prometheus.query(fail_closed), "a scrape of the first fail-closed request")
+            assert await post_status(session, f"{base}/items", "down-2") == 503
+
+            async def all_panels_have_data() -> dict[str, list[dict[str, Any]]] | None:
+                results = {where: await prometheus.query(concrete(expr, ROUTE)) for where, expr in exprs}
+                return results if all(has_finite_value(result) for result in results.values()) else None
+
+            async def outage_alerts_active() -> dict[str, list[dict[str, Any]]] | None:
+                alerts = await prometheus.active_alerts()
+                wanted = {"IdemproxyFailClosedRejections", "IdemproxyStoreUnreachable"}
+                return alerts if wanted <= alerts.keys() else None
+
+            results = await until(all_panels_have_data, "every panel's query to return data")
+            alerts = await until(outage_alerts_active, "the store-outage alerts to go pending")
+            routes = await prometheus.api("label/route/values", **{"match[]": "idemproxy_requests_total"})
+            rules = await prometheus.api("rules")
+            store_errors = await prometheus.scalar('sum(idemproxy_store_errors_total{operation="reserve"})')
+            fail_closed_total = await prometheus.scalar(f"sum({fail_closed})")
+            prevented = await prometheus.scalar("sum(idemproxy_duplicate_side_effects_prevented_total)")
+            probes_found = await prometheus.scalar('sum(idemproxy_reconciler_probes_total{result="found"})')
+    finally:
+        redis_server.kill()
+
+    assert sorted(results) == sorted(where for where, _ in exprs)
+    for where, result in results.items():
+        assert result, f"{where} returned no series"
+    assert routes == [ROUTE]
+    evaluated = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len(evaluated) == len(alert_rules())
+    assert all(rule["health"] == "ok" for rule in evaluated), [(r["name"], r.get("lastError")) for r in evaluated]
+    assert [alert["labels"]["route"] for alert in alerts["IdemproxyFailClosedRejections"]] == [ROUTE]
+    # Healthy in this run: nothing needs attention, probes succeed, no 500s, no fail-open route.
+    assert not alerts.keys() & {
+        "IdemproxyOperationsNeedAttention",
+        "IdemproxyUnknownOperationsPilingUp",
+        "IdemproxyReconcilerFailing",
+        "IdemproxyInternalErrors",
+        "IdemproxyFailOpenForwarding",
+    }
+    assert fail_closed_total == 2
+    assert store_errors == 2
+    assert prevented == 4  # per round: the replay and the reconciled retry
+    assert probes_found == 2  # one per lost acknowledgment: a claim keeps probes from doubling
+
+
+async def post_status(session: aiohttp.ClientSession, url: str, key: str) -> int:
+    async with session.post(url, json={}, headers={"Idempotency-Key": key}) as response:
+        await response.read()
+        return response.status
+
+
+# -- several worker processes ---------------------------------------------------------------------------
+
+
+async def test_metrics_aggregate_across_worker_processes(upstream: Upstream, tmp_path: Path) -> None:
+    listen, admin = free_port(), free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    command = [
+        sys.executable, "-m", "idemproxy", "run", "--workers", "2",
+        "--upstream", upstream.url,
+        "--listen", f"127.0.0.1:{listen}",
+        "--admin-listen", f"127.0.0.1:{admin}",
+        "--store", f"sqlite:///{tmp_path / 'ledger.db'}",
+    ]  # fmt: skip
+    requests = 24
+    async with running(*command, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}) as proxy:
+        await proxy.wait_for(b"idemproxy listening", times=2)
+        for number in range(requests):  # a new connection each: the kernel spreads them over the workers
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                assert await post_status(session, f"http://127.0.0.1:{listen}/items", f"k{number}") == 201
+        expositions = []
+        for _ in range(10):
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+                session.get(f"http://127.0.0.1:{admin}/metrics") as response,
+            ):
+                expositions.append(await response.read())
+        access = [orjson.loads(line) for line in proxy.lines if b'"idemproxy.access"' in line]
+
+    assert len({entry["pid"] for entry in access}) == 2, "both workers served requests"
+    for exposition in expositions:
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(exposition.decode())
+            for sample in family.samples
+        }
+        forwarded = (("decision", "forwarded"), ("method", "POST"), ("route", "default"))
+        assert samples[("idemproxy_requests_total", forwarded)] == requests
+        assert samples[("idemproxy_overhead_seconds_count", (("route", "default"),))] == requests
+        assert samples[("idemproxy_in_flight_operations", ())] == 0
+        build_info = [value for (name, _), value in samples.items() if name == "idemproxy_build_info"]
+        assert build_info == [1]
+    result = run_tool("promtool", "check", "metrics", stdin=expositions[0])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_metrics_table_lists_every_metric_with_its_type_and_labels() -> None:
+    section = README.read_text(encoding="utf-8").split("## Metrics and dashboards", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(idemproxy_[a-z_]+)` \| (\w+) \| ([^|]+) \|", section, re.MULTILINE)
+    documented = {name: (kind, frozenset(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+    expected = {}
+    for family in exposed_families().values():
+        name = family.name + ("_total" if family.kind == "counter" else "")
+        expected[name] = (family.kind, family.labels - {"le"})
+    assert documented == expected
