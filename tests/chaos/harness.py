@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,10 +430,15 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=32)
     parser.add_argument("--proxies", type=int, default=2)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data directory")
     args = parser.parse_args()
     config = ChaosConfig(operations=args.operations, agents=args.agents, proxies=args.proxies, seed=args.seed)
-    with tempfile.TemporaryDirectory(prefix="idemproxy-chaos-") as directory:
-        report = asyncio.run(run_campaign(config, Path(directory)))
+    directory = Path(tempfile.mkdtemp(prefix="idemproxy-chaos-"))
+    report = asyncio.run(run_campaign(config, directory))
+    if report.violations or args.keep:
+        print(f"logs and data kept in {directory}")
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
     print(f"chaos campaign: seed {config.seed}, {config.proxies} proxies, {config.agents} agents\n")
     print(report.table())
     for violation in report.violations[:50]:
