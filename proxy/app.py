@@ -16,7 +16,6 @@ from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
-from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_middleware
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 UNRESOLVED_REFRESH_S = 5.0
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
-AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
 
 
 def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool = True) -> web.Application:
@@ -40,13 +38,11 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     ``run_reconciler=False`` leaves background reconciliation off (on-demand
     reconciliation still runs), for tests that drive it step by step."""
     largest_body = max(route.max_body for route in config.routes)
-    authenticator = _authenticator(config, store)
     route_table = RouteTable(config.routes)
     app = web.Application(
         middlewares=[
             observe_middleware,
             problem_middleware,
-            *([proxy_auth_middleware(authenticator, route_table)] if authenticator is not None else []),
             non_origin_target_middleware,
         ],
         client_max_size=largest_body + 1,
@@ -74,37 +70,11 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
         await forwarder.close()
 
     app.cleanup_ctx.append(background_ctx)
-    _add_identities_ctx(app, authenticator)
     return app
 
 
-def _authenticator(config: ProxyConfig, store: Store) -> Authenticator | None:
-    if config.auth is None:
-        return None
-    identities = IdentityStore(config.auth, frozenset(route.name for route in config.routes))
-    return Authenticator(identities, store, config.headers.key)
-
-
-def _add_identities_ctx(app: web.Application, authenticator: Authenticator | None) -> None:
-    """Reload identities on SIGHUP while the app runs."""
-    if authenticator is None:
-        return
-    app[AUTHENTICATOR_KEY] = authenticator
-
-    async def identities_ctx(app: web.Application) -> AsyncIterator[None]:
-        authenticator.identities.start()
-        yield
-        authenticator.identities.stop()
-
-    app.cleanup_ctx.append(identities_ctx)
-
-
 def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
-    authenticator = _authenticator(config, store)
-    app = web.Application(
-        middlewares=[problem_middleware, *([admin_auth_middleware(authenticator)] if authenticator else [])]
-    )
-    _add_identities_ctx(app, authenticator)
+    app = web.Application(middlewares=[problem_middleware])
     app[STORE_KEY] = store
     app[ROUTES_KEY] = {route.name: route for route in config.routes}
     app[RESOLVER_KEY] = f"{new_instance_id()}:operator"
