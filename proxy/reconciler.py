@@ -90,18 +90,27 @@ class Reconciler:
             else _DEFAULT_ON_DEMAND_TIMEOUT_S
         )
         deadline = time.monotonic() + timeout_s
-        now = now_ms()
-        task = self._running.get(record.op_id)
-        if task is None and needs_reconciling(record, now) and record.next_probe_ms <= now:
-            task = self._spawn(record)
-        if task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
-        # Another instance may hold the claim: wait, bounded, for its result.
-        current = await self.store.wait_for(
-            record.op_id, deadline, lambda current: current is None or not current.claimed(now_ms())
-        )
-        return current or record
+        while True:
+            now = now_ms()
+            task = self._running.get(record.op_id)
+            if task is None and needs_reconciling(record, now) and record.next_probe_ms <= now:
+                task = self._spawn(record)
+            if task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            # Another instance may hold the claim: wait, bounded, for its result.
+            current = await self.store.wait_for(
+                record.op_id, deadline, lambda current: current is None or not current.claimed(now_ms())
+            )
+            if current is None or current.state is not State.UNKNOWN or current.claimed(now_ms()):
+                return current or record
+            # The next probe is due within this request's bound (e.g. "absent" was not
+            # yet settled): wait for it rather than answer "unknown".
+            wait_s = (current.next_probe_ms - now_ms()) / 1000
+            if wait_s <= 0 or time.monotonic() + wait_s >= deadline:
+                return current
+            await asyncio.sleep(wait_s)
+            record = current
 
     # -- background -----------------------------------------------------------------------
 
@@ -175,6 +184,9 @@ class Reconciler:
             lease_until_ms=now + round((probe_s * 2 + _CLAIM_MARGIN_S) * 1000),
             retry_class=record.retry_class or RetryClass.LEASE_EXPIRED,
             updated_ms=now,
+            attempt_ms=max(record.attempt_ms, record.lease_until_ms)
+            if record.state is State.PENDING
+            else record.attempt_ms,
         )
         evidence = Evidence(
             now,

@@ -101,7 +101,10 @@ class OperationRecord:
     reconciled: bool = False  # the response was established by reconciliation or an operator
     probes: int = 0  # reconciliation probes since the outcome became unknown
     next_probe_ms: int = 0  # an UNKNOWN record is not probed again before this
-    attempt_ms: int = 0  # when the current attempt was reserved (sent soon after)
+    #: The last moment the current attempt may have been sent: when it was reserved,
+    #: or, once its owner's lease ran out, that lease's end (a paused owner that
+    #: wakes checks its lease before sending, so it cannot send later than that).
+    attempt_ms: int = 0
     request: StoredRequest | None = None
     evidence: tuple[Evidence, ...] = ()
 

@@ -132,6 +132,8 @@ async def test_pending_duplicate_past_the_wait_bound_gets_409_with_retry_after(
 UNDECIDABLE_PROBE = {
     "probe": {"url": "{upstream}/probe-status/500", "match": "matches[0]"},
     "max_probes": 3,
+    "backoff": "1h",  # the next probe is far beyond a request's on-demand bound
+    "max_backoff": "1h",
 }
 
 

@@ -30,7 +30,11 @@ from tests.test_process import read_until
 pytestmark = pytest.mark.slow
 
 LEASE = {"connect_timeout": "500ms", "read_timeout": "2s", "lease": "3s"}
-RECONCILE = {"probe": {"url": "{upstream}/lookup?key={key}", "match": "matches[0]"}, "found": {"status": 201}}
+RECONCILE = {
+    "probe": {"url": "{upstream}/lookup?key={key}", "match": "matches[0]"},
+    "found": {"status": 201},
+    "settle": "500ms",  # absence counts 0.5 s after the dead owner's lease ended
+}
 
 
 class ProxyProcess:
@@ -177,7 +181,7 @@ async def test_two_instances_reconcile_a_batch_of_crashed_operations_exactly_onc
             fingerprint="f",
             attempt=1,
             owner="crashed-instance:1",
-            lease_until_ms=now - 1000,
+            lease_until_ms=now - 60_000,  # crashed a minute ago
             method="POST",
             target="/items",
             created_ms=now - 60_000,
