@@ -1,33 +1,63 @@
 # syntax=docker/dockerfile:1
-# Build: docker build -t idemproxy .
-# Run:   docker run -p 8080:8080 -p 8081:8081 -e IDEMPROXY_UPSTREAM=http://tool:9000 \
-#          -e IDEMPROXY_STORE=redis://redis:6379/0 idemproxy
+# idemproxy container image.
+#
+#   docker build -t idemproxy .
+#   docker run --rm -p 8080:8080 -p 8081:8081 -e IDEMPROXY_UPSTREAM=http://tool:9000 \
+#       -e IDEMPROXY_STORE=redis://redis:6379/0 idemproxy
+#   docker run --rm -p 8080:8080 -p 8081:8081 -v "$PWD/idemproxy.yaml:/etc/idemproxy/config.yaml:ro" \
+#       idemproxy --config /etc/idemproxy/config.yaml --workers 2
+#
+# Configuration: a file (--config) and IDEMPROXY_* variables, which win over the
+# file. The image sets IDEMPROXY_LISTEN and IDEMPROXY_ADMIN_LISTEN to 0.0.0.0 so
+# the ports can be published; without a store setting the ledger is SQLite under
+# /var/lib/idemproxy (mount a volume there to keep it).
+# tests/deploy/test_image.py runs the build stage's RUN steps in a clean virtual
+# environment and starts the result; keep those steps plain shell.
 
-FROM python:3.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY adapters ./adapters
+# Dependencies come as wheels only (--only-binary), so nothing is compiled and
+# this stage needs no compiler; pip itself is removed from the environment the
+# final stage copies.
 RUN python -m venv /opt/idemproxy \
-    && /opt/idemproxy/bin/pip install --no-compile . \
-    && /opt/idemproxy/bin/python -c "import idemproxy, redis, aiohttp, uvloop"
+    && /opt/idemproxy/bin/pip install --only-binary=:all: . \
+    && /opt/idemproxy/bin/pip uninstall --yes pip setuptools \
+    && /opt/idemproxy/bin/python -c "import idemproxy.cli, aiohttp, hiredis, orjson, redis, uvloop, yaml"
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/idemproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     IDEMPROXY_LISTEN=0.0.0.0:8080 \
-    IDEMPROXY_ADMIN_LISTEN=0.0.0.0:8081 \
-    IDEMPROXY_STORE=sqlite:////var/lib/idemproxy/ledger.db
-RUN groupadd --system --gid 10001 idemproxy \
-    && useradd --system --uid 10001 --gid idemproxy --home-dir /var/lib/idemproxy --create-home idemproxy
+    IDEMPROXY_ADMIN_LISTEN=0.0.0.0:8081
+# The base image's own pip, setuptools and wheel are installers, not runtime
+# dependencies: removed (where the base has them), so the final image holds no
+# tool to build or fetch code.
+RUN if python -m pip --version >/dev/null 2>&1; then \
+        python -m pip uninstall --yes --no-cache-dir pip setuptools wheel; \
+    fi \
+    && groupadd --system --gid 10001 idemproxy \
+    && useradd --system --uid 10001 --gid idemproxy --no-log-init \
+        --home-dir /var/lib/idemproxy --create-home --shell /usr/sbin/nologin idemproxy \
+    && mkdir -p /etc/idemproxy
 COPY --from=build /opt/idemproxy /opt/idemproxy
 USER 10001:10001
 WORKDIR /var/lib/idemproxy
 EXPOSE 8080 8081
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2)"]
-# SIGTERM drains in-flight requests (shutdown_grace), then exits.
+# Liveness of the admin listener, on the port IDEMPROXY_ADMIN_LISTEN names.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IDEMPROXY_ADMIN_LISTEN', ':8081').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
+# idemproxy is PID 1 (exec form, no shell): it handles SIGTERM itself, stops
+# accepting connections, lets in-flight requests finish for `shutdown_grace`
+# (10 s by default) and exits. Give `docker stop -t` / the pod's grace period more.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["idemproxy", "run"]
+CMD []

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell { cat pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint format clean chaos bench
+.PHONY: help setup run test lint format clean chaos bench helm-sync
 
 help:
 	@echo "make run    - start the example ticket tool and idemproxy in front of it (Ctrl-C stops both)"
@@ -31,6 +31,7 @@ run: $(STAMP)
 test: $(STAMP)
 	@sh scripts/bootstrap.sh redis
 	@sh scripts/bootstrap.sh monitoring
+	@sh scripts/bootstrap.sh deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -38,18 +39,21 @@ bench: $(STAMP)
 	@sh scripts/bootstrap.sh bench-tools
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+helm-sync: $(STAMP)
+	$(BIN)/python -m tests.deploy.sync_chart
+
 chaos: $(STAMP)
 	@sh scripts/bootstrap.sh redis
 	$(BIN)/python -m tests.chaos.harness --operations $(or $(OPERATIONS),10000)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy adapters tests examples scripts
-	$(BIN)/ruff format --check proxy adapters tests examples scripts
+	$(BIN)/ruff check proxy adapters tests examples bench
+	$(BIN)/ruff format --check proxy adapters tests examples bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format proxy adapters tests examples scripts
-	$(BIN)/ruff check --fix proxy adapters tests examples scripts
+	$(BIN)/ruff format proxy adapters tests examples bench
+	$(BIN)/ruff check --fix proxy adapters tests examples bench
 
 clean:
 	rm -rf $(VENV) .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -4,7 +4,10 @@
   functions, or any ``BaseTool``) for ``AssistantAgent(tools=...)``;
 - ``IdempotentWorkbench``: wrap any ``Workbench``;
 - ``IdempotentHttpTool``: ``autogen_ext.tools.http.HttpTool`` that sends
-  through the proxy with a per-call key over one pooled session.
+  through the proxy with a per-call key over one pooled session;
+- ``idempotent_mcp_params``: ``StreamableHttpServerParams`` for an
+  ``McpWorkbench`` whose every ``tools/call`` carries its operation key in
+  ``params._meta`` (the proxy's MCP route mode).
 
 AutoGen runs a synchronous ``FunctionTool`` with ``loop.run_in_executor``,
 which does not carry context variables; ``IdempotentTool`` runs it with
@@ -28,19 +31,23 @@ try:
     from autogen_core.tools import BaseTool, FunctionTool, StaticWorkbench, ToolResult, ToolSchema, Workbench
     from autogen_ext.tools.http import HttpTool
     from autogen_ext.tools.http._http_tool import HttpToolConfig  # exported nowhere else
-    from pydantic import BaseModel
+    from autogen_ext.tools.mcp import StreamableHttpServerParams
+    from pydantic import BaseModel, Field, field_serializer
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"idemproxy.adapters.autogen needs AutoGen: pip install 'idemproxy[autogen]' ({exc})") from exc
 
 from idemproxy.adapters.client import ProxyClient
 from idemproxy.adapters.context import AgentRun
 from idemproxy.adapters.keys import KeyStrategy
+from idemproxy.adapters.mcp import McpOperationKeys
+from idemproxy.mcp_config import DEFAULT_KEY_META
 
 __all__ = [
     "IdempotentHttpTool",
     "IdempotentHttpToolConfig",
     "IdempotentTool",
     "IdempotentWorkbench",
+    "idempotent_mcp_params",
     "idempotent_tools",
 ]
 
@@ -120,8 +127,10 @@ def idempotent_tools(
 class IdempotentWorkbench(Workbench):
     """A workbench whose every ``call_tool`` runs inside its own operation.
 
-    Tools running in the caller's task see the operation (async tools, HTTP and
-    MCP calls made by the workbench itself). A ``StaticWorkbench`` holding a
+    Tools running in the caller's task see the operation (async tools, HTTP
+    calls made by the workbench itself). An ``McpWorkbench`` calls its server
+    from a task of its own, where the operation is not seen: give it
+    ``idempotent_mcp_params(...)`` instead. A ``StaticWorkbench`` holding a
     synchronous ``FunctionTool`` is refused: AutoGen runs that function with
     ``run_in_executor``, where the operation would be lost; build the
     workbench from ``idempotent_tools(...)`` instead.
@@ -279,3 +288,39 @@ def _query_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+class _KeyedStreamableHttpServerParams(StreamableHttpServerParams):
+    # AutoGen passes every field of the params to the mcp SDK's streamablehttp_client,
+    # which takes an httpx ``auth``; a component config keeps it as null.
+    auth: Any = Field(default=None)
+
+    @field_serializer("auth", when_used="json")
+    def _auth_is_not_config(self, value: Any) -> None:
+        return None
+
+
+def idempotent_mcp_params(
+    params: StreamableHttpServerParams,
+    run: AgentRun,
+    *,
+    key_meta: str = DEFAULT_KEY_META,
+    keys: KeyStrategy | None = None,
+    caller: str | None = None,
+) -> StreamableHttpServerParams:
+    """``params`` (whose ``url`` is the proxy's MCP endpoint) for an ``McpWorkbench`` that
+    sends each ``tools/call`` with its operation key in ``params._meta[key_meta]``.
+
+    The key is derived by ``run``'s key strategy (or ``keys``) from the run, the tool
+    and its arguments, and every request carries the run as ``X-Agent-Task``. The
+    workbench calls tools from a task of its own, so the key travels with the request
+    itself (``McpOperationKeys``), not with the caller's context. A workbench loaded
+    from a dumped component config calls tools without keys.
+    """
+    if not isinstance(params, StreamableHttpServerParams):
+        raise TypeError(
+            f"idemproxy records MCP tool calls over Streamable HTTP only, got {type(params).__name__}; "
+            "use StreamableHttpServerParams with the proxy's MCP endpoint as url."
+        )
+    auth = McpOperationKeys(run, key_meta=key_meta, keys=keys, caller=caller)
+    return _KeyedStreamableHttpServerParams(**params.model_dump(exclude={"type", "auth"}), auth=auth)

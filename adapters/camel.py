@@ -3,7 +3,10 @@
 - ``IdempotentFunctionTool``: a ``FunctionTool`` whose every call runs inside
   its own operation (``AgentRun.operation``);
 - ``IdempotentChatAgent``: a ``ChatAgent`` that wraps its tools so, and passes
-  the model's tool-call id through for tracing and ``key_from_call_id``.
+  the model's tool-call id through for tracing and ``key_from_call_id``;
+- ``IdempotentMCPClient``: an ``MCPClient`` (Streamable HTTP, pointed at the
+  proxy's MCP endpoint) whose every ``tools/call`` carries its operation key in
+  ``params._meta``, so the tools it (or an ``MCPToolkit``) makes keep theirs too.
 
 ``ChatAgent.astep`` runs a synchronous tool with ``loop.run_in_executor``,
 which does not carry context variables; ``IdempotentFunctionTool.async_call``
@@ -16,23 +19,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 try:
+    import httpx
     from camel.agents import ChatAgent
     from camel.agents._types import ToolCallRequest
     from camel.toolkits import FunctionTool
     from camel.types.agents import ToolCallingRecord
+    from camel.utils.mcp_client import MCPClient, ServerConfig, TransportType
+    from mcp.client import streamable_http
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"idemproxy.adapters.camel needs CAMEL: pip install 'idemproxy[camel]' ({exc})") from exc
 
 from idemproxy.adapters.context import AgentRun, Operation
 from idemproxy.adapters.keys import KeyStrategy
+from idemproxy.adapters.mcp import McpOperationKeys
+from idemproxy.mcp_config import DEFAULT_KEY_META
 
-__all__ = ["IdempotentChatAgent", "IdempotentFunctionTool", "idempotent_tools"]
+__all__ = ["IdempotentChatAgent", "IdempotentFunctionTool", "IdempotentMCPClient", "idempotent_tools"]
 
 #: The tool-call id of the call ChatAgent is executing, set by IdempotentChatAgent.
 _CALL_ID: ContextVar[str | None] = ContextVar("idemproxy_camel_call_id", default=None)
@@ -145,3 +153,61 @@ def _call_id(call_id: str | None) -> Iterator[None]:
         yield
     finally:
         _CALL_ID.reset(token)
+
+
+class IdempotentMCPClient(MCPClient):
+    """An ``MCPClient`` whose every ``tools/call`` carries its operation key in ``params._meta``.
+
+    Takes ``MCPClient``'s arguments; ``config`` (a ``ServerConfig`` or its dict)
+    names the proxy's MCP endpoint as ``url``. The key is derived by ``run``'s key
+    strategy (or ``keys``) from the run, the tool and its arguments, on the HTTP
+    request itself (``McpOperationKeys``), so it does not matter which task or
+    thread CAMEL calls a tool from. Only Streamable HTTP is used: CAMEL's
+    fallback to the old HTTP+SSE transport, whose answers arrive on another
+    stream, is refused.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | dict[str, Any],
+        run: AgentRun | None = None,
+        *,
+        key_meta: str = DEFAULT_KEY_META,
+        keys: KeyStrategy | None = None,
+        caller: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, **kwargs)
+        if self.config.transport_type is not TransportType.STREAMABLE_HTTP:
+            raise ValueError(
+                f"idemproxy records MCP tool calls over Streamable HTTP only; this config uses "
+                f"{self.config.transport_type.value}. Give the proxy's MCP endpoint as url."
+            )
+        self.run_scope = run or AgentRun()
+        self.operation_keys = McpOperationKeys(self.run_scope, key_meta=key_meta, keys=keys, caller=caller)
+
+    @asynccontextmanager
+    async def _create_transport(self, override_transport: TransportType | None = None) -> AsyncIterator[Any]:
+        if (override_transport or self.config.transport_type) is not TransportType.STREAMABLE_HTTP:
+            raise ConnectionError("idemproxy records MCP tool calls over Streamable HTTP only.")
+        config = self.config
+        assert config.url is not None
+        auth, timeout = self.operation_keys, httpx.Timeout(config.timeout, read=config.sse_read_timeout)
+        if not hasattr(streamable_http, "streamable_http_client"):  # older mcp 1.x
+            async with streamable_http.streamablehttp_client(
+                config.url,
+                headers=config.headers,
+                timeout=config.timeout,
+                sse_read_timeout=config.sse_read_timeout,
+                terminate_on_close=config.terminate_on_close,
+                auth=auth,
+            ) as streams:
+                yield streams
+            return
+        async with (
+            httpx.AsyncClient(headers=config.headers, timeout=timeout, auth=auth, follow_redirects=True) as http,
+            streamable_http.streamable_http_client(
+                config.url, http_client=http, terminate_on_close=config.terminate_on_close
+            ) as streams,
+        ):
+            yield streams

@@ -8,6 +8,10 @@ the canonical JSON of its arguments (the proxy's own canonical form,
 
     key = "op1-" + sha256(canonical_json([run_id, tool, arguments])).hexdigest()
 
+The derivation itself lives in ``idemproxy.tool_keys``, where the proxy's MCP
+route mode uses it too, so a key an adapter sends and a key the proxy derives
+for the same call are the same key.
+
 The call id is kept beside the key, for tracing. Applications that want one
 operation per call id use ``key_from_call_id``; any other rule is a function
 from ``ToolCall`` to ``str``.
@@ -23,9 +27,17 @@ from typing import Any
 from idemproxy.adapters.errors import InvalidOperationKey
 from idemproxy.errors import InvalidKey
 from idemproxy.fingerprint import canonical_json, validate_key
+from idemproxy.tool_keys import KEY_VERSION, tool_call_key
 
-#: Bumped if the derivation ever changes, so old and new keys never collide.
-KEY_VERSION = "op1"
+__all__ = [
+    "KEY_VERSION",
+    "KeyStrategy",
+    "ToolCall",
+    "checked_key",
+    "key_from_arguments",
+    "key_from_call_id",
+    "operation_key",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +63,12 @@ def operation_key(run_id: str, tool: str, arguments: Mapping[str, Any]) -> str:
     matter; ``1`` and ``1.0`` differ, as in the proxy's fingerprints).
     """
     try:
-        material = canonical_json([run_id, tool, arguments])
+        return tool_call_key(run_id, tool, arguments)
     except TypeError as exc:
         raise InvalidOperationKey(
             f"The arguments of tool {tool!r} are not JSON values, so no key can be derived "
             f"from them: {exc}. Pass JSON-compatible arguments or use a key strategy of your own."
         ) from exc
-    return f"{KEY_VERSION}-{hashlib.sha256(material).hexdigest()}"
 
 
 def key_from_arguments(call: ToolCall) -> str:

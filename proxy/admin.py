@@ -6,11 +6,16 @@ state, route, task and age; ``POST /_idem/ops/{op_id}/resolve`` settles an
 UNKNOWN or NEEDS_ATTENTION operation as done (with the response to replay)
 or not done (released for a new attempt). Every resolution is recorded as
 evidence with who and when.
+
+With authentication on, ``/_idem/ops`` needs an identity with ``ops: read``
+(its own operations: those whose ``scope.caller`` is its name) or ``ops:
+admin`` (every caller's operations, ``?caller=`` to filter, and resolve).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -22,9 +27,11 @@ import orjson
 from aiohttp import web
 
 from idemproxy import metrics
+from idemproxy.auth import IDENTITY, OpsAccess
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import next_step
 from idemproxy.errors import (
+    Forbidden,
     InvalidQuery,
     InvalidResolution,
     InvalidTransition,
@@ -66,11 +73,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def show_operation(request: web.Request) -> web.Response:
     record = await _load(request)
+    identity = request.get(IDENTITY)
+    if identity is not None and not identity.can_see(record.scope.caller):
+        raise Forbidden(f"Identity {identity.name!r} may only see its own operations.")
     return _json(record_view(record, request.app[ROUTES_KEY].get(record.scope.route)))
 
 
 async def list_operations(request: web.Request) -> web.Response:
     query = _parse_query(request.query)
+    identity = request.get(IDENTITY)
+    if identity is not None and identity.ops is not OpsAccess.ADMIN:
+        if query.caller not in (None, identity.name):
+            raise Forbidden(f"Identity {identity.name!r} may only list its own operations.")
+        query = dataclasses.replace(query, caller=identity.name)
     try:
         records = await request.app[STORE_KEY].query(query)
     except StoreUnavailable as exc:
@@ -80,6 +95,9 @@ async def list_operations(request: web.Request) -> web.Response:
 
 
 async def resolve_operation(request: web.Request) -> web.Response:
+    identity = request.get(IDENTITY)
+    if identity is not None and identity.ops is not OpsAccess.ADMIN:
+        raise Forbidden(f"Identity {identity.name!r} may not resolve operations; that takes 'ops: admin'.")
     record = await _load(request)
     try:
         payload = orjson.loads(await request.read())
@@ -87,6 +105,8 @@ async def resolve_operation(request: web.Request) -> web.Response:
         raise InvalidResolution(f"The body must be JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidResolution("The body must be a JSON object with 'outcome': 'done' or 'not_done'.")
+    if identity is not None:  # the evidence names who proved it, not who they say they are
+        payload = {**payload, "by": identity.name}
     route = request.app[ROUTES_KEY].get(record.scope.route)
     transition = resolution(record, payload, route, f"{request.app[RESOLVER_KEY]}:{next(_resolutions)}")
     store = request.app[STORE_KEY]
@@ -258,9 +278,11 @@ def _response_view(response: StoredResponse | None) -> dict[str, Any] | None:
 
 
 def _parse_query(params: Mapping[str, str]) -> OpsQuery:
-    unknown = set(params) - {"state", "route", "task", "older_than", "limit"}
+    unknown = set(params) - {"state", "route", "task", "caller", "older_than", "limit"}
     if unknown:
-        raise InvalidQuery(f"Unknown query parameters {sorted(unknown)}; use state, route, task, older_than, limit.")
+        raise InvalidQuery(
+            f"Unknown query parameters {sorted(unknown)}; use state, route, task, caller, older_than, limit."
+        )
     state = None
     if "state" in params:
         try:
@@ -282,6 +304,7 @@ def _parse_query(params: Mapping[str, str]) -> OpsQuery:
         state=state,
         route=params.get("route"),
         task=params.get("task"),
+        caller=params.get("caller"),
         updated_before_ms=updated_before_ms,
         limit=int(limit),
     )

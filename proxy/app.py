@@ -16,6 +16,7 @@ from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
+from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_middleware
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
@@ -24,12 +25,14 @@ from idemproxy.observe import LOG_KEYS, observe_middleware
 from idemproxy.reconciler import Reconciler
 from idemproxy.routes import RouteTable
 from idemproxy.store import Store, StoreUnavailable, open_store
+from idemproxy.store.redis_urls import redacted
 
 log = logging.getLogger(__name__)
 
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 UNRESOLVED_REFRESH_S = 5.0
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
+AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
 
 
 def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool = True) -> web.Application:
@@ -38,11 +41,13 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     ``run_reconciler=False`` leaves background reconciliation off (on-demand
     reconciliation still runs), for tests that drive it step by step."""
     largest_body = max(route.max_body for route in config.routes)
+    authenticator = _authenticator(config, store)
     route_table = RouteTable(config.routes)
     app = web.Application(
         middlewares=[
             observe_middleware,
             problem_middleware,
+            *([proxy_auth_middleware(authenticator, route_table)] if authenticator is not None else []),
             non_origin_target_middleware,
         ],
         client_max_size=largest_body + 1,
@@ -70,11 +75,37 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
         await forwarder.close()
 
     app.cleanup_ctx.append(background_ctx)
+    _add_identities_ctx(app, authenticator)
     return app
 
 
+def _authenticator(config: ProxyConfig, store: Store) -> Authenticator | None:
+    if config.auth is None:
+        return None
+    identities = IdentityStore(config.auth, frozenset(route.name for route in config.routes))
+    return Authenticator(identities, store, config.headers.key)
+
+
+def _add_identities_ctx(app: web.Application, authenticator: Authenticator | None) -> None:
+    """Reload identities on SIGHUP while the app runs."""
+    if authenticator is None:
+        return
+    app[AUTHENTICATOR_KEY] = authenticator
+
+    async def identities_ctx(app: web.Application) -> AsyncIterator[None]:
+        authenticator.identities.start()
+        yield
+        authenticator.identities.stop()
+
+    app.cleanup_ctx.append(identities_ctx)
+
+
 def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware])
+    authenticator = _authenticator(config, store)
+    app = web.Application(
+        middlewares=[problem_middleware, *([admin_auth_middleware(authenticator)] if authenticator else [])]
+    )
+    _add_identities_ctx(app, authenticator)
     app[STORE_KEY] = store
     app[ROUTES_KEY] = {route.name: route for route in config.routes}
     app[RESOLVER_KEY] = f"{new_instance_id()}:operator"
@@ -132,7 +163,7 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
             extra={
                 "listen": str(config.listen),
                 "admin": str(config.admin_listen),
-                "store": _safe_url(config.store.url),
+                "store": redacted(config.store.url),
             },
         )
         if ready is not None:
@@ -152,11 +183,3 @@ async def _until_signalled() -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-
-
-def _safe_url(url: str) -> str:
-    """The store URL without its password, for logs."""
-    from yarl import URL
-
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url

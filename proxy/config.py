@@ -7,6 +7,7 @@ value and what was expected; an invalid configuration never starts a proxy.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -19,8 +20,11 @@ from typing import Any, TypeVar
 import yaml
 from yarl import URL
 
+from idemproxy.auth_config import AuthConfig, parse_auth, resolve_secret
 from idemproxy.convert import boolean, kind, positive_duration, positive_int, statuses
+from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
+from idemproxy.store.redis_urls import is_topology_url, parse_topology_url
 from idemproxy.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -84,6 +88,10 @@ class RouteConfig:
     on_store_error: FailureMode = FailureMode.FAIL_CLOSED
     fingerprint_headers: tuple[str, ...] = ()
     reconcile: ReconcileConfig | None = None
+    #: Set on every request forwarded to this route (and its probes); values resolved from secrets.
+    upstream_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    mode: RouteMode = RouteMode.HTTP
+    mcp: McpConfig = field(default_factory=McpConfig)  # read when mode is mcp (idemproxy.mcp)
 
     def is_side_effecting(self, method: str) -> bool:
         return method in self.side_effect_methods
@@ -95,6 +103,10 @@ class StoreConfig:
     key_prefix: str = "idem"
     socket_timeout_s: float = 2.0
     max_connections: int = 64
+    #: Redis only: replicas that must acknowledge a reservation (``WAIT``) before
+    #: the request is forwarded; 0 forwards once the master has it.
+    min_replicas_ack: int = 0
+    replica_ack_timeout_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,7 @@ class ProxyConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
     log_keys: bool = False  # idempotency keys and paths in access logs (debugging only)
+    auth: AuthConfig | None = None  # None: callers are named by the caller header, unauthenticated
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +205,7 @@ class _Reader:
 
     def fail(self, key: str | None, message: str) -> None:
         path = ".".join([*self._path, key] if key is not None else self._path) or "(top level)"
-        self.problems.append(f"{path}: {message}".replace(".[", "["))
+        self.problems.append(f"{path.replace('.[', '[')}: {message}")
 
     @contextmanager
     def at(self, key: str) -> Iterator[None]:
@@ -247,12 +260,8 @@ class _Reader:
             if overrides.log_level:
                 log_level = self.value({"log_level": overrides.log_level}, "log_level", log_level, _log_level)
             if overrides.store:
-                store = StoreConfig(
-                    url=self.value({"store": overrides.store}, "store", store.url, _store_url),
-                    key_prefix=store.key_prefix,
-                    socket_timeout_s=store.socket_timeout_s,
-                    max_connections=store.max_connections,
-                )
+                url = self.value({"store": overrides.store}, "store", store.url, _store_url)
+                store = dataclasses.replace(store, url=url)
             if overrides.upstream:
                 if "routes" in data:
                     self.fail("upstream", "cannot be combined with 'routes' in the file; use one or the other")
@@ -262,10 +271,15 @@ class _Reader:
                     )
                     routes = (route,) if route is not None else ()
 
+        if store.min_replicas_ack and not store.url.startswith(("redis", "rediss")):
+            # Checked after the overrides: the URL may come from --store or IDEMPROXY_STORE.
+            with self.at("store"):
+                self.fail("min_replicas_ack", f"needs a Redis store; {store.url.partition(':')[0]} has no replicas")
         if not routes and not self.problems:
             self.fail("routes", "no routes configured; add 'routes' to the file or pass --upstream URL")
         if listen == admin_listen and not self.problems:
             self.fail("admin_listen", f"must differ from listen ({listen})")
+        auth = self.auth(data["auth"], routes) if "auth" in data else None
         return ProxyConfig(
             routes=routes,
             listen=listen,
@@ -275,6 +289,7 @@ class _Reader:
             log_level=log_level,
             shutdown_grace_s=grace,
             log_keys=log_keys,
+            auth=auth,
         )
 
     def store(self, raw: Any) -> StoreConfig:
@@ -285,12 +300,29 @@ class _Reader:
             data = self.mapping(raw, _STORE_KEYS)
             if data is None:
                 return defaults
+
+            def replica_count(value: Any) -> int:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"expected a whole number of replicas (0 turns WAIT off), got {kind(value)}")
+                return value
+
             return StoreConfig(
                 url=self.value(data, "url", defaults.url, _store_url),
                 key_prefix=self.value(data, "key_prefix", defaults.key_prefix, _key_prefix),
                 socket_timeout_s=self.value(data, "socket_timeout", defaults.socket_timeout_s, positive_duration),
                 max_connections=self.value(data, "max_connections", defaults.max_connections, positive_int),
+                min_replicas_ack=self.value(data, "min_replicas_ack", defaults.min_replicas_ack, replica_count),
+                replica_ack_timeout_s=self.value(
+                    data, "replica_ack_timeout", defaults.replica_ack_timeout_s, positive_duration
+                ),
             )
+
+    def auth(self, raw: Any, routes: tuple[RouteConfig, ...]) -> AuthConfig | None:
+        with self.at("auth"):
+            config, problems = parse_auth(raw, frozenset(route.name for route in routes))
+            where = ".".join(self._path)
+            self.problems.extend(f"{where}.{problem}".replace(".(top level)", "") for problem in problems)
+            return config
 
     def headers(self, raw: Any) -> HeaderNames:
         defaults = HeaderNames()
@@ -388,9 +420,12 @@ _TOP_KEYS = frozenset(
         "log_level",
         "shutdown_grace",
         "log_keys",
+        "auth",
     }
 )
-_STORE_KEYS = frozenset({"url", "key_prefix", "socket_timeout", "max_connections"})
+_STORE_KEYS = frozenset(
+    {"url", "key_prefix", "socket_timeout", "max_connections", "min_replicas_ack", "replica_ack_timeout"}
+)
 _HEADER_KEYS = frozenset({"key", "caller", "task"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -412,14 +447,21 @@ def _log_level(value: Any) -> str:
 
 
 def _store_url(value: Any) -> str:
+    expected = (
+        "redis://HOST[:PORT][/DB], rediss://..., redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB], "
+        "redis+cluster://HOST:PORT[,HOST:PORT...] or sqlite:///PATH"
+    )
     if not isinstance(value, str):
-        raise ValueError(f"expected a URL (redis://, rediss:// or sqlite:///PATH), got {kind(value)}")
+        raise ValueError(f"expected a URL ({expected}), got {kind(value)}")
+    if is_topology_url(value):
+        parse_topology_url(value)  # its ValueError names what is wrong
+        return value
     url = URL(value)
     if url.scheme in ("redis", "rediss") and url.host:
         return value
     if url.scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
-    raise ValueError(f"expected redis://HOST[:PORT][/DB], rediss://... or sqlite:///PATH, got {value!r}")
+    raise ValueError(f"expected {expected}, got {value!r}")
 
 
 def _key_prefix(value: Any) -> str:
@@ -497,6 +539,24 @@ def _upstream_url(value: Any) -> URL:
     return url
 
 
+_NOT_INJECTABLE = frozenset({"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade", "te"})
+
+
+def _injected_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of header name to 'env:NAME', 'file:PATH' or a value, got {kind(value)}")
+    headers = []
+    for name, ref in value.items():
+        _header_name(name)
+        if name.lower() in _NOT_INJECTABLE:
+            raise ValueError(f"{name} is framing or hop-by-hop and cannot be injected")
+        secret = resolve_secret(ref)
+        if any(char in secret for char in "\r\n\0"):
+            raise ValueError(f"the value for {name} contains CR, LF or NUL")
+        headers.append((name, secret))
+    return tuple(headers)
+
+
 #: Route policy keys in YAML -> (RouteConfig field, converter).
 _ROUTE_POLICY: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "strip_prefix": ("strip_prefix", boolean),
@@ -515,6 +575,9 @@ _ROUTE_POLICY: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "on_store_error": ("on_store_error", _enum(FailureMode)),
     "fingerprint_headers": ("fingerprint_headers", _header_list),
     "reconcile": ("reconcile", parse_reconcile),
+    "upstream_headers": ("upstream_headers", _injected_headers),
+    "mode": ("mode", parse_mode),
+    "mcp": ("mcp", parse_mcp),
 }
 _ROUTE_POLICY_KEYS = frozenset(_ROUTE_POLICY)
 _ROUTE_KEYS = _ROUTE_POLICY_KEYS | {"name", "prefix", "upstream"}

@@ -5,6 +5,7 @@ The tree is deliberately shallow::
     ProblemError                      one problem+json ``type`` per subclass
     ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
     │                                 InvalidResolution, InvalidQuery
+    ├── Unauthenticated (401), Forbidden (403)
     ├── NoRoute (404), OperationNotFound (404)
     ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
@@ -93,6 +94,24 @@ class InvalidTarget(BadRequest):
 class AbsoluteFormRefused(BadRequest):
     slug = "absolute-form-refused"
     title = "idemproxy is not a forward proxy"
+
+
+class Unauthenticated(ProblemError):
+    """No valid credentials; carries a ``WWW-Authenticate`` challenge."""
+
+    status = 401
+    slug = "unauthenticated"
+    title = "Authentication required"
+    decision = "rejected"
+
+
+class Forbidden(ProblemError):
+    """Authenticated, but the identity's scopes do not allow this."""
+
+    status = 403
+    slug = "forbidden"
+    title = "Not allowed for this identity"
+    decision = "rejected"
 
 
 class NoRoute(ProblemError):

@@ -48,8 +48,10 @@ def canonical_body(body: bytes, content_type: str | None) -> bytes:
         return body
     try:
         return orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONDecodeError:
-        return body  # not JSON after all: the raw bytes are the request
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        # Not JSON after all, or nested deeper than orjson re-encodes (254 levels):
+        # the raw bytes are the request.
+        return body
 
 
 def normalized_query(query_string: str) -> str:

@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy import metrics
+from idemproxy.auth import CREDENTIAL_HEADERS, IDENTITY, READ_BODY
 from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
 from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
@@ -46,8 +47,10 @@ from idemproxy.headers import (
     client_response_headers,
     storable_response_headers,
     upstream_request_headers,
+    with_injected,
 )
 from idemproxy.ledger import Answered, Ledger, OperationRequest
+from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
@@ -120,6 +123,10 @@ class ProxyHandler:
         route = self.routes.match(target.path)
         observation = request[OBSERVATION]
         observation.route = route.name
+        if route.mode is RouteMode.MCP:  # the body, not the method, says what is recorded
+            from idemproxy.mcp import handle_mcp  # idemproxy.mcp builds on this module
+
+            return await handle_mcp(self, request, route, target)
         if not route.is_side_effecting(request.method):
             observation.decision = "passthrough"
             return await self._passthrough(request, route, target)
@@ -134,7 +141,8 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         headers = request.headers
         request_fp = fingerprint(request.method, target.path, target.query, headers, route.fingerprint_headers, body)
-        caller = headers.get(self.names.caller) or ANONYMOUS
+        identity = request.get(IDENTITY)
+        caller = identity.name if identity is not None else headers.get(self.names.caller) or ANONYMOUS
         task = headers.get(self.names.task)
         key = headers.get(self.names.key)
         observation.task = task
@@ -202,7 +210,7 @@ class ProxyHandler:
                     route,
                     request.method,
                     url,
-                    upstream_headers,
+                    with_injected(upstream_headers, route.upstream_headers),
                     body,
                     guard=lambda: self.ledger.leases.still_held(op_id),
                 ) as upstream:
@@ -285,7 +293,7 @@ class ProxyHandler:
     # -- calls that bypass the ledger ----------------------------------------------------
 
     async def _passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
-        data = request.content if request.body_exists else None
+        data = request.get(READ_BODY, request.content if request.body_exists else None)
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
         return await self._stream(request, route, target, data)
@@ -306,7 +314,7 @@ class ProxyHandler:
 
     async def _relay_stream(self, request: web.Request, route: RouteConfig, url: URL, data: Any) -> web.StreamResponse:
         async with self.forwarder.request(
-            route, request.method, url, self._upstream_headers(request), data
+            route, request.method, url, with_injected(self._upstream_headers(request), route.upstream_headers), data
         ) as upstream:
             response = web.StreamResponse(
                 status=upstream.status,
@@ -317,16 +325,20 @@ class ProxyHandler:
             try:
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                return response  # the caller hung up; nothing was recorded, nothing to do
             except (aiohttp.ClientError, TimeoutError):
                 _abort(request)  # a truncated body must not look complete
-                return response
-            await response.write_eof()
             return response
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) else None
-        return upstream_request_headers(request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host)
+        drop = CREDENTIAL_HEADERS if IDENTITY in request else ()
+        return upstream_request_headers(
+            request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host, drop=drop
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -512,6 +524,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
+    if READ_BODY in request:  # authentication read it to check a signature
+        read = request[READ_BODY]
+        if len(read) > limit:
+            raise too_large
+        return read
     body = bytearray()
     async for chunk in request.content.iter_chunked(_CHUNK):
         body += chunk

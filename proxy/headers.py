@@ -38,16 +38,34 @@ def _end_to_end(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> list[tup
 
 
 def upstream_request_headers(
-    headers: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str, host: str | None
+    headers: CIMultiDictProxy[str],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+    drop: Iterable[str] = (),
 ) -> CIMultiDict[str]:
-    """What the upstream receives: end-to-end headers plus ``X-Forwarded-*``."""
-    out = CIMultiDict(_end_to_end(headers, ("host", "content-length", "expect")))
+    """What the upstream receives: end-to-end headers plus ``X-Forwarded-*``, without
+    ``drop`` (lower-case names: the proxy's own credentials when authentication is on)."""
+    out = CIMultiDict(_end_to_end(headers, ("host", "content-length", "expect", *drop)))
     if client_ip:
         prior = ", ".join(headers.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
     out["X-Forwarded-Proto"] = scheme
     if host:
         out["X-Forwarded-Host"] = host
+    return out
+
+
+def with_injected(headers: CIMultiDict[str], injected: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """``headers`` with a route's ``upstream_headers`` set (replacing what the caller sent).
+
+    Applied just before sending, so injected secrets are never stored with the request."""
+    if not injected:
+        return headers
+    out = headers.copy()
+    for name, value in injected:
+        out[name] = value
     return out
 
 

@@ -29,11 +29,12 @@ from urllib.parse import quote
 
 import jmespath
 import orjson
+from multidict import CIMultiDict
 
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import classify_status
 from idemproxy.forwarder import Forwarder, UpstreamFailed
-from idemproxy.headers import storable_response_headers
+from idemproxy.headers import storable_response_headers, with_injected
 from idemproxy.reconcile_config import FoundResponse, ProbeConfig, ReconcileConfig, url_fields
 from idemproxy.records import OperationRecord, State, StoredResponse
 from idemproxy.routes import Target, upstream_url
@@ -109,7 +110,9 @@ async def _http_probe(
         return ProbeResult.unknown(f"cannot build the probe URL: {exc}")
     detail: dict[str, Any] = {"method": "probe", "url": url}
     try:
-        fetched = await forwarder.fetch(probe.method, url, dict(probe.headers), None, probe.timeout_s)
+        headers = CIMultiDict(route.upstream_headers)
+        headers.update(probe.headers)  # the probe's own headers are the more specific
+        fetched = await forwarder.fetch(probe.method, url, headers, None, probe.timeout_s)
     except UpstreamFailed as exc:
         return ProbeResult.unknown(exc.detail, **detail)
     detail["probe_status"] = fetched.status
@@ -145,7 +148,11 @@ async def _resend(route: RouteConfig, record: OperationRecord, forwarder: Forwar
     detail: dict[str, Any] = {"method": "resend"}
     try:
         fetched = await forwarder.fetch(
-            record.method, url, dict(record.request.headers), record.request.body, route.read_timeout_s
+            record.method,
+            url,
+            with_injected(CIMultiDict(record.request.headers), route.upstream_headers),
+            record.request.body,
+            route.read_timeout_s,
         )
     except UpstreamFailed as exc:
         return ProbeResult.unknown(exc.detail, **detail)

@@ -65,7 +65,10 @@ def supervise(worker_args: Sequence[str], workers: int) -> int:
                 children[index] = start()
             if stopping:
                 codes = [child.wait() for child in children]
-                return 0 if all(code == 0 for code in codes) else 1
+                # A worker stopped by the signal itself had not installed its handlers
+                # yet, so it was serving nothing: that is a clean stop too.
+                clean = {0, -signal.SIGTERM, -signal.SIGINT}
+                return 0 if all(code in clean for code in codes) else 1
             time.sleep(0.2)
     finally:
         for child in children:

@@ -71,6 +71,16 @@ monitoring)
     # The Debian package starts a system service on :9090; the tests start their own server.
     as_root service prometheus stop >/dev/null 2>&1 || true
     ;;
+deploy-tools)
+    # tests/deploy needs nothing beyond its PyPI packages; the opt-in image smoke test
+    # (IDEMPROXY_PODMAN_SMOKE=1) builds and runs the image with podman.
+    [ "${IDEMPROXY_PODMAN_SMOKE:-}" = 1 ] || exit 0
+    command -v podman >/dev/null 2>&1 && exit 0
+    apt_install --no-install-recommends podman runc || {
+        echo "bootstrap: IDEMPROXY_PODMAN_SMOKE=1 needs podman; install it (apt-get install podman runc) and retry" >&2
+        exit 1
+    }
+    ;;
 *)
     echo "usage: bootstrap.sh venv PYTHON DIR | redis | bench-tools | monitoring" >&2
     exit 2

@@ -31,7 +31,13 @@ from tests.test_duplicates import op_id_for
 
 PROBLEM = "application/problem+json"
 PROBLEM_PREFIX = "urn:idemproxy:problem:"
-FAILING_PROBE = {"probe": {"url": "{upstream}/probe-status/500", "match": "x"}, "max_probes": 5}
+# The next probe is beyond a request's on-demand bound, so a duplicate leaves it UNKNOWN.
+FAILING_PROBE = {
+    "probe": {"url": "{upstream}/probe-status/500", "match": "x"},
+    "max_probes": 5,
+    "backoff": "1h",
+    "max_backoff": "1h",
+}
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 

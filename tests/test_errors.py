@@ -49,6 +49,8 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.LedgerUnavailable: 503,
     errors.LeaseLost: 503,
     errors.InternalError: 500,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
 }
 
 _CLASS_PARAMS = [pytest.param(cls, id=cls.__name__) for cls in SUBCLASSES]

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from idemproxy.config import StoreConfig
+from typing import TYPE_CHECKING
+
 from idemproxy.store.base import RecordMissing, Store, StoreError, StoreUnavailable, Transition
+
+if TYPE_CHECKING:  # the config module imports this package's URL parser
+    from idemproxy.config import StoreConfig
 
 __all__ = ["RecordMissing", "Store", "StoreError", "StoreUnavailable", "Transition", "open_store"]
 
 
 def open_store(config: StoreConfig) -> Store:
     """The store for ``config.url`` (not yet started)."""
-    if config.url.startswith(("redis://", "rediss://")):
+    if config.url.startswith(("redis://", "rediss://", "redis+", "rediss+")):
         from idemproxy.store.redis import RedisStore
 
-        return RedisStore(
+        return RedisStore.from_url(
             config.url,
             key_prefix=config.key_prefix,
             socket_timeout_s=config.socket_timeout_s,
             max_connections=config.max_connections,
+            min_replicas_ack=config.min_replicas_ack,
+            replica_ack_timeout_s=config.replica_ack_timeout_s,
         )
     from idemproxy.store.sqlite import SqliteStore
 

@@ -50,6 +50,7 @@ class OpsQuery:
     task: str | None = None
     updated_before_ms: int | None = None
     limit: int = 100
+    caller: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,11 @@ class Store(ABC):
         """How many records are PENDING, UNKNOWN and NEEDS_ATTENTION, across instances."""
 
     @abstractmethod
+    async def remember_once(self, name: str, ttl_s: float) -> bool:
+        """Remember ``name`` for ``ttl_s`` seconds; ``False`` if it is already remembered
+        (by any instance sharing the store). Used to refuse replayed signatures."""
+
+    @abstractmethod
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
 
@@ -208,5 +214,6 @@ def matches(record: OperationRecord, query: OpsQuery) -> bool:
         (query.state is None or record.state is query.state)
         and (query.route is None or record.scope.route == query.route)
         and (query.task is None or record.scope.task == query.task)
+        and (query.caller is None or record.scope.caller == query.caller)
         and (query.updated_before_ms is None or record.updated_ms < query.updated_before_ms)
     )

@@ -1,28 +1,88 @@
-"""The Redis ledger: one Lua script per transition, one round trip each."""
+"""The Redis ledger: one Lua script per transition, one round trip each.
+
+One class serves a single Redis, a Sentinel-managed master and a Redis
+Cluster; ``RedisStore.from_url`` builds the client the URL names. Every key of
+one operation shares a hash tag (``redis_schema``), so each script runs on the
+one node that owns the operation. What differs per topology:
+
+- Sentinel: the pool asks the sentinels for the master on every new
+  connection; a write that reaches a demoted master (``READONLY``) drops the
+  connection and is retried against the new one, or fails as
+  ``StoreUnavailable``: never a forward without a record.
+- Cluster: index scans are pipelines split per node (not transactions);
+  change notifications come from a plain connection to one node (``PUBLISH``
+  is broadcast over the cluster bus), moved to another node when it fails.
+
+With ``min_replicas_ack`` a reservation counts only once that many replicas
+acknowledged it (``WAIT`` on the connection that wrote it); otherwise it is
+released again and the caller gets ``StoreUnavailable``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from idemproxy.records import Evidence, OperationRecord, State
 from idemproxy.store import codec
 from idemproxy.store.base import Lease, OpsQuery, RecordMissing, Store, StoreUnavailable, Transition, matches
 from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
+from idemproxy.store.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAY_S = 0.5
+#: Sentinel: how often the sentinels are asked which node is the master.
+_MASTER_CHECK_S = 0.5
+#: How long a reservation released for want of replica acknowledgments is kept
+#: (the default route retention): its fingerprint and evidence stay visible.
+_NOT_DURABLE_TTL_S = 86400.0
+
+Client = aioredis.Redis | RedisCluster
+NodeClient = Callable[[Address], aioredis.Redis]
+
+
+def _retry() -> Retry:
+    # Both scripts recognise a retried call by its owner, so retrying after a
+    # lost reply never creates or applies anything twice.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection, as the plain client's pool does."""
+
+
+class _Sentinel(Sentinel):
+    """One master lookup at a time.
+
+    redis-py's ``discover_master`` moves the sentinel that answered to the front
+    of its list by index across an ``await``; concurrent lookups (every new
+    connection makes one, and a failover makes many) then duplicate one
+    sentinel in the list and drop another, with its open connections."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._lookup = asyncio.Lock()
+
+    async def discover_master(self, service_name: str) -> Any:
+        async with self._lookup:
+            return await super().discover_master(service_name)
 
 
 class RedisStore(Store):
@@ -32,58 +92,147 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        url: str,
+        client: Client,
         *,
         key_prefix: str = "idem",
-        socket_timeout_s: float = 2.0,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout_s: float = 1.0,
+        node_client: NodeClient | None = None,
         max_connections: int = 64,
+        socket_timeout_s: float = 2.0,
+        sentinel: Sentinel | None = None,
+        master_name: str | None = None,
     ) -> None:
+        """Prefer ``from_url``. A ``RedisCluster`` client needs ``node_client``
+        (a plain client for one node, for pub/sub); a ``master_for`` client, the
+        ``sentinel`` it came from and the ``master_name``."""
         super().__init__()
+        if isinstance(client, RedisCluster) and node_client is None:
+            raise ValueError("a RedisCluster client needs node_client for its pub/sub connection")
         self.keys = RedisKeys(key_prefix)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            # Requests beyond the pool wait for a connection instead of failing.
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            # Both scripts recognise a retried call by its owner, so retrying
-            # after a lost reply never creates or applies anything twice.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-            health_check_interval=30,
-            protocol=2,  # RESP2 works with every Redis 5+ and managed service
-        )
-        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
-        self._reserve = self._redis.register_script(RESERVE)
-        self._transition = self._redis.register_script(TRANSITION)
-        self._renew = self._redis.register_script(RENEW)
-        self._note = self._redis.register_script(NOTE)
+        self.min_replicas_ack = min_replicas_ack
+        self.replica_ack_timeout_s = replica_ack_timeout_s
+        self._redis = client
+        self._sentinel = sentinel
+        self._master_name = master_name
+        self._master_watch: asyncio.Task[None] | None = None
+        self._master_moved = False
+        self._node_client = node_client
+        # The cluster client fails (instead of waiting) when a node's pool is
+        # exhausted; a store call holds at most one connection per node.
+        self._gate = asyncio.Semaphore(max_connections) if isinstance(client, RedisCluster) else None
+        self._gate_timeout_s = socket_timeout_s
+        self._reserve = client.register_script(RESERVE)
+        self._transition = client.register_script(TRANSITION)
+        self._renew = client.register_script(RENEW)
+        self._note = client.register_script(NOTE)
         self._pubsub: PubSub | None = None
+        self._pubsub_client: aioredis.Redis | None = None  # cluster: the node connection's client
+        self._pubsub_turn = random.randrange(1 << 16)  # spread processes' listeners over the nodes
         self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
         self._keepalive_subscribed = False
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        key_prefix: str = "idem",
+        socket_timeout_s: float = 2.0,
+        max_connections: int = 64,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout_s: float = 1.0,
+    ) -> RedisStore:
+        """A store for ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://`` (``redis_urls``)."""
+        timeouts: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
+        options: dict[str, Any] = {
+            **timeouts,
+            "retry": _retry(),
+            "health_check_interval": 30,
+            "protocol": 2,  # RESP2 works with every Redis 5+ and managed service
+        }
+        common: dict[str, Any] = {
+            "key_prefix": key_prefix,
+            "min_replicas_ack": min_replicas_ack,
+            "replica_ack_timeout_s": replica_ack_timeout_s,
+            "max_connections": max_connections,
+            "socket_timeout_s": socket_timeout_s,
+        }
+        if not is_topology_url(url):
+            # Requests beyond the pool wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=socket_timeout_s, **options
+            )
+            return cls(aioredis.Redis.from_pool(pool), **common)
+        parsed = parse_topology_url(url)
+        auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password, "ssl": parsed.tls}
+        if isinstance(parsed, SentinelUrl):
+            sentinel = _Sentinel(
+                [(address.host, address.port) for address in parsed.sentinels],
+                # No retries: a sentinel that does not answer is skipped for the next one
+                # (redis-py's default would back off for seconds first).
+                sentinel_kwargs={
+                    **timeouts,
+                    "retry": Retry(NoBackoff(), retries=0),
+                    "password": parsed.sentinel_password,
+                    "ssl": parsed.tls,
+                },
+            )
+            client = sentinel.master_for(
+                parsed.master_name,
+                connection_pool_class=_BlockingSentinelPool,
+                db=parsed.db,
+                max_connections=max_connections,
+                timeout=socket_timeout_s,
+                **auth,
+                **options,
+            )
+            return cls(client, sentinel=sentinel, master_name=parsed.master_name, **common)
+
+        def node_client(address: Address) -> aioredis.Redis:
+            return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
+
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(address.host, address.port) for address in parsed.nodes],
+            max_connections=max_connections,
+            **auth,
+            **options,
+        )
+        return cls(cluster, node_client=node_client, **common)
+
     async def start(self) -> None:
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        if isinstance(self._redis, RedisCluster):
+            try:
+                await self._redis.initialize()  # learn the nodes, for the pub/sub connection
+            except (RedisError, OSError) as exc:
+                log.warning("redis cluster unreachable at start; will retry", extra={"error": str(exc)})
+        self._pubsub = self._new_pubsub()
         # Connect before anyone can subscribe: redis-py's PubSub does not guard
         # against two concurrent first connects, and a subscription made on
         # the losing connection would never be read.
         await self._subscribe_keepalive()
         self._listener = asyncio.create_task(self._listen(), name="idemproxy-redis-pubsub")
+        if self._sentinel is not None:
+            self._master_watch = asyncio.create_task(self._follow_master(), name="idemproxy-redis-sentinel")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await self._listener
-        if self._pubsub is not None:
+        for task in (self._listener, self._master_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                    await task
+        await self._close_pubsub()
+        # Each step on its own: a connection that fails to close must not keep the rest open.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+        if self._sentinel is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self._redis.aclose()
+                await self._sentinel.aclose()
 
     # -- the contract ------------------------------------------------------------------
 
@@ -98,9 +247,9 @@ class RedisStore(Store):
         ]
         for name, value in fields.items():
             args += (name, value)
-        keys = self.keys.script_keys(record.op_id)
-        reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        reply, acked = await self._run(self._reserve, self.keys.script_keys(record.op_id), args, durable=True)
         if reply[0] == 1:
+            await self._check_durable(record, acked)
             return None
         return codec.decode(record.op_id, _pairs(reply[1]))
 
@@ -122,10 +271,13 @@ class RedisStore(Store):
         ]
         for name, value in codec.encode(new).items():
             args += (name, value)
-        keys = self.keys.script_keys(new.op_id)
-        reply = await self._call(lambda: self._transition(keys=keys, args=args))
+        # A transition to PENDING is a take-over: a new attempt is reserved.
+        durable = new.state is State.PENDING
+        reply, acked = await self._run(self._transition, self.keys.script_keys(new.op_id), args, durable=durable)
         if reply[0] == 1:
             self._notify_local(new.op_id)
+            if durable:
+                await self._check_durable(new, acked)
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
@@ -144,14 +296,12 @@ class RedisStore(Store):
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for lease in leases:
-                    await self._renew(
-                        keys=[self.keys.record(lease.op_id), self.keys.due(lease.op_id)],
-                        args=[lease.op_id, lease.fence, lease.owner, lease.until_ms],
-                        client=pipe,
-                    )
+                    keys = [self.keys.record(lease.op_id), self.keys.due(lease.op_id)]
+                    args = (lease.op_id, lease.fence, lease.owner, lease.until_ms)
+                    pipe.execute_command("EVALSHA", self._renew.sha, len(keys), *keys, *args)
                 return await pipe.execute()
 
-        return [bool(renewed) for renewed in await self._call(run)]
+        return [bool(renewed) for renewed in await self._call(lambda: self._loading(self._renew, run))]
 
     async def note(self, op_id: str, evidence: Evidence) -> bool:
         keys = [self.keys.record(op_id)]
@@ -206,7 +356,8 @@ class RedisStore(Store):
         return [_text(op_id) for shard in await self._call(run) for op_id in shard]
 
     async def _scan(self, bound: int) -> list[str]:
-        """At most ``bound`` op ids from a SCAN: listing resolved records is for operators only."""
+        """At most ``bound`` op ids from a SCAN (of every master, in a cluster):
+        listing resolved records is for operators only."""
         marker = ":op:"
 
         async def run() -> list[str]:
@@ -233,7 +384,159 @@ class RedisStore(Store):
             if fields
         ]
 
+    # -- scripts and replica acknowledgments -------------------------------------------
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any], *, durable: bool) -> tuple[Any, int]:
+        """``script``'s reply, and how many replicas acknowledged it when
+        ``durable`` and ``min_replicas_ack`` ask for a ``WAIT`` (else 0).
+
+        ``WAIT`` vouches for the writes of its own connection. A call redis-py
+        retried after a lost reply finds the record already written by the lost
+        call and writes nothing, so its ``WAIT`` proves less: the one gap,
+        documented in the README."""
+        if not durable or not self.min_replicas_ack:
+            return await self._call(lambda: script(keys=keys, args=args)), 0
+
+        async def run() -> list[Any]:
+            # WAIT counts the writes of its own connection, so it is pipelined
+            # behind the script: one connection, one round trip.
+            target: dict[str, Any] = {}
+            if isinstance(self._redis, RedisCluster):
+                await self._redis.initialize()
+                target["target_nodes"] = self._redis.get_node_from_key(keys[0])  # WAIT has no key to route by
+            timeout_ms = max(1, round(self.replica_ack_timeout_s * 1000))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.min_replicas_ack, timeout_ms, **target)
+                return await pipe.execute()
+
+        reply, acked = await self._call(lambda: self._loading(script, run))
+        return reply, int(acked)
+
+    async def _check_durable(self, owned: OperationRecord, acked: int) -> None:
+        """Release ``owned`` (the caller's fresh reservation) unless enough
+        replicas acknowledged it, and raise ``StoreUnavailable``.
+
+        Released rather than left PENDING: a PENDING record would make the
+        caller's retries wait for its lease, then need reconciling, although
+        nothing was sent. The attempt number goes back, since no attempt was
+        made. If even the release fails, the record stays PENDING and its
+        lease expiry hands it to the reconciler.
+        """
+        if not self.min_replicas_ack or acked >= self.min_replicas_ack:
+            return
+        now = int(time.time() * 1000)
+        detail = {"replicas": acked, "required": self.min_replicas_ack, "owner": owned.owner}
+        released = owned.evolve(
+            state=State.RELEASED, attempt=owned.attempt - 1, lease_until_ms=0, updated_ms=now, retry_class=None
+        )
+        try:
+            await self.transition(
+                Transition(
+                    new=released,
+                    expect_fence=owned.fence,
+                    expect_states=frozenset({State.PENDING}),
+                    evidence=Evidence(now, "not-durable", detail),
+                    ttl_s=_NOT_DURABLE_TTL_S,
+                )
+            )
+        except RecordMissing:
+            pass  # written to a master that has been replaced since: gone with it
+        except StoreUnavailable as exc:
+            log.warning("could not release a reservation replicas did not acknowledge", extra={"error": str(exc)})
+        raise StoreUnavailable(
+            f"redis: {acked} of {self.min_replicas_ack} replicas acknowledged the reservation "
+            f"within {self.replica_ack_timeout_s:g}s"
+        )
+
+    async def _loading(self, script: AsyncScript, run: Callable[[], Awaitable[T]]) -> T:
+        """``run()`` a pipeline that calls ``script`` by its SHA, loading it
+        if the server lost it (restart, failover, SCRIPT FLUSH).
+
+        The pipelines send a raw ``EVALSHA``: redis-py's cluster pipeline
+        refuses ``evalsha()`` (it cannot know that all keys share a slot; ours
+        do), and neither pipeline then loads scripts by itself."""
+        try:
+            return await run()
+        except NoScriptError:
+            await self._redis.script_load(script.script)  # every master, in a cluster
+            return await run()
+
+    # -- Sentinel ----------------------------------------------------------------------
+
+    async def _follow_master(self) -> None:
+        """Move every connection to a newly promoted master at once.
+
+        redis-py asks the sentinels only when it opens a connection, so pooled
+        connections would keep writing to a demoted master that still accepts
+        writes until the sentinels reconfigure it (some 10 s after a ``SENTINEL
+        FAILOVER`` or a partition): writes its resync then throws away."""
+        assert self._sentinel is not None
+        assert self._master_name is not None
+        assert isinstance(self._redis, aioredis.Redis)
+        pool = self._redis.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        known: Any = None
+        while not self._closed:
+            await asyncio.sleep(_MASTER_CHECK_S)
+            try:
+                master = await self._sentinel.discover_master(self._master_name)
+            except (RedisError, OSError):
+                continue  # no sentinel knows a master now: connections fail until one does
+            if known is not None and master != known:
+                log.warning("the sentinels promoted a new master; reconnecting", extra={"master": str(master)})
+                try:
+                    # Connections ask the sentinels again when they reconnect;
+                    # those in use are dropped when they are released.
+                    await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+                    await pool.disconnect(inuse_connections=False)
+                except Exception:  # this task must outlive any one failover
+                    log.exception("could not move the connections to the new master")
+                self._master_moved = True  # the listener moves its connection between two reads
+            known = master
+
+    async def _reconnect_pubsub(self) -> None:
+        """Sentinel: move the pub/sub connection to the new master, then let
+        waiters re-read what they may have missed meanwhile."""
+        assert self._pubsub is not None
+        try:
+            async with self._pubsub_lock:
+                connection: AbstractConnection | None = self._pubsub.connection
+                if connection is not None:
+                    await connection.disconnect()
+                    await connection.connect()  # type: ignore[no-untyped-call]  # asks the sentinels, resubscribes
+        except (RedisError, OSError) as exc:
+            log.warning("pub/sub could not follow the new master yet", extra={"error": str(exc)})
+        for op_id in list(self._watchers):
+            self._notify_local(op_id)
+
     # -- notifications -----------------------------------------------------------------
+
+    def _new_pubsub(self) -> PubSub:
+        if self._node_client is None:
+            return self._redis.pubsub(ignore_subscribe_messages=True)
+        assert isinstance(self._redis, RedisCluster)
+        # Any node will do: a PUBLISH reaches every node of the cluster.
+        nodes = self._redis.get_nodes() or list(self._redis.nodes_manager.startup_nodes.values())
+        node = nodes[self._pubsub_turn % len(nodes)]
+        self._pubsub_turn += 1
+        self._pubsub_client = self._node_client(Address(node.host, int(node.port)))
+        return self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+
+    async def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._pubsub_client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub_client.aclose()
+
+    async def _move_pubsub(self) -> None:
+        """Cluster: listen on the next node; its first subscription brings the watched channels along."""
+        async with self._pubsub_lock:
+            await self._close_pubsub()
+            self._pubsub = self._new_pubsub()
+            self._keepalive_subscribed = False
 
     async def _subscribe_keepalive(self) -> None:
         """A permanent subscription keeps the connection in pub/sub mode while
@@ -241,7 +544,9 @@ class RedisStore(Store):
         assert self._pubsub is not None
         try:
             async with self._pubsub_lock:
-                await self._pubsub.subscribe(self.keys.keepalive_channel())
+                # After a move to another node, the watched channels too.
+                channels = [self.keys.channel(op_id) for op_id in self._watchers]
+                await self._pubsub.subscribe(self.keys.keepalive_channel(), *channels)
             self._keepalive_subscribed = True
         except (RedisError, OSError) as exc:
             log.warning("pub/sub unavailable; waiters will poll until it connects", extra={"error": str(exc)})
@@ -270,6 +575,9 @@ class RedisStore(Store):
         assert self._pubsub is not None
         prefix = self.keys.channel_prefix.encode()
         while not self._closed:
+            if self._master_moved:
+                self._master_moved = False
+                await self._reconnect_pubsub()
             if not self._keepalive_subscribed:
                 await self._subscribe_keepalive()
                 if not self._keepalive_subscribed:
@@ -283,6 +591,8 @@ class RedisStore(Store):
                 log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
                 for op_id in list(self._watchers):
                     self._notify_local(op_id)  # let waiters re-read rather than miss a change
+                if self._node_client is not None:
+                    await self._move_pubsub()  # the node may be gone for good (a cluster failover)
                 await asyncio.sleep(_RECONNECT_DELAY_S)
                 continue
             if message is not None and message["type"] == "message":
@@ -295,10 +605,31 @@ class RedisStore(Store):
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise StoreUnavailable("the Redis store is closed")
+        if self._gate is None:
+            return await self._mapped(command)
+        try:
+            async with asyncio.timeout(self._gate_timeout_s):
+                await self._gate.acquire()
+        except TimeoutError as exc:
+            raise StoreUnavailable("redis: no connection free in time") from exc
+        try:
+            return await self._mapped(command)
+        finally:
+            self._gate.release()
+
+    @staticmethod
+    async def _mapped(command: Callable[[], Awaitable[T]]) -> T:
         try:
             return await command()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+
+    # -- remembered names (appended for idemproxy.auth) ----------------------------------
+
+    async def remember_once(self, name: str, ttl_s: float) -> bool:
+        key = self.keys.seen(name)
+        ttl_ms = max(1, round(ttl_s * 1000))
+        return bool(await self._call(lambda: self._redis.set(key, b"1", nx=True, px=ttl_ms)))
 
 
 def _text(value: bytes | str) -> str:

@@ -8,6 +8,8 @@ Layout, for key prefix ``idem`` and an operation id ``ab12...`` (hex)::
     idem:{ab}:state:UNKNOWN           (ms), for operators' listings and exact gauges
     idem:{ab}:state:NEEDS_ATTENTION
     idem:done:ab12...               pub/sub channel: "the record changed", payload = new state
+    idem:{cd}:seen:cd34...          string with a TTL: a name remembered once (``remember_once``),
+                                      by the SHA-256 of the name
 
 The hash tag ``{ab}`` is the id's first byte, so every key of one operation
 lives in one cluster slot and the indexes are spread over 256 shards instead
@@ -15,6 +17,8 @@ of a few hot keys.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from idemproxy.records import UNRESOLVED_STATES, State
 
@@ -64,6 +68,11 @@ class RedisKeys:
 
     def keepalive_channel(self) -> str:
         return f"{self.prefix}:hello"
+
+    def seen(self, name: str) -> str:
+        """A remembered name, hash-tagged by its digest so names spread over the slots."""
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        return f"{self.prefix}:{{{digest[:2]}}}:seen:{digest}"
 
 
 # KEYS[1]  record hash

@@ -50,6 +50,10 @@ CREATE INDEX IF NOT EXISTS operations_due ON operations (due_ms) WHERE due_ms IS
 CREATE INDEX IF NOT EXISTS operations_expiry ON operations (expires_ms) WHERE expires_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS operations_unresolved ON operations (s, updated_ms)
     WHERE s IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION');
+CREATE TABLE IF NOT EXISTS seen (   -- names remembered once (remember_once), until expires_ms
+    name       TEXT PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 _SCHEMA_VERSION = 1
 _COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
@@ -162,6 +166,9 @@ class SqliteStore(Store):
         counts.update({State(state): count for state, count in rows})
         return counts
 
+    async def remember_once(self, name: str, ttl_s: float) -> bool:
+        return await self._run(self._remember_once, name, max(1, round(ttl_s * 1000)))
+
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
 
@@ -267,9 +274,21 @@ class SqliteStore(Store):
         row = self._conn().execute(_SELECT, (op_id, _now_ms())).fetchone()
         return _decode(op_id, row) if row is not None else None
 
+    def _remember_once(self, name: str, ttl_ms: int) -> bool:
+        db = self._conn()
+        now = _now_ms()
+        with _immediate(db):
+            db.execute("DELETE FROM seen WHERE name = ? AND expires_ms <= ?", (name, now))
+            cursor = db.execute("INSERT OR IGNORE INTO seen (name, expires_ms) VALUES (?, ?)", (name, now + ttl_ms))
+        return cursor.rowcount == 1
+
     def _purge_expired(self) -> int:
         db = self._conn()
         with _immediate(db):
+            db.execute(
+                "DELETE FROM seen WHERE name IN (SELECT name FROM seen WHERE expires_ms <= ? LIMIT ?)",
+                (_now_ms(), _PURGE_BATCH),
+            )
             cursor = db.execute(
                 "DELETE FROM operations WHERE op_id IN (SELECT op_id FROM operations"
                 " WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?)",

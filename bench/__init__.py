@@ -1,0 +1,1 @@
+"""The idemproxy benchmark harness: ``make bench`` or ``python -m bench --help``."""

@@ -1,0 +1,206 @@
+"""Putting completed operations in the ledger before a measurement.
+
+Two ways, both yielding records the proxy itself made or would make:
+
+- ``complete_through_proxy``: real requests through a running idemproxy (the
+  replay scenario's keys);
+- ``preload_redis``: a large number of records cloned from one the proxy
+  really completed, each re-encoded with the proxy's own codec, key layout
+  and operation ids, and pipelined into Redis with ``redis-cli --pipe``.
+
+``check_replays`` proves a record replays through the proxy before anything
+is measured on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import redis
+
+from bench.procs import LOOPBACK, BenchError, die_with_parent, find_binary
+from bench.results import LedgerMemory
+from bench.scenarios import CALLER, REQUEST_BODY, REQUEST_PATH, ROUTE, UPSTREAM_BODY
+from idemproxy.config import StoreConfig
+from idemproxy.fingerprint import operation_id
+from idemproxy.records import OperationRecord, Scope, State
+from idemproxy.store import codec
+from idemproxy.store.redis_schema import RedisKeys
+
+_HEADERS = {"Content-Type": "application/json"}
+_CHUNK = 20_000
+_KEYS = RedisKeys(StoreConfig().key_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    replayed: bool
+    body: bytes
+
+
+async def _post(session: aiohttp.ClientSession, url: str, key: str) -> Answer:
+    async with session.post(
+        url + REQUEST_PATH, data=REQUEST_BODY, headers={**_HEADERS, "Idempotency-Key": key}
+    ) as response:
+        body = await response.read()
+        return Answer(response.status, response.headers.get("Idempotent-Replayed") == "true", body)
+
+
+def complete_through_proxy(url: str, keys: Sequence[str], concurrency: int = 32) -> None:
+    """POST every key once through the proxy; each must be forwarded and answered 200."""
+
+    async def main() -> None:
+        queue = iter(keys)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+
+            async def worker() -> None:
+                for key in queue:
+                    answer = await _post(session, url, key)
+                    if answer.status != 200 or answer.replayed:
+                        raise BenchError(
+                            f"completing {key!r} through the proxy: status {answer.status}, "
+                            f"replayed={answer.replayed}: {answer.body[:300]!r}"
+                        )
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    asyncio.run(main())
+
+
+def check_replays(url: str, key: str) -> None:
+    """``key`` must come back as a replay of the upstream's answer, byte for byte."""
+
+    async def main() -> Answer:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            return await _post(session, url, key)
+
+    answer = asyncio.run(main())
+    if answer.status != 200 or not answer.replayed or answer.body != UPSTREAM_BODY:
+        raise BenchError(
+            f"{key!r} did not replay through the proxy: status {answer.status}, "
+            f"replayed={answer.replayed}, body {answer.body[:300]!r}"
+        )
+
+
+def record_key(key: str) -> str:
+    """The Redis hash holding the operation the proxy creates for ``key``."""
+    return _KEYS.record(operation_id(Scope(caller=CALLER, route=ROUTE, key=key)))
+
+
+def preload_redis(port: int, template_key: str, key_prefix: str, count: int) -> LedgerMemory:
+    """Write ``count`` completed records for keys ``{key_prefix}-0`` ... into Redis.
+
+    ``template_key`` must already be completed through the proxy: its record,
+    re-encoded with each new scope and operation id, is what every key gets.
+    """
+    client = redis.Redis(host=LOOPBACK, port=port)
+    try:
+        template_hash = record_key(template_key)
+        raw: dict[bytes, bytes] = client.hgetall(template_hash)  # type: ignore[assignment]
+        if not raw:
+            raise BenchError(f"no record for the template key {template_key!r} in Redis")
+        fields = {name.decode(): value for name, value in raw.items()}
+        template = codec.decode(template_hash.rsplit(":", 1)[1], fields)
+        if template.state is not State.COMPLETED or template.response is None:
+            raise BenchError(f"the template record is {template.state}, not a completed response")
+        ttl_ms = int(client.pttl(template_hash))
+        real_usage = int(client.memory_usage(template_hash, samples=0) or 0)
+        before = int(client.info("memory")["used_memory"])
+        started = time.monotonic()
+        _pipe(port, _chunks(template, fields[codec.EVIDENCE], ttl_ms, key_prefix, count), count)
+        seconds = time.monotonic() - started
+        after = int(client.info("memory")["used_memory"])
+        body = template.response.body or b""
+        return LedgerMemory(count, seconds, (after - before) / count, len(body), real_usage)
+    finally:
+        client.close()
+
+
+def flush_to_disk(directory: Path) -> float:
+    """fsync every file under ``directory``; returns the seconds it took."""
+    started = time.monotonic()
+    for path in directory.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    return time.monotonic() - started
+
+
+def _chunks(template: OperationRecord, evidence: bytes, ttl_ms: int, key_prefix: str, count: int) -> Iterator[bytes]:
+    jobs = [
+        (template, evidence, ttl_ms, key_prefix, start, min(start + _CHUNK, count)) for start in range(0, count, _CHUNK)
+    ]
+    processes = min(2, multiprocessing.cpu_count())
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals) as pool:
+        yield from pool.imap(_encode_chunk, jobs)
+
+
+def _default_signals() -> None:
+    # Forked from the harness, whose handlers turn SIGTERM into KeyboardInterrupt;
+    # the pool's own shutdown (SIGTERM) must end a worker quietly.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _encode_chunk(job: tuple[OperationRecord, bytes, int, str, int, int]) -> bytes:
+    """RESP for ``HSET`` + ``PEXPIRE`` of each record in the job's key range."""
+    template, evidence, ttl_ms, key_prefix, start, stop = job
+    ttl = str(ttl_ms).encode()
+    out: list[bytes] = []
+    for index in range(start, stop):
+        scope = Scope(caller=CALLER, route=ROUTE, key=f"{key_prefix}-{index}")
+        op_id = operation_id(scope)
+        hash_key = _KEYS.record(op_id).encode()
+        parts = [b"HSET", hash_key, codec.EVIDENCE.encode(), evidence]
+        for name, value in codec.encode(template.evolve(op_id=op_id, scope=scope)).items():
+            parts += (name.encode(), value)
+        out.append(_resp(parts))
+        out.append(_resp([b"PEXPIRE", hash_key, ttl]))
+    return b"".join(out)
+
+
+def _resp(parts: list[bytes]) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out += (b"$%d\r\n" % len(part), part, b"\r\n")
+    return b"".join(out)
+
+
+def _pipe(port: int, chunks: Iterator[bytes], count: int) -> None:
+    cli = find_binary("redis-cli")
+    process = subprocess.Popen(
+        [cli, "-h", LOOPBACK, "-p", str(port), "--pipe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # noqa: PLW1509
+    )
+    assert process.stdin is not None
+    try:
+        for chunk in chunks:
+            process.stdin.write(chunk)
+        output = process.communicate(timeout=120)[0].decode(errors="replace")  # closes stdin
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    match = re.search(r"errors: (\d+), replies: (\d+)", output)
+    if match is None or int(match.group(1)) != 0 or int(match.group(2)) != 2 * count:
+        raise BenchError(f"redis-cli --pipe did not load {count} records:\n{output[-1000:]}")

@@ -1,0 +1,363 @@
+"""The MCP route mode: idempotent ``tools/call`` over Streamable HTTP.
+
+On a route with ``mode: mcp`` each POST body is read as one JSON-RPC message.
+A ``tools/call`` request for a tool not listed in ``mcp.read_only_tools`` is an
+operation; every other message (``initialize``, notifications, ``tools/list``,
+read-only calls, a client's responses, the GET stream, DELETE) is forwarded
+untouched, and so are the bodies of recorded calls. Both transport
+generations look the same here: session-based (``initialize``,
+``Mcp-Session-Id``) and sessionless (``Mcp-Method`` / ``Mcp-Name`` headers,
+protocol metadata in ``_meta``).
+
+- **Key**: ``params._meta[mcp.key_meta]``, else the key header, else per the
+  route's ``key_mode`` (``derive``: ``tool_call_key(task, tool, arguments)``,
+  the adapters' own derivation, with the task header as the run).
+- **Fingerprint**: the tool's name and the canonical JSON of its arguments;
+  never the JSON-RPC id or ``_meta`` (progress token, protocol metadata), so a
+  call re-issued by a new session or a restarted client matches.
+- **Stored**: the final JSON-RPC response only. An ``application/json``
+  answer is kept as received; a ``text/event-stream`` answer is relayed to the
+  first caller as it arrives and only the event carrying the response to this
+  call's id is kept (progress and log notifications are not).
+- **Replayed**: ``application/json`` (one SSE event for a client that accepts
+  only SSE), with the caller's own JSON-RPC id and ``Mcp-Session-Id``; the
+  first caller's session never reaches anyone else.
+
+Outcomes, in the ledger's terms (``classify_status`` and ``classify_reply``):
+
+- a JSON-RPC ``result``, ``isError: true`` included, is definitive (the tool
+  ran and answered): ``COMPLETED``;
+- a ``result`` with ``resultType: "incomplete"`` (the server asks for input
+  before it acts, SEP-2322) is ``RELEASED``, so the client's follow-up with
+  the same arguments and its answers is forwarded;
+- a JSON-RPC ``error`` coded -32700, -32600, -32601 or -32602 (refused before
+  any tool ran) is definitive; any other code (-32603, server-defined, an
+  exception in a handler) may follow an effect: ``UNKNOWN``;
+- HTTP statuses: the route's ``not_applied_statuses`` release and
+  ``ambiguous_statuses`` make it unknown, as on any route; any other status
+  below 500 is the MCP transport refusing the message before any tool ran (no
+  session, bad header): ``RELEASED``; other 5xx: ``UNKNOWN``;
+- a 2xx without a JSON-RPC response to the call, and failures of the
+  connection: ``UNKNOWN``, as on any route.
+
+idemproxy's own answers on an MCP route are JSON-RPC error responses rather
+than problem+json, because MCP clients read nothing else: HTTP 200 answering a
+request whose id is known (so the client hands it to the waiting call), else
+the problem's own status (400 for -32700 / -32600, 413, 502 ...). ``data``
+holds the problem+json members (``type``, ``status``, ``operation`` ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from idemproxy import metrics
+from idemproxy.auth import IDENTITY
+from idemproxy.config import FailureMode, KeyMode, RouteConfig
+from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
+from idemproxy.errors import LeaseLost, LedgerUnavailable, MissingKey, ProblemError
+from idemproxy.fingerprint import operation_id, validate_key
+from idemproxy.forwarder import NotSent, UpstreamFailed, failure_kind
+from idemproxy.handler import (
+    ANONYMOUS,
+    OPERATION_HEADER,
+    ProxyHandler,
+    _abort,
+    _answer,
+    _decide,
+    _read_body,
+    _relay,
+    _upstream_timer,
+    _write_eof_quietly,
+    _write_quietly,
+)
+from idemproxy.headers import client_response_headers, with_injected
+from idemproxy.ledger import Answered, OperationRequest
+from idemproxy.mcp_messages import (
+    INVALID_REQUEST,
+    JSON,
+    SESSION_HEADER,
+    SSE,
+    UNKNOWN_REPLY,
+    JsonRpcError,
+    RequestId,
+    ToolCall,
+    accepts_only_sse,
+    check_mirrored_headers,
+    classify_reply,
+    classify_status,
+    error_body,
+    media_type,
+    parse_messages,
+    problem_error,
+    recorded_call,
+    reply_kind,
+    response_to,
+    with_id,
+)
+from idemproxy.observe import OBSERVATION, Observation
+from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
+from idemproxy.routes import Target, upstream_url
+from idemproxy.sse import SseEvent, SseParser
+from idemproxy.store import StoreUnavailable
+from idemproxy.tool_keys import tool_call_key
+
+log = logging.getLogger(__name__)
+
+_NO_REPLY = Outcome(State.UNKNOWN, RetryClass.CONNECTION_LOST)
+_STORED_HEADERS = (("Content-Type", JSON),)
+
+
+def _error_response(
+    status: int, request_id: RequestId | None, error: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=error_body(request_id, error), content_type=JSON, headers=headers)
+
+
+# -- the route ------------------------------------------------------------------------------
+
+
+async def handle_mcp(
+    proxy: ProxyHandler, request: web.Request, route: RouteConfig, target: Target
+) -> web.StreamResponse:
+    """Everything a request to an MCP route gets."""
+    observation = request[OBSERVATION]
+    request_id: RequestId | None = None
+    try:
+        if request.method != "POST":
+            observation.decision = "passthrough"
+            return await proxy._passthrough(request, route, target)
+        body = await _read_body(request, route.max_body)
+        parsed = parse_messages(body)
+        if isinstance(parsed, list):  # a batch (protocol 2025-03-26 only)
+            if any(recorded_call(message, route.mcp) for message in parsed):
+                raise JsonRpcError(
+                    INVALID_REQUEST,
+                    "Invalid request: a batch must not carry a tools/call idemproxy records; send it on its own.",
+                )
+            observation.decision = "passthrough"
+            return await proxy._forward_unrecorded(request, route, target, body)
+        request_id = parsed.id if parsed.method is not None else None
+        check_mirrored_headers(request.headers, parsed)
+        call = recorded_call(parsed, route.mcp)
+        if call is None:
+            observation.decision = "passthrough"
+            return await proxy._forward_unrecorded(request, route, target, body)
+        observation.side_effecting = True
+        return await _tool_call(proxy, request, route, target, body, call, observation)
+    except JsonRpcError as exc:
+        _decide(request, "rejected")
+        return web.Response(status=exc.status, body=exc.to_json(), content_type=JSON)
+    except ProblemError as exc:
+        # Answering a request whose id is known with 200 hands the error to the waiting call.
+        _decide(request, exc.decision)
+        status = 200 if request_id is not None else exc.status
+        return _error_response(status, request_id, problem_error(exc), exc.headers)
+
+
+async def _tool_call(
+    proxy: ProxyHandler,
+    request: web.Request,
+    route: RouteConfig,
+    target: Target,
+    body: bytes,
+    call: ToolCall,
+    observation: Observation,
+) -> web.StreamResponse:
+    headers = request.headers
+    identity = request.get(IDENTITY)
+    caller = identity.name if identity is not None else headers.get(proxy.names.caller) or ANONYMOUS
+    task = headers.get(proxy.names.task)
+    observation.task = task
+    key = call.key if call.key is not None else headers.get(proxy.names.key)
+    if key is None:
+        if route.key_mode is KeyMode.REQUIRE:
+            raise MissingKey(
+                f"Route {route.name!r} requires an operation key on tools/call: "
+                f"params._meta[{route.mcp.key_meta!r}] or the {proxy.names.key} header."
+            )
+        if route.key_mode is KeyMode.OPTIONAL:
+            observation.decision = "unrecorded"
+            return await proxy._forward_unrecorded(request, route, target, body)
+        key = tool_call_key(task or "", call.name, call.arguments)
+    else:
+        validate_key(key)
+    observation.key = key
+    scope = Scope(caller=caller, route=route.name, key=key, task=task)
+    upstream_headers = proxy._upstream_headers(request)
+    stored_request = None
+    if route.reconcile is not None and route.reconcile.stores_request:
+        stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
+    op = OperationRequest(
+        op_id=operation_id(scope),
+        scope=scope,
+        fingerprint=call.fingerprint,
+        method=request.method,
+        target=target.raw,
+        lease_s=route.lease_s,
+        wait_s=route.wait_s,
+        max_attempts=route.max_attempts,
+        stored_request=stored_request,
+    )
+    observation.op_id = op.op_id
+    try:
+        begun = await proxy.ledger.begin(op)
+    except StoreUnavailable as exc:
+        metrics.STORE_ERRORS.labels("reserve").inc()
+        if route.on_store_error is FailureMode.FAIL_OPEN:
+            log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
+            observation.decision = "fail_open"
+            return await proxy._forward_unrecorded(request, route, target, body)
+        raise LedgerUnavailable(
+            "The operation ledger is unreachable, so the call was not forwarded (fail-closed). "
+            "Retry with the same key.",
+            headers={"Retry-After": "1"},
+        ) from exc
+    observation.attempt = begun.record.attempt
+    if isinstance(begun, Answered):
+        return _replay(request, _answer(begun, route, observation), call)
+    observation.decision = "forwarded"
+    return await _forward(proxy, request, route, target, body, call, begun.record, upstream_headers)
+
+
+def _replay(request: web.Request, stored: web.Response, call: ToolCall) -> web.Response:
+    """The stored response for this caller: its own id and session, JSON or one SSE event."""
+    assert isinstance(stored.body, bytes)
+    body = with_id(stored.body, call.request_id)
+    content_type = JSON
+    if accepts_only_sse(request.headers.get("Accept", "")):
+        body, content_type = b"event: message\ndata: " + body + b"\n\n", SSE
+    response = web.Response(status=stored.status, body=body, content_type=content_type)
+    for name, value in stored.headers.items():
+        if name.lower() not in ("content-type", "content-length", SESSION_HEADER.lower()):
+            response.headers.add(name, value)
+    if (session := request.headers.get(SESSION_HEADER)) is not None:
+        response.headers[SESSION_HEADER] = session
+    return response
+
+
+async def _forward(
+    proxy: ProxyHandler,
+    request: web.Request,
+    route: RouteConfig,
+    target: Target,
+    body: bytes,
+    call: ToolCall,
+    owned: OperationRecord,
+    upstream_headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    op_id = owned.op_id
+    try:
+        with _upstream_timer(request, route):
+            async with proxy.forwarder.request(
+                route,
+                request.method,
+                upstream_url(route, target),
+                with_injected(upstream_headers, route.upstream_headers),
+                body,
+                guard=lambda: proxy.ledger.leases.still_held(op_id),
+            ) as upstream:
+                answer = await _relay_call(request, upstream, call, route, op_id)
+    except UpstreamFailed as exc:
+        metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
+        return await proxy._record_failure(route, owned, exc.kind, exc.detail)
+    except NotSent as exc:
+        # Paused past the lease before anything was sent: release it if it is still ours.
+        await proxy._finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
+        raise LeaseLost(
+            "This proxy's claim on the operation ran out before the call was sent; it was not sent. "
+            "Retry with the same key.",
+            headers={"Retry-After": "1"},
+            operation=op_id,
+        ) from exc
+    except asyncio.CancelledError:
+        await asyncio.shield(
+            proxy._finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
+        )
+        raise
+    # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
+    await asyncio.shield(proxy._finish(owned, answer.outcome, answer.stored, route, answer.detail))
+    return answer.response
+
+
+# -- reading the server's answer --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Answer:
+    response: web.StreamResponse  # what the first caller gets (or got, when streamed)
+    outcome: Outcome
+    stored: StoredResponse | None  # the final JSON-RPC response, kept when COMPLETED
+    detail: dict[str, object]  # evidence
+
+
+def _stored(data: bytes | None, size: int, sha256: str) -> StoredResponse:
+    return StoredResponse(status=200, headers=_STORED_HEADERS, body=data, body_size=size, body_sha256=sha256)
+
+
+async def _relay_call(
+    request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
+) -> _Answer:
+    by_status = classify_status(upstream.status, route)
+    content_type = media_type(upstream.headers)
+    if by_status is None and content_type == SSE:
+        return await _relay_stream(request, upstream, call, route, op_id)
+    relayed = await _relay(request, upstream, route.max_stored_response, op_id)
+    detail: dict[str, object] = {"status": upstream.status}
+    if relayed.stored is None:  # the body broke off after streaming began
+        kind = relayed.failed or FailureKind.CONNECTION_LOST
+        return _Answer(relayed.response, classify_failure(kind), None, {**detail, "failure": kind.value})
+    data = relayed.stored.body
+    if by_status is not None or content_type != JSON:
+        return _Answer(relayed.response, by_status or UNKNOWN_REPLY, None, {**detail, "content_type": content_type})
+    stored = _stored(data, relayed.stored.body_size, relayed.stored.body_sha256)
+    if data is None:  # over max_stored_response: completed, but only its size and hash are kept
+        return _Answer(relayed.response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
+    reply = response_to(data, call.request_id)
+    return _Answer(relayed.response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
+
+
+async def _relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
+) -> _Answer:
+    """Stream the server's events to the first caller as they come, up to the response to
+    the call (which ends the stream, MCP says); keep only that response."""
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=client_response_headers(upstream.headers, keep_length=True),
+    )
+    response.headers[OPERATION_HEADER] = op_id
+    with contextlib.suppress(ConnectionError):  # the first caller may be gone: the outcome still counts
+        await response.prepare(request)
+    parser = SseParser(route.max_stored_response)
+    oversize: SseEvent | None = None
+    detail: dict[str, object] = {"status": upstream.status, "streamed": True}
+    try:
+        async for chunk in upstream.content.iter_any():
+            await _write_quietly(response, chunk)
+            for event in parser.feed(chunk):
+                if event.data is None:
+                    oversize = oversize or event
+                elif (reply := response_to(event.data, call.request_id)) is not None:
+                    # Recorded at once: clients hang up as soon as they have their answer.
+                    stored = _stored(event.data, event.size, event.sha256)
+                    return _Answer(response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
+    except (aiohttp.ClientError, TimeoutError) as exc:  # cut off before the answer
+        _abort(request)
+        kind = failure_kind(exc)
+        return _Answer(response, classify_failure(kind), None, {**detail, "failure": kind.value})
+    await _write_eof_quietly(response)
+    if oversize is not None:
+        # An event too large to read was, in all likelihood, the response.
+        stored = _stored(None, oversize.size, oversize.sha256)
+        return _Answer(response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
+    return _Answer(response, _NO_REPLY, None, {**detail, "jsonrpc": "none"})

@@ -1,0 +1,1 @@
+"""Deployment artefacts: the Dockerfile, the container image and the Helm chart."""
