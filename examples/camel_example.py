@@ -20,13 +20,11 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from aiohttp import web
 from camel.models.stub_model import StubModel
 from camel.types import (
     ChatCompletion,
@@ -40,47 +38,11 @@ from camel.types import (
 from idemproxy.adapters import AgentRun, Verifier
 from idemproxy.adapters.camel import IdempotentChatAgent
 from idemproxy.adapters.httpx_auth import IdempotencyAuth
-from idemproxy.app import build_admin_app, build_proxy_app
-from idemproxy.config import parse_config
-from idemproxy.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ticket_tool  # the example tool next to this file
+from demo_stack import tool_behind_idemproxy
 
 TITLE = "Disk full on db-1"
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """``app`` on a free loopback port; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@asynccontextmanager
-async def tool_behind_idemproxy(ledger_dir: str) -> AsyncIterator[tuple[str, str, str]]:
-    """The ticket tool, idemproxy in front of it, and idemproxy's admin listener."""
-    async with serving(ticket_tool.build_app()) as tool_url:
-        config = parse_config(
-            {"store": f"sqlite:///{ledger_dir}/ledger.db", "routes": [{"prefix": "/", "upstream": tool_url}]}
-        )
-        store = open_store(config.store)
-        await store.start()
-        try:
-            async with (
-                serving(build_proxy_app(config, store)) as proxy_url,
-                serving(build_admin_app(store, config)) as admin_url,
-            ):
-                yield tool_url, proxy_url, admin_url
-        finally:
-            await store.close()
 
 
 class ScriptedModel(StubModel):
