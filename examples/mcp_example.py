@@ -28,11 +28,11 @@ import tempfile
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
-from aiohttp import web
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import ToolCallExecutionEvent
 from autogen_core import FunctionCall
@@ -49,6 +49,9 @@ from idemproxy.adapters.mcp import McpOperationKeys
 from idemproxy.app import build_admin_app, build_proxy_app
 from idemproxy.config import parse_config
 from idemproxy.store import open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_stack import serving  # the examples' shared helpers, next to this file
 
 TITLE = "Disk full on db-1"
 
@@ -84,19 +87,6 @@ async def serving_asgi(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
-
-
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager

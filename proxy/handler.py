@@ -49,7 +49,7 @@ from idemproxy.headers import (
     upstream_request_headers,
     with_injected,
 )
-from idemproxy.ledger import Answered, Ledger, OperationRequest
+from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
@@ -155,8 +155,34 @@ class ProxyHandler:
             key = derive_key(caller, task, request_fp)
         else:
             validate_key(key)
-        observation.key = key
         scope = Scope(caller=caller, route=route.name, key=key, task=task)
+        begun, upstream_headers = await self.begin_operation(
+            request, route, target, body, observation, scope, request_fp
+        )
+        if isinstance(begun, web.StreamResponse):
+            return begun
+        if isinstance(begun, Answered):
+            observation.attempt = begun.record.attempt
+            return _answer(begun, route, observation)
+        observation.decision = "forwarded"
+        observation.attempt = begun.record.attempt
+        return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
+
+    async def begin_operation(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        target: Target,
+        body: bytes,
+        observation: Observation,
+        scope: Scope,
+        request_fingerprint: str,
+    ) -> tuple[Owned | Answered | web.StreamResponse, CIMultiDict[str]]:
+        """Reserve the operation in the ledger (shared by HTTP and MCP routes).
+
+        Returns the ledger's answer and the headers to forward with; a response
+        instead when the ledger is down and the route fails open."""
+        observation.key = scope.key
         upstream_headers = self._upstream_headers(request)
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
@@ -164,7 +190,7 @@ class ProxyHandler:
         op = OperationRequest(
             op_id=operation_id(scope),
             scope=scope,
-            fingerprint=request_fp,
+            fingerprint=request_fingerprint,
             method=request.method,
             target=target.raw,
             lease_s=route.lease_s,
@@ -174,24 +200,18 @@ class ProxyHandler:
         )
         observation.op_id = op.op_id
         try:
-            begun = await self.ledger.begin(op)
+            return await self.ledger.begin(op), upstream_headers
         except StoreUnavailable as exc:
             metrics.STORE_ERRORS.labels("reserve").inc()
             if route.on_store_error is FailureMode.FAIL_OPEN:
                 log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
                 observation.decision = "fail_open"
-                return await self._forward_unrecorded(request, route, target, body)
+                return await self._forward_unrecorded(request, route, target, body), upstream_headers
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
                 "Retry with the same key.",
                 headers={"Retry-After": "1"},
             ) from exc
-        if isinstance(begun, Answered):
-            observation.attempt = begun.record.attempt
-            return _answer(begun, route, observation)
-        observation.decision = "forwarded"
-        observation.attempt = begun.record.attempt
-        return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
 
     async def _forward_owned(
         self,

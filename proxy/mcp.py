@@ -61,10 +61,10 @@ from multidict import CIMultiDict
 
 from idemproxy import metrics
 from idemproxy.auth import IDENTITY
-from idemproxy.config import FailureMode, KeyMode, RouteConfig
+from idemproxy.config import KeyMode, RouteConfig
 from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
-from idemproxy.errors import LeaseLost, LedgerUnavailable, MissingKey, ProblemError
-from idemproxy.fingerprint import operation_id, validate_key
+from idemproxy.errors import LeaseLost, MissingKey, ProblemError
+from idemproxy.fingerprint import validate_key
 from idemproxy.forwarder import NotSent, UpstreamFailed, failure_kind
 from idemproxy.handler import (
     ANONYMOUS,
@@ -80,7 +80,7 @@ from idemproxy.handler import (
     _write_quietly,
 )
 from idemproxy.headers import client_response_headers, with_injected
-from idemproxy.ledger import Answered, OperationRequest
+from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
     INVALID_REQUEST,
     JSON,
@@ -104,10 +104,9 @@ from idemproxy.mcp_messages import (
     with_id,
 )
 from idemproxy.observe import OBSERVATION, Observation
-from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
+from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
 from idemproxy.routes import Target, upstream_url
 from idemproxy.sse import SseEvent, SseParser
-from idemproxy.store import StoreUnavailable
 from idemproxy.tool_keys import tool_call_key
 
 log = logging.getLogger(__name__)
@@ -190,37 +189,12 @@ async def _tool_call(
         key = tool_call_key(task or "", call.name, call.arguments)
     else:
         validate_key(key)
-    observation.key = key
     scope = Scope(caller=caller, route=route.name, key=key, task=task)
-    upstream_headers = proxy._upstream_headers(request)
-    stored_request = None
-    if route.reconcile is not None and route.reconcile.stores_request:
-        stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
-    op = OperationRequest(
-        op_id=operation_id(scope),
-        scope=scope,
-        fingerprint=call.fingerprint,
-        method=request.method,
-        target=target.raw,
-        lease_s=route.lease_s,
-        wait_s=route.wait_s,
-        max_attempts=route.max_attempts,
-        stored_request=stored_request,
+    begun, upstream_headers = await proxy.begin_operation(
+        request, route, target, body, observation, scope, call.fingerprint
     )
-    observation.op_id = op.op_id
-    try:
-        begun = await proxy.ledger.begin(op)
-    except StoreUnavailable as exc:
-        metrics.STORE_ERRORS.labels("reserve").inc()
-        if route.on_store_error is FailureMode.FAIL_OPEN:
-            log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
-            observation.decision = "fail_open"
-            return await proxy._forward_unrecorded(request, route, target, body)
-        raise LedgerUnavailable(
-            "The operation ledger is unreachable, so the call was not forwarded (fail-closed). "
-            "Retry with the same key.",
-            headers={"Retry-After": "1"},
-        ) from exc
+    if isinstance(begun, web.StreamResponse):
+        return begun
     observation.attempt = begun.record.attempt
     if isinstance(begun, Answered):
         return _replay(request, _answer(begun, route, observation), call)
