@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import itertools
 import re
 import time
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
 import orjson
+import yaml
 from aiohttp import web
 
 from idemproxy import metrics
@@ -51,9 +54,11 @@ RESOLVER_KEY = web.AppKey("resolver", str)
 #: Bodies up to this size are shown inline in ``show``; larger ones by size and hash only.
 _INLINE_BODY = 16 * 1024
 _MAX_LIMIT = 1000
+_MAX_DURATION_CHARS = 32
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_REPLAYABLE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
 _OP_ID = re.compile(r"[0-9a-f]{32}")
+_LIMIT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
 _resolutions = itertools.count(1)
 
 
@@ -177,6 +182,8 @@ def _response(raw: Any) -> StoredResponse:
     if not isinstance(raw, dict):
         raise InvalidResolution("'response' must be an object with 'status', 'headers' and 'body'.")
     status = raw.get("status")
+    if isinstance(status, float) and status.is_integer():  # 201.0 is the integer 201 in JSON
+        status = int(status)
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
         raise InvalidResolution(f"'response.status' must be an HTTP status from 200 to 599, got {status!r}.")
     headers = _resolution_headers(raw.get("headers", {}))
@@ -293,12 +300,18 @@ def _parse_query(params: Mapping[str, str]) -> OpsQuery:
             ) from None
     updated_before_ms = None
     if "older_than" in params:
+        if len(params["older_than"]) > _MAX_DURATION_CHARS:
+            raise InvalidQuery(
+                f"'older_than' must be a duration such as '10m', at most {_MAX_DURATION_CHARS} characters."
+            )
         try:
-            updated_before_ms = int(time.time() * 1000) - round(parse_duration(params["older_than"]) * 1000)
+            age_ms = round(parse_duration(params["older_than"]) * 1000)
         except ValueError as exc:
             raise InvalidQuery(f"'older_than': {exc}.") from exc
+        # Older than the epoch matches nothing; clamped, so the store never sees an out-of-range number.
+        updated_before_ms = max(0, int(time.time() * 1000) - age_ms)
     limit = params.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= _MAX_LIMIT:
+    if not _LIMIT.fullmatch(limit) or not 1 <= int(limit) <= _MAX_LIMIT:
         raise InvalidQuery(f"'limit' must be a whole number from 1 to {_MAX_LIMIT}, got {limit!r}.")
     return OpsQuery(
         state=state,
@@ -329,9 +342,22 @@ def _json(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI description of this API (``openapi/admin.yaml`` in the package)."""
+    text = resources.files("idemproxy").joinpath("openapi", "admin.yaml").read_text(encoding="utf-8")
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(openapi_document())
+
+
 def admin_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/_idem/openapi.json", openapi)
     app.router.add_get("/_idem/ops", list_operations)
     app.router.add_get("/_idem/ops/{op_id}", show_operation)
     app.router.add_post("/_idem/ops/{op_id}/resolve", resolve_operation)

@@ -10,16 +10,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
 from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_middleware
+from idemproxy.budgets import Budgets
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
+from idemproxy.inbound import inbound_middleware, server_options
 from idemproxy.ledger import Ledger, new_instance_id
 from idemproxy.observe import LOG_KEYS, observe_middleware
 from idemproxy.reconciler import Reconciler
@@ -33,13 +36,21 @@ FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 UNRESOLVED_REFRESH_S = 5.0
 RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
+BUDGETS_KEY = web.AppKey("budgets", Budgets)
 
 
-def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool = True) -> web.Application:
+def build_proxy_app(
+    config: ProxyConfig,
+    store: Store,
+    *,
+    run_reconciler: bool = True,
+    budget_clock: Callable[[], float] = time.time,
+) -> web.Application:
     """The proxy application; ``store`` must be started by the caller.
 
     ``run_reconciler=False`` leaves background reconciliation off (on-demand
-    reconciliation still runs), for tests that drive it step by step."""
+    reconciliation still runs), for tests that drive it step by step;
+    ``budget_clock`` is the wall clock budget windows are measured on."""
     largest_body = max(route.max_body for route in config.routes)
     authenticator = _authenticator(config, store)
     route_table = RouteTable(config.routes)
@@ -47,6 +58,7 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
         middlewares=[
             observe_middleware,
             problem_middleware,
+            inbound_middleware(config.client_body_timeout_s),
             *([proxy_auth_middleware(authenticator, route_table)] if authenticator is not None else []),
             non_origin_target_middleware,
         ],
@@ -61,7 +73,11 @@ def build_proxy_app(config: ProxyConfig, store: Store, *, run_reconciler: bool =
     app[STORE_KEY] = store
     app[FORWARDER_KEY] = forwarder
     app[RECONCILER_KEY] = reconciler
-    handler = ProxyHandler(route_table, ledger, forwarder, config.headers)
+    # Identities may gain budgets when their file is reloaded, so auth alone keeps budgets on.
+    budgets = None
+    if config.budgets.configured or config.auth is not None:
+        budgets = app[BUDGETS_KEY] = Budgets(config.budgets, store, clock=budget_clock)
+    handler = ProxyHandler(route_table, ledger, forwarder, config.headers, budgets)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
 
     async def background_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -103,7 +119,11 @@ def _add_identities_ctx(app: web.Application, authenticator: Authenticator | Non
 def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
     authenticator = _authenticator(config, store)
     app = web.Application(
-        middlewares=[problem_middleware, *([admin_auth_middleware(authenticator)] if authenticator else [])]
+        middlewares=[
+            problem_middleware,
+            inbound_middleware(config.client_body_timeout_s),
+            *([admin_auth_middleware(authenticator)] if authenticator else []),
+        ]
     )
     _add_identities_ctx(app, authenticator)
     app[STORE_KEY] = store
@@ -154,7 +174,12 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
             (build_proxy_app(config, store), config.listen),
             (build_admin_app(store, config), config.admin_listen),
         ):
-            runner = web.AppRunner(app, shutdown_timeout=config.shutdown_grace_s, access_log=None)
+            runner = web.AppRunner(
+                app,
+                shutdown_timeout=config.shutdown_grace_s,
+                access_log=None,
+                **server_options(config.client_header_timeout_s),
+            )
             await runner.setup()
             runners.append(runner)
             await web.TCPSite(runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port).start()

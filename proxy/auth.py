@@ -258,7 +258,9 @@ class Authenticator:
         signature = headers.get(SIGNATURE_HEADER, "").lower()
         if not (key_id and timestamp and signature):
             raise _unauthenticated(f"HMAC needs {KEY_ID_HEADER}, {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}.")
-        if not timestamp.isdigit():
+        # ASCII digits, and few of them: str.isdigit() also takes "²", and int() of thousands of
+        # digits raises (or overflows a float when compared with the clock).
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
             raise _unauthenticated(f"{TIMESTAMP_HEADER} must be whole unix seconds.")
         age = self._clock() - int(timestamp)
         if abs(age) > self.max_skew_s:

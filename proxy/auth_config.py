@@ -1,4 +1,4 @@
-"""The ``auth`` configuration: identities, their scopes and secrets, validated.
+"""The ``auth`` configuration: identities, their scopes, secrets and budgets, validated.
 
 Read from ``auth.identities`` in the main configuration and from the
 identities file (``auth.identities_file``), whose shape is ``identities:
@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from idemproxy.budget_config import BudgetOverride, read_override
 from idemproxy.convert import kind, positive_duration
 
 MIN_HMAC_KEY_BYTES = 16
@@ -55,6 +56,7 @@ class Identity:
     hmac_keys: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     scopes: tuple[Grant, ...] = ()
     ops: OpsAccess = OpsAccess.NONE
+    budgets: BudgetOverride | None = None  # None: the top-level budgets.identity applies
 
     def allows(self, route: str, method: str) -> bool:
         return any(grant.allows(route, method) for grant in self.scopes)
@@ -134,7 +136,7 @@ class _Problems:
 
 
 _AUTH_KEYS = frozenset({"identities", "identities_file", "max_skew", "reload_check"})
-_IDENTITY_KEYS = frozenset({"name", "tokens", "hmac_keys", "scopes", "ops"})
+_IDENTITY_KEYS = frozenset({"name", "tokens", "hmac_keys", "scopes", "ops", "budgets"})
 _SCOPE_KEYS = frozenset({"routes", "methods"})
 
 
@@ -282,9 +284,13 @@ def _identity(out: _Problems, raw: Any, route_names: frozenset[str]) -> Identity
             ops = OpsAccess(data["ops"])
         except ValueError:
             out.fail("ops", f"expected one of none, read, admin, got {kind(data['ops'])}")
+    budgets: BudgetOverride | None = None
+    if "budgets" in data:
+        with out.at("budgets"):
+            budgets = read_override(out, data["budgets"])
     if not isinstance(name, str):
         return None
-    return Identity(name, tuple(tokens), keys, tuple(grants), ops)
+    return Identity(name, tuple(tokens), keys, tuple(grants), ops, budgets)
 
 
 def _grant(out: _Problems, raw: Any, route_names: frozenset[str]) -> Grant | None:

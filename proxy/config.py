@@ -21,6 +21,7 @@ import yaml
 from yarl import URL
 
 from idemproxy.auth_config import AuthConfig, parse_auth, resolve_secret
+from idemproxy.budget_config import BudgetConfig, read_budgets
 from idemproxy.convert import boolean, kind, positive_duration, positive_int, statuses
 from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
@@ -126,7 +127,13 @@ class ProxyConfig:
     log_level: str = "info"
     shutdown_grace_s: float = 10.0
     log_keys: bool = False  # idempotency keys and paths in access logs (debugging only)
+    #: A connection's next request head must be complete this long after it opened or
+    #: answered its previous request (idle keep-alive connections close then too).
+    client_header_timeout_s: float = 60.0
+    #: A request's whole body must arrive this long after its head, or 408.
+    client_body_timeout_s: float = 60.0
     auth: AuthConfig | None = None  # None: callers are named by the caller header, unauthenticated
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +252,8 @@ class _Reader:
         log_level = self.value(data, "log_level", defaults.log_level, _log_level)
         grace = self.value(data, "shutdown_grace", defaults.shutdown_grace_s, parse_duration)
         log_keys = self.value(data, "log_keys", defaults.log_keys, boolean)
+        header_timeout = self.value(data, "client_header_timeout", defaults.client_header_timeout_s, positive_duration)
+        body_timeout = self.value(data, "client_body_timeout", defaults.client_body_timeout_s, positive_duration)
         store = self.store(data.get("store", {}))
         headers = self.headers(data.get("headers", {}))
         route_defaults = self.route_defaults(data.get("route_defaults", {}))
@@ -280,6 +289,7 @@ class _Reader:
         if listen == admin_listen and not self.problems:
             self.fail("admin_listen", f"must differ from listen ({listen})")
         auth = self.auth(data["auth"], routes) if "auth" in data else None
+        budgets = self.budgets(data["budgets"]) if "budgets" in data else BudgetConfig()
         return ProxyConfig(
             routes=routes,
             listen=listen,
@@ -289,7 +299,10 @@ class _Reader:
             log_level=log_level,
             shutdown_grace_s=grace,
             log_keys=log_keys,
+            client_header_timeout_s=header_timeout,
+            client_body_timeout_s=body_timeout,
             auth=auth,
+            budgets=budgets,
         )
 
     def store(self, raw: Any) -> StoreConfig:
@@ -323,6 +336,10 @@ class _Reader:
             where = ".".join(self._path)
             self.problems.extend(f"{where}.{problem}".replace(".(top level)", "") for problem in problems)
             return config
+
+    def budgets(self, raw: Any) -> BudgetConfig:
+        with self.at("budgets"):
+            return read_budgets(self, raw)
 
     def headers(self, raw: Any) -> HeaderNames:
         defaults = HeaderNames()
@@ -420,7 +437,10 @@ _TOP_KEYS = frozenset(
         "log_level",
         "shutdown_grace",
         "log_keys",
+        "client_header_timeout",
+        "client_body_timeout",
         "auth",
+        "budgets",
     }
 )
 _STORE_KEYS = frozenset(

@@ -4,15 +4,17 @@ The tree is deliberately shallow::
 
     ProblemError                      one problem+json ``type`` per subclass
     ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
-    │                                 InvalidResolution, InvalidQuery
+    │                                 InvalidResolution, InvalidQuery, IncompleteBody,
+    │                                 UnsupportedTransferCoding, InvalidHeader
     ├── Unauthenticated (401), Forbidden (403)
     ├── NoRoute (404), OperationNotFound (404)
     ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
+    ├── RequestTimeout (408)          also a TimeoutError
     ├── BodyTooLarge (413)
     ├── FingerprintMismatch (422)
     ├── Conflict (409)                InFlight, OutcomeUnknown, NeedsAttention, ResponseNotStored
-    ├── AttemptsExhausted (429)
+    ├── AttemptsExhausted (429), BudgetExceeded (429)
     ├── UpstreamError (502/504)       UpstreamUnreachable, UpstreamConnectionLost, UpstreamTimeout
     ├── LedgerUnavailable (503), LeaseLost (503)
     └── InternalError (500)
@@ -96,6 +98,25 @@ class AbsoluteFormRefused(BadRequest):
     title = "idemproxy is not a forward proxy"
 
 
+class IncompleteBody(BadRequest):
+    """The caller's body stream failed: the connection closed mid-body, or its framing broke."""
+
+    slug = "incomplete-body"
+    title = "Request body incomplete"
+
+
+class UnsupportedTransferCoding(BadRequest):
+    slug = "unsupported-transfer-coding"
+    title = "Unsupported transfer coding"
+
+
+class InvalidHeader(BadRequest):
+    """A header value idemproxy could not forward unchanged (bytes that are not UTF-8)."""
+
+    slug = "invalid-header"
+    title = "Invalid header value"
+
+
 class Unauthenticated(ProblemError):
     """No valid credentials; carries a ``WWW-Authenticate`` challenge."""
 
@@ -152,6 +173,18 @@ class MethodNotAllowed(ProblemError):
     decision = "rejected"
 
 
+class RequestTimeout(ProblemError, TimeoutError):
+    """The caller did not send its whole request body in time (``client_body_timeout``).
+
+    Also a ``TimeoutError``: aiohttp then drops the rest of the body and closes
+    the connection instead of lingering to read it."""
+
+    status = 408
+    slug = "request-timeout"
+    title = "Request body not received in time"
+    decision = "rejected"
+
+
 class BodyTooLarge(ProblemError):
     status = 413
     slug = "body-too-large"
@@ -201,6 +234,15 @@ class AttemptsExhausted(ProblemError):
     slug = "attempts-exhausted"
     title = "No attempts left for this operation"
     decision = "exhausted"
+
+
+class BudgetExceeded(ProblemError):
+    """An identity's or a task's budget (``idemproxy.budgets``) refuses another attempt."""
+
+    status = 429
+    slug = "budget-exceeded"
+    title = "Budget exceeded"
+    decision = "budget_exceeded"
 
 
 class UpstreamError(ProblemError):

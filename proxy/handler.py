@@ -19,6 +19,7 @@ from yarl import URL
 
 from idemproxy import metrics
 from idemproxy.auth import CREDENTIAL_HEADERS, IDENTITY, READ_BODY
+from idemproxy.budgets import Budgets
 from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
 from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
@@ -30,6 +31,7 @@ from idemproxy.errors import (
     InternalError,
     LeaseLost,
     LedgerUnavailable,
+    MethodNotAllowed,
     MissingKey,
     NeedsAttention,
     NoRoute,
@@ -76,6 +78,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status == 413:  # aiohttp's own body limit
             return problem_response(BodyTooLarge(exc.text or "Request body too large."), request)
+        if exc.status == 404:  # the admin listener's router
+            return problem_response(NoRoute(f"No endpoint {request.path!r}."), request)
+        if exc.status == 405:
+            allow = {"Allow": exc.headers.get("Allow", "")}
+            return problem_response(MethodNotAllowed(f"{request.method} is not allowed here.", headers=allow), request)
         raise
     except Exception:
         log.exception("unhandled error", extra={"path": request.raw_path})
@@ -112,11 +119,19 @@ def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
 class ProxyHandler:
     """Handles every request on the proxy listener."""
 
-    def __init__(self, routes: RouteTable, ledger: Ledger, forwarder: Forwarder, header_names: HeaderNames) -> None:
+    def __init__(
+        self,
+        routes: RouteTable,
+        ledger: Ledger,
+        forwarder: Forwarder,
+        header_names: HeaderNames,
+        budgets: Budgets | None = None,  # None: no budget can apply, none is looked at
+    ) -> None:
         self.routes = routes
         self.ledger = ledger
         self.forwarder = forwarder
         self.names = header_names
+        self.budgets = budgets
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         target = parse_target(request.method, request.raw_path)
@@ -150,6 +165,7 @@ class ProxyHandler:
             if route.key_mode is KeyMode.REQUIRE:
                 raise MissingKey(f"Route {route.name!r} requires an {self.names.key} header on {request.method}.")
             if route.key_mode is KeyMode.OPTIONAL:
+                await self.charge_unrecorded(request, route, caller, task)
                 observation.decision = "unrecorded"
                 return await self._forward_unrecorded(request, route, target, body)
             key = derive_key(caller, task, request_fp)
@@ -187,6 +203,9 @@ class ProxyHandler:
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
             stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
+        budget = None
+        if self.budgets is not None:
+            budget = self.budgets.applying(request.get(IDENTITY), scope.caller, scope.task)
         op = OperationRequest(
             op_id=operation_id(scope),
             scope=scope,
@@ -195,12 +214,12 @@ class ProxyHandler:
             target=target.raw,
             lease_s=route.lease_s,
             wait_s=route.wait_s,
-            max_attempts=route.max_attempts,
+            max_attempts=route.max_attempts if budget is None else budget.max_attempts(route.max_attempts),
             stored_request=stored_request,
         )
         observation.op_id = op.op_id
         try:
-            return await self.ledger.begin(op), upstream_headers
+            begun = await self.ledger.begin(op)
         except StoreUnavailable as exc:
             metrics.STORE_ERRORS.labels("reserve").inc()
             if route.on_store_error is FailureMode.FAIL_OPEN:
@@ -212,6 +231,16 @@ class ProxyHandler:
                 "Retry with the same key.",
                 headers={"Retry-After": "1"},
             ) from exc
+        if budget is not None:
+            begun = await budget.admit(self.ledger, begun, route)  # BudgetExceeded when spent
+        return begun, upstream_headers
+
+    async def charge_unrecorded(self, request: web.Request, route: RouteConfig, caller: str, task: str | None) -> None:
+        """Budgets count a side-effecting call forwarded without a record too."""
+        if self.budgets is not None:
+            budget = self.budgets.applying(request.get(IDENTITY), caller, task)
+            if budget is not None:
+                await budget.charge_unrecorded(route)  # BudgetExceeded when spent
 
     async def _forward_owned(
         self,
@@ -316,6 +345,9 @@ class ProxyHandler:
         data = request.get(READ_BODY, request.content if request.body_exists else None)
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
+        if data is request.content and request.content_length is None:
+            # Chunked: no length to check up front, so it is read (within max_body) before sending.
+            data = await _read_body(request, route.max_body)
         return await self._stream(request, route, target, data)
 
     async def _forward_unrecorded(

@@ -183,6 +183,26 @@ class Ledger:
             )
         )
 
+    async def withdraw(self, owned: OperationRecord, detail: dict[str, object], retention_s: float) -> None:
+        """Undo the reservation of ``owned``, an attempt that will not be sent.
+
+        A fresh reservation (fence 1) is deleted: nothing stays recorded. A
+        taken-over operation is released again with its attempt given back, so
+        the same key is forwarded later. Waiters are woken either way."""
+        self.leases.release(owned.op_id)
+        metrics.IN_FLIGHT.dec()
+        if owned.fence == 1:
+            await self.store.unreserve(owned.op_id, owned.owner, owned.fence)
+            return
+        now = now_ms()
+        released = owned.evolve(
+            state=State.RELEASED, attempt=owned.attempt - 1, lease_until_ms=0, updated_ms=now, retry_class=None
+        )
+        evidence = Evidence(now, "withdrawn", detail)
+        await self.store.transition(
+            Transition(released, owned.fence, frozenset({State.PENDING}), evidence, retention_s)
+        )
+
     async def finish(
         self,
         owned: OperationRecord,

@@ -184,6 +184,7 @@ async def _tool_call(
                 f"params._meta[{route.mcp.key_meta!r}] or the {proxy.names.key} header."
             )
         if route.key_mode is KeyMode.OPTIONAL:
+            await proxy.charge_unrecorded(request, route, caller, task)
             observation.decision = "unrecorded"
             return await proxy._forward_unrecorded(request, route, target, body)
         key = tool_call_key(task or "", call.name, call.arguments)

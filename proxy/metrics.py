@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 
 from idemproxy import __version__
+from idemproxy.budget_config import BudgetKind
 
 #: Every decision a request can end in (the ``decision`` label).
 DECISIONS = (
@@ -42,6 +43,7 @@ DECISIONS = (
     "needs_attention",  # 409: escalated to an operator
     "not_stored",  # 409: completed, response too large to replay
     "exhausted",  # 429: no attempts left
+    "budget_exceeded",  # 429: an identity's or a task's budget refused a new attempt
     "rejected",  # 4xx: invalid request (key, target, body, route)
     "fail_closed",  # 503: ledger unreachable, not forwarded
     "fail_open",  # ledger unreachable, forwarded unrecorded (route opted in)
@@ -112,6 +114,11 @@ PROBES = Counter(
     "Reconciliation probes, by result (found, absent, unknown).",
     ["route", "result"],
 )
+BUDGET_REFUSALS = Counter(
+    "idemproxy_budget_refusals",
+    "Attempts refused because a budget was spent, by budget (identity-calls, task-calls, attempts).",
+    ["route", "kind"],
+)
 RECONCILED = Counter(
     "idemproxy_reconciled_operations",
     "Operations whose unknown outcome was settled, by how (found, absent, escalated, resolved).",
@@ -126,7 +133,7 @@ BUILD_INFO = Gauge(
 BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 
-_STORE_OPERATIONS = ("reserve", "record", "count")
+_STORE_OPERATIONS = ("reserve", "record", "count", "charge")
 _FAILURE_KINDS = ("connect", "timeout", "connection-lost")
 _PROBE_RESULTS = ("found", "absent", "unknown")
 _RECONCILE_OUTCOMES = ("found", "absent", "escalated", "resolved")
@@ -147,6 +154,8 @@ def initialize(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
             PROBES.labels(route, result)
         for outcome in _RECONCILE_OUTCOMES:
             RECONCILED.labels(route, outcome)
+        for budget in BudgetKind:
+            BUDGET_REFUSALS.labels(route, budget.value)
         for method in methods:
             for decision in _ALERTED_DECISIONS:
                 REQUESTS.labels(route, method_label(method), decision)

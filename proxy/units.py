@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")  # [0-9]: \d also matches other scripts' digits
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
@@ -29,7 +29,10 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"expected a non-negative duration, got {value!r}")
         return float(value)
     if isinstance(value, str) and (match := _DURATION.match(value)):
-        return float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+        seconds = float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+        if not math.isfinite(seconds):  # hundreds of digits overflow to infinity
+            raise ValueError(f"expected a finite duration, got {value[:40]!r}...")
+        return seconds
     raise ValueError(f"expected a duration such as '30s', '500ms' or '24h', got {value!r}")
 
 

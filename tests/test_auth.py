@@ -163,7 +163,18 @@ async def test_hmac_signed_request_authenticates(make_auth_proxy: ClientFactory,
 
 @pytest.mark.parametrize(
     "case",
-    ["bad-signature", "wrong-secret", "stale", "future", "tampered-body", "other-path", "other-key", "unknown-key-id"],
+    [
+        "bad-signature",
+        "wrong-secret",
+        "stale",
+        "future",
+        "tampered-body",
+        "other-path",
+        "other-key",
+        "unknown-key-id",
+        "timestamp-not-ascii-digits",  # "²".isdigit() is True, int("²") raises: once a 500
+        "timestamp-of-5000-digits",  # beyond int()'s digit limit: once a 500
+    ],
 )
 async def test_invalid_hmac_is_refused_before_anything_happens(
     make_auth_proxy: ClientFactory, upstream: Upstream, store: Store, case: str
@@ -180,6 +191,8 @@ async def test_invalid_hmac_is_refused_before_anything_happens(
         "other-path": signed("POST", "/other", body, "k1"),
         "other-key": {**signed("POST", "/items", body, "k1"), "Idempotency-Key": "k2"},
         "unknown-key-id": signed("POST", "/items", body, "k1", key_id="nobody"),
+        "timestamp-not-ascii-digits": {**signed("POST", "/items", body, "k1"), "X-Idem-Timestamp": "\u00b2"},
+        "timestamp-of-5000-digits": {**signed("POST", "/items", body, "k1"), "X-Idem-Timestamp": "9" * 5000},
     }[case]
     response = await proxy.post("/items", data=body, headers=headers)
     await assert_problem(response, 401, "unauthenticated")

@@ -66,6 +66,8 @@ FULL_FILE = """\
     admin_listen: "[::1]:9091"
     log_level: DEBUG
     shutdown_grace: 15s
+    client_header_timeout: 20s
+    client_body_timeout: 45s
     store:
       url: redis://redis.internal:6379/2
       key_prefix: idem-test
@@ -110,6 +112,7 @@ def test_full_file_every_value_typed(tmp_path: Path) -> None:
     assert str(config.admin_listen) == "[::1]:9091"
     assert config.log_level == "debug"
     assert config.shutdown_grace_s == 15.0
+    assert (config.client_header_timeout_s, config.client_body_timeout_s) == (20.0, 45.0)
     assert config.store == StoreConfig(
         url="redis://redis.internal:6379/2", key_prefix="idem-test", socket_timeout_s=0.75, max_connections=16
     )
@@ -163,6 +166,7 @@ def test_defaults() -> None:
     assert config.headers == HeaderNames("Idempotency-Key", "X-Idem-Caller", "X-Agent-Task")
     assert config.log_level == "info"
     assert config.shutdown_grace_s == 10.0
+    assert (config.client_header_timeout_s, config.client_body_timeout_s) == (60.0, 60.0)
     tickets = only_route(config)
     assert tickets == RouteConfig(name="tickets", prefix="/tickets", upstream=URL(UPSTREAM))
     assert tickets.side_effect_methods == frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -679,6 +683,8 @@ INVALID = [
     ),
     pytest.param({"log_level": "verbose", **doc()}, "log_level", "debug, info, warning, error", id="log-level"),
     pytest.param({"shutdown_grace": "soon", **doc()}, "shutdown_grace", "duration", id="shutdown-grace"),
+    pytest.param({"client_header_timeout": 0, **doc()}, "client_header_timeout", "greater than zero", id="header-0"),
+    pytest.param({"client_body_timeout": "slow", **doc()}, "client_body_timeout", "duration", id="body-timeout"),
     pytest.param({"store": "postgres://db", **doc()}, "store.url", "redis://HOST", id="store-scheme"),
     pytest.param({"store": "redis://", **doc()}, "store.url", "redis://HOST", id="store-redis-no-host"),
     pytest.param({"store": "sqlite:///", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-no-path"),

@@ -1,4 +1,4 @@
-"""Two proxy instances sharing one Redis: duplicates are answered across instances."""
+"""Two proxy instances sharing one Redis: duplicates are answered, and budgets spent, across instances."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from idemproxy.app import build_proxy_app
-from idemproxy.config import StoreConfig
+from idemproxy.config import StoreConfig, parse_config
 from idemproxy.store import Store, open_store
 from tests.conftest import proxy_config
 from tests.support.upstream import Upstream
+from tests.test_budgets import Clock
 from tests.test_duplicates import snapshot, watching
 
 KEY = {"Idempotency-Key": "op-1"}
@@ -70,3 +71,33 @@ async def test_concurrent_duplicates_spread_over_two_instances_cause_one_effect(
     assert upstream.count() == 1
     assert [item for item in snapshots if item != snapshots[0]] == []
     assert snapshots[0][0] == 201
+
+
+async def test_two_instances_spend_one_budget_together(
+    aiohttp_client: Callable[..., Awaitable[Client]], upstream: Upstream, two_stores: tuple[Store, Store]
+) -> None:
+    """The counters live in the store: two agents on one task, each through its own proxy
+    instance, share the task's budget; neither instance can hand out more than it allows."""
+    clock = Clock()
+    config = parse_config(
+        {
+            "budgets": {"task": {"calls": "5/1m"}},
+            "routes": [{"prefix": "/", "name": "tools", "upstream": upstream.url}],
+        }
+    )
+    proxies = [await aiohttp_client(build_proxy_app(config, store, budget_clock=clock)) for store in two_stores]
+
+    def send(n: int) -> Awaitable[Any]:
+        headers = {"Idempotency-Key": f"op-{n}", "X-Idem-Caller": f"agent-{n % 2}", "X-Agent-Task": "refine"}
+        return proxies[n % 2].post("/items", json={"n": n}, headers=headers)
+
+    responses = await asyncio.gather(*(send(n) for n in range(20)))
+    assert sorted(response.status for response in responses) == [201] * 5 + [429] * 15
+    assert upstream.count() == 5
+    refusals = [await response.json(content_type=None) for response in responses if response.status == 429]
+    assert {(body["budget"], body["retry_after"]) for body in refusals} == {("task-calls", 60)}
+
+    clock.advance(60)
+    assert (await send(20)).status == 201
+    assert (await send(21)).status == 201  # the other instance
+    assert upstream.count() == 7

@@ -312,8 +312,9 @@ SCENARIOS = [
         failures={"connection-lost": 1},
     ),
 ]
-#: Decisions counted by other tests here: the ledger outage test, and 500s, which only a bug produces.
-COUNTED_ELSEWHERE = {"fail_closed", "fail_open"}
+#: Decisions counted by other tests: the ledger outage test here, budget refusals in test_budgets;
+#: and 500s, which only a bug produces.
+COUNTED_ELSEWHERE = {"fail_closed", "fail_open", "budget_exceeded"}
 NOT_PRODUCIBLE = {"error"}
 
 

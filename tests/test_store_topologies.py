@@ -26,7 +26,8 @@ from idemproxy.app import build_proxy_app
 from idemproxy.config import ConfigError, StoreConfig, parse_config
 from idemproxy.records import OperationRecord, State
 from idemproxy.store import RecordMissing, StoreUnavailable, open_store
-from idemproxy.store.base import Lease, OpsQuery
+from idemproxy.store.base import Counter as BudgetCounter
+from idemproxy.store.base import Full, Lease, OpsQuery
 from idemproxy.store.redis import RedisStore
 from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
 from idemproxy.store.redis_urls import Address, ClusterUrl, SentinelUrl, parse_topology_url, redacted
@@ -700,3 +701,26 @@ async def test_min_replicas_ack_forwards_only_what_a_replica_acknowledged(
             "completed",
         ]
         await client.close()  # the app's background work stops before the store closes
+
+
+# -- budget counters in a cluster (appended for idemproxy.budgets) ------------------------------------
+
+
+@slow
+async def test_cluster_charges_an_identity_and_a_task_counter_in_one_script(
+    cluster: RedisClusterTopology, cluster_stores: tuple[RedisStore, RedisStore]
+) -> None:
+    """Every budget counter shares the hash tag {budget}: one slot, so one script charges an
+    identity's and a task's counter together, all or none, through any instance."""
+    a, b = cluster_stores
+    names = [f"identity:agent-{n}" for n in range(16)] + [f"task:run-{n}" for n in range(16)]
+    slots = {cluster.running()[0].call("CLUSTER", "KEYSLOT", a.keys.budget(name)) for name in names}
+    assert len(slots) == 1
+
+    identity, task = BudgetCounter("identity:agent-1", 2, 60_000), BudgetCounter("task:run-1", 3, 60_000)
+    now = int(time.time() * 1000)
+    assert await a.charge([identity, task], "one", now) == []
+    assert await b.charge([identity, task], "two", now) == []
+    assert await a.charge([identity, task], "three", now) == [Full(identity, 60_000)]
+    assert await b.charge([task], "four", now) == []  # the refused charge reached no counter
+    assert await a.charge([task], "five", now) == [Full(task, 60_000)]

@@ -52,6 +52,8 @@ def test_parse_duration(value: object, seconds: float) -> None:
         pytest.param([1], id="list"),
         pytest.param(float("nan"), id="nan"),
         pytest.param(float("inf"), id="infinity"),
+        pytest.param("9" * 400, id="digits-beyond-a-float"),
+        pytest.param("\u0661\u0662s", id="arabic-indic-digits"),
     ],
 )
 def test_parse_duration_rejects(value: object) -> None:

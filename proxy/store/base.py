@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -84,6 +84,27 @@ class Transition:
         return round(self.ttl_s * 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """A budget counter: at most ``limit`` charges in any ``window_ms`` (a sliding window).
+
+    ``name`` says whose budget it is (``identity:NAME``, ``task:ID``); stores
+    may hash it."""
+
+    name: str
+    limit: int
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Full:
+    """A counter with no room for a charge, and how long until one frees: until the
+    charge that keeps it full is a window old (``retry_after_ms``, at least 1)."""
+
+    counter: Counter
+    retry_after_ms: int
+
+
 class Store(ABC):
     """A durable operation ledger backend."""
 
@@ -137,6 +158,19 @@ class Store(ABC):
     async def remember_once(self, name: str, ttl_s: float) -> bool:
         """Remember ``name`` for ``ttl_s`` seconds; ``False`` if it is already remembered
         (by any instance sharing the store). Used to refuse replayed signatures."""
+
+    @abstractmethod
+    async def charge(self, counters: Sequence[Counter], charge_id: str, now_ms: int) -> list[Full]:
+        """Charge one unit at ``now_ms`` to every counter in ``counters``, or to
+        none: atomically, across every instance sharing the store. ``[]`` when
+        charged; otherwise every counter that is full, and nothing was charged.
+        A retried call with the same ``charge_id`` is charged once."""
+
+    @abstractmethod
+    async def unreserve(self, op_id: str, owner: str, fence: int) -> bool:
+        """Delete ``op_id``'s record if it is still PENDING, held by ``owner`` with
+        ``fence``: a fresh reservation nothing was sent for. Waiters are notified.
+        ``False`` when the record is not in that state (or already gone)."""
 
     @abstractmethod
     async def ping(self) -> None:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -40,8 +41,27 @@ from redis.exceptions import NoScriptError, RedisError
 
 from idemproxy.records import Evidence, OperationRecord, State
 from idemproxy.store import codec
-from idemproxy.store.base import Lease, OpsQuery, RecordMissing, Store, StoreUnavailable, Transition, matches
-from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
+from idemproxy.store.base import (
+    Counter,
+    Full,
+    Lease,
+    OpsQuery,
+    RecordMissing,
+    Store,
+    StoreUnavailable,
+    Transition,
+    matches,
+)
+from idemproxy.store.redis_schema import (
+    CHARGE,
+    INDEXED_STATES,
+    NOTE,
+    RENEW,
+    RESERVE,
+    TRANSITION,
+    UNRESERVE,
+    RedisKeys,
+)
 from idemproxy.store.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 
 log = logging.getLogger(__name__)
@@ -630,6 +650,37 @@ class RedisStore(Store):
         key = self.keys.seen(name)
         ttl_ms = max(1, round(ttl_s * 1000))
         return bool(await self._call(lambda: self._redis.set(key, b"1", nx=True, px=ttl_ms)))
+
+    # -- budgets and withdrawn reservations (appended for idemproxy.budgets) ---------------
+
+    @functools.cached_property
+    def _charge(self) -> AsyncScript:
+        return self._redis.register_script(CHARGE)
+
+    @functools.cached_property
+    def _unreserve(self) -> AsyncScript:
+        return self._redis.register_script(UNRESERVE)
+
+    async def charge(self, counters: Sequence[Counter], charge_id: str, now_ms: int) -> list[Full]:
+        if not counters:
+            return []
+        # Every counter key carries the hash tag {budget}: one slot, so one script charges them all.
+        keys = [self.keys.budget(counter.name) for counter in counters]
+        args: list[str | int] = [now_ms, charge_id]
+        for counter in counters:
+            args += (counter.limit, counter.window_ms)
+        script = self._charge
+        reply = await self._call(lambda: script(keys=keys, args=args))
+        return [Full(counters[int(reply[i]) - 1], max(1, int(reply[i + 1]))) for i in range(0, len(reply), 2)]
+
+    async def unreserve(self, op_id: str, owner: str, fence: int) -> bool:
+        keys = [self.keys.record(op_id), self.keys.due(op_id), self.keys.state_index(op_id, State.PENDING)]
+        args: list[str | int] = [op_id, fence, owner, self.keys.channel(op_id)]
+        script = self._unreserve
+        deleted = bool(await self._call(lambda: script(keys=keys, args=args)))
+        if deleted:
+            self._notify_local(op_id)
+        return deleted
 
 
 def _text(value: bytes | str) -> str:

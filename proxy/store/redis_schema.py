@@ -10,10 +10,17 @@ Layout, for key prefix ``idem`` and an operation id ``ab12...`` (hex)::
     idem:done:ab12...               pub/sub channel: "the record changed", payload = new state
     idem:{cd}:seen:cd34...          string with a TTL: a name remembered once (``remember_once``),
                                       by the SHA-256 of the name
+    idem:{budget}:calls:ef56...     sorted set: a budget counter's charges (ids scored by time in
+                                      ms), by the SHA-256 of the counter's name; expires a window
+                                      after its last charge
 
 The hash tag ``{ab}`` is the id's first byte, so every key of one operation
 lives in one cluster slot and the indexes are spread over 256 shards instead
-of a few hot keys.
+of a few hot keys. Budget counters are the exception: they all share the hash
+tag ``{budget}``, because one request charges an identity's and a task's
+counter together, atomically, in one script; in a cluster, the master owning
+that slot carries every budget charge (a few sorted-set commands per forwarded
+attempt).
 """
 
 from __future__ import annotations
@@ -73,6 +80,10 @@ class RedisKeys:
         """A remembered name, hash-tagged by its digest so names spread over the slots."""
         digest = hashlib.sha256(name.encode()).hexdigest()
         return f"{self.prefix}:{{{digest[:2]}}}:seen:{digest}"
+
+    def budget(self, name: str) -> str:
+        """A budget counter; every counter shares one hash tag, so one script charges several."""
+        return f"{self.prefix}:{{budget}}:calls:{hashlib.sha256(name.encode()).hexdigest()}"
 
 
 # KEYS[1]  record hash
@@ -170,5 +181,55 @@ local evidence = redis.call('HGET', KEYS[1], 'e')
 if not evidence then return 0 end
 if #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[1] else evidence = ARGV[1] end
 redis.call('HSET', KEYS[1], 'e', evidence)
+return 1
+"""
+
+# -- budgets (appended for idemproxy.budgets) ---------------------------------------------
+
+# KEYS[1..n] budget counters (sorted sets of charge ids scored by time in ms), one hash tag
+# ARGV[1]  now in ms
+# ARGV[2]  charge id
+# ARGV[3..] limit, window in ms: one pair per counter, in KEYS order
+# Returns  {} charged to every counter (or already charged under this id: a retried
+#          call); else {i, wait_ms, ...} for every full KEYS[i], and nothing charged.
+#          wait_ms: until the charge that keeps KEYS[i] full slides out of its window.
+CHARGE = """
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return {} end
+local now = tonumber(ARGV[1])
+local full = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[1 + 2 * i])
+  local window = tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local used = redis.call('ZCARD', KEYS[i])
+  if used >= limit then
+    local blocking = redis.call('ZRANGE', KEYS[i], used - limit, used - limit, 'WITHSCORES')
+    full[#full + 1] = i
+    full[#full + 1] = tonumber(blocking[2]) + window - now
+  end
+end
+if #full > 0 then return full end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2 + 2 * i])
+end
+return {}
+"""
+
+# KEYS[1]  record hash
+# KEYS[2]  due index of the record's shard
+# KEYS[3]  PENDING state index of the shard
+# ARGV[1]  op id
+# ARGV[2]  fence of the reservation
+# ARGV[3]  owner of the reservation
+# ARGV[4]  pub/sub channel announcing the change
+# Returns  1 deleted; 0 the record is not PENDING with that owner and fence (or is gone).
+UNRESERVE = """
+local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
+if current[1] ~= 'PENDING' or current[2] ~= ARGV[2] or current[3] ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[4], 'GONE')
 return 1
 """

@@ -8,9 +8,10 @@ dedicated thread so the event loop never blocks on disk.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
 from idemproxy.store import codec
 from idemproxy.store.base import (
+    Counter,
+    Full,
     Lease,
     OpsQuery,
     RecordMissing,
@@ -54,6 +57,15 @@ CREATE TABLE IF NOT EXISTS seen (   -- names remembered once (remember_once), un
     name       TEXT PRIMARY KEY,
     expires_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS budget_charges (  -- charges to budget counters, until they slide out
+    counter    TEXT NOT NULL,    -- SHA-256 of the counter's name
+    charge_id  TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL, -- at_ms + the window it was charged under
+    PRIMARY KEY (counter, charge_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS budget_charges_time ON budget_charges (counter, at_ms);
+CREATE INDEX IF NOT EXISTS budget_charges_expiry ON budget_charges (expires_ms);
 """
 _SCHEMA_VERSION = 1
 _COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
@@ -169,6 +181,15 @@ class SqliteStore(Store):
     async def remember_once(self, name: str, ttl_s: float) -> bool:
         return await self._run(self._remember_once, name, max(1, round(ttl_s * 1000)))
 
+    async def charge(self, counters: Sequence[Counter], charge_id: str, now_ms: int) -> list[Full]:
+        return await self._run(self._charge, counters, charge_id, now_ms) if counters else []
+
+    async def unreserve(self, op_id: str, owner: str, fence: int) -> bool:
+        deleted = await self._run(self._unreserve, op_id, owner, fence)
+        if deleted:
+            self._notify_local(op_id)
+        return deleted
+
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
 
@@ -282,9 +303,50 @@ class SqliteStore(Store):
             cursor = db.execute("INSERT OR IGNORE INTO seen (name, expires_ms) VALUES (?, ?)", (name, now + ttl_ms))
         return cursor.rowcount == 1
 
+    def _charge(self, counters: Sequence[Counter], charge_id: str, now: int) -> list[Full]:
+        db = self._conn()
+        names = [hashlib.sha256(counter.name.encode()).hexdigest() for counter in counters]
+        with _immediate(db):
+            retried = db.execute(
+                "SELECT 1 FROM budget_charges WHERE counter = ? AND charge_id = ?", (names[0], charge_id)
+            ).fetchone()
+            if retried is not None:
+                return []
+            full: list[Full] = []
+            for name, counter in zip(names, counters, strict=True):
+                slid_out = now - counter.window_ms
+                db.execute("DELETE FROM budget_charges WHERE counter = ? AND at_ms <= ?", (name, slid_out))
+                (used,) = db.execute("SELECT COUNT(*) FROM budget_charges WHERE counter = ?", (name,)).fetchone()
+                if used >= counter.limit:
+                    # The charge whose sliding out leaves room for one more.
+                    (blocking,) = db.execute(
+                        "SELECT at_ms FROM budget_charges WHERE counter = ? ORDER BY at_ms LIMIT 1 OFFSET ?",
+                        (name, used - counter.limit),
+                    ).fetchone()
+                    full.append(Full(counter, max(1, blocking + counter.window_ms - now)))
+            if not full:
+                rows = [(name, charge_id, now, now + c.window_ms) for name, c in zip(names, counters, strict=True)]
+                db.executemany(
+                    "INSERT INTO budget_charges (counter, charge_id, at_ms, expires_ms) VALUES (?, ?, ?, ?)", rows
+                )
+        return full
+
+    def _unreserve(self, op_id: str, owner: str, fence: int) -> bool:
+        db = self._conn()
+        with _immediate(db):
+            cursor = db.execute(
+                "DELETE FROM operations WHERE op_id = ? AND s = 'PENDING' AND f = ? AND o = ?", (op_id, fence, owner)
+            )
+        return cursor.rowcount == 1
+
     def _purge_expired(self) -> int:
         db = self._conn()
         with _immediate(db):
+            db.execute(
+                "DELETE FROM budget_charges WHERE (counter, charge_id) IN"
+                " (SELECT counter, charge_id FROM budget_charges WHERE expires_ms <= ? LIMIT ?)",
+                (_now_ms(), _PURGE_BATCH),
+            )
             db.execute(
                 "DELETE FROM seen WHERE name IN (SELECT name FROM seen WHERE expires_ms <= ? LIMIT ?)",
                 (_now_ms(), _PURGE_BATCH),
