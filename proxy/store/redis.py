@@ -26,12 +26,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -41,6 +42,15 @@ from redis.exceptions import NoScriptError, RedisError
 from idemproxy.records import Evidence, OperationRecord, State
 from idemproxy.store import codec
 from idemproxy.store.base import Lease, OpsQuery, RecordMissing, Store, StoreUnavailable, Transition, matches
+from idemproxy.store.redis_mux import (
+    Endpoint,
+    Locate,
+    Login,
+    RedisConnectionError,
+    RedisMux,
+    RedisReplyError,
+    locate_fixed,
+)
 from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
 from idemproxy.store.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 
@@ -102,10 +112,13 @@ class RedisStore(Store):
         socket_timeout_s: float = 2.0,
         sentinel: Sentinel | None = None,
         master_name: str | None = None,
+        mux: RedisMux | None = None,
     ) -> None:
         """Prefer ``from_url``. A ``RedisCluster`` client needs ``node_client``
         (a plain client for one node, for pub/sub); a ``master_for`` client, the
-        ``sentinel`` it came from and the ``master_name``."""
+        ``sentinel`` it came from and the ``master_name``. With ``mux``, the
+        per-request commands share its one multiplexed connection; everything
+        else (and ``WAIT``) uses ``client``."""
         super().__init__()
         if isinstance(client, RedisCluster) and node_client is None:
             raise ValueError("a RedisCluster client needs node_client for its pub/sub connection")
@@ -113,6 +126,7 @@ class RedisStore(Store):
         self.min_replicas_ack = min_replicas_ack
         self.replica_ack_timeout_s = replica_ack_timeout_s
         self._redis = client
+        self._mux = mux
         self._sentinel = sentinel
         self._master_name = master_name
         self._master_watch: asyncio.Task[None] | None = None
@@ -165,7 +179,7 @@ class RedisStore(Store):
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=socket_timeout_s, **options
             )
-            return cls(aioredis.Redis.from_pool(pool), **common)
+            return cls(aioredis.Redis.from_pool(pool), mux=_plain_mux(url, socket_timeout_s), **common)
         parsed = parse_topology_url(url)
         auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password, "ssl": parsed.tls}
         if isinstance(parsed, SentinelUrl):
@@ -189,7 +203,16 @@ class RedisStore(Store):
                 **auth,
                 **options,
             )
-            return cls(client, sentinel=sentinel, master_name=parsed.master_name, **common)
+            mux = None
+            if not parsed.tls:
+
+                async def locate_master() -> Endpoint:
+                    host, port = await sentinel.discover_master(parsed.master_name)
+                    return Endpoint(host=host, port=int(port))
+
+                login = Login(parsed.username, parsed.password, parsed.db)
+                mux = RedisMux(locate_master, login, timeout_s=socket_timeout_s)
+            return cls(client, sentinel=sentinel, master_name=parsed.master_name, mux=mux, **common)
 
         def node_client(address: Address) -> aioredis.Redis:
             return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
@@ -227,6 +250,8 @@ class RedisStore(Store):
                 with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await task
         await self._close_pubsub()
+        if self._mux is not None:
+            await self._mux.close()
         # Each step on its own: a connection that fails to close must not keep the rest open.
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
@@ -284,6 +309,9 @@ class RedisStore(Store):
         return codec.decode(new.op_id, _pairs(reply[1]))
 
     async def get(self, op_id: str) -> OperationRecord | None:
+        if self._mux is not None:
+            flat = await self._muxed("HGETALL", self.keys.record(op_id))
+            return codec.decode(op_id, _pairs(flat)) if flat else None
         fields = await self._call(lambda: self._redis.hgetall(self.keys.record(op_id)))
         if not fields:
             return None
@@ -292,6 +320,18 @@ class RedisStore(Store):
     async def renew(self, leases: list[Lease]) -> list[bool]:
         if not leases:
             return []
+        if self._mux is not None:
+            replies = await asyncio.gather(
+                *(
+                    self._muxed_script(
+                        self._renew,
+                        [self.keys.record(lease.op_id), self.keys.due(lease.op_id)],
+                        [lease.op_id, lease.fence, lease.owner, lease.until_ms],
+                    )
+                    for lease in leases
+                )
+            )
+            return [bool(renewed) for renewed in replies]
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -306,6 +346,8 @@ class RedisStore(Store):
     async def note(self, op_id: str, evidence: Evidence) -> bool:
         keys = [self.keys.record(op_id)]
         args = [codec.encode_evidence(evidence)]
+        if self._mux is not None:
+            return bool(await self._muxed_script(self._note, keys, args))
         return bool(await self._call(lambda: self._note(keys=keys, args=args)))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
@@ -342,6 +384,8 @@ class RedisStore(Store):
         return {state: sum(counts[i * per_state : (i + 1) * per_state]) for i, state in enumerate(INDEXED_STATES)}
 
     async def ping(self) -> None:
+        if self._mux is not None:
+            await self._muxed("PING")
         await self._call(self._redis.ping)
 
     async def _indexed(self, state: State, updated_before_ms: int | None) -> list[str]:
@@ -395,6 +439,8 @@ class RedisStore(Store):
         call and writes nothing, so its ``WAIT`` proves less: the one gap,
         documented in the README."""
         if not durable or not self.min_replicas_ack:
+            if self._mux is not None:
+                return await self._muxed_script(script, keys, args), 0
             return await self._call(lambda: script(keys=keys, args=args)), 0
 
         async def run() -> list[Any]:
@@ -492,6 +538,8 @@ class RedisStore(Store):
                     await pool.disconnect(inuse_connections=False)
                 except Exception:  # this task must outlive any one failover
                     log.exception("could not move the connections to the new master")
+                if self._mux is not None:
+                    self._mux.reconnect()
                 self._master_moved = True  # the listener moves its connection between two reads
             known = master
 
@@ -617,6 +665,24 @@ class RedisStore(Store):
         finally:
             self._gate.release()
 
+    async def _muxed(self, *args: Any) -> Any:
+        assert self._mux is not None
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        try:
+            return await self._mux.call(*args)
+        except (RedisReplyError, RedisConnectionError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def _muxed_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        assert self._mux is not None
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        try:
+            return await self._mux.evalsha(script.sha, cast(str, script.script), keys, args)  # ours are str
+        except (RedisReplyError, RedisConnectionError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
     @staticmethod
     async def _mapped(command: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -629,7 +695,24 @@ class RedisStore(Store):
     async def remember_once(self, name: str, ttl_s: float) -> bool:
         key = self.keys.seen(name)
         ttl_ms = max(1, round(ttl_s * 1000))
+        if self._mux is not None:
+            return await self._muxed("SET", key, b"1", "NX", "PX", ttl_ms) is not None
         return bool(await self._call(lambda: self._redis.set(key, b"1", nx=True, px=ttl_ms)))
+
+
+def _plain_mux(url: str, timeout_s: float) -> RedisMux | None:
+    """The multiplexed connection for a ``redis://`` or ``unix://`` URL
+    (``rediss://`` stays on redis-py's pooled TLS connections)."""
+    options: dict[str, Any] = dict(parse_redis_url(url))
+    connection_class = options.get("connection_class")
+    if connection_class is SSLConnection:
+        return None
+    if connection_class is UnixDomainSocketConnection:
+        locate: Locate = locate_fixed(Endpoint(unix_path=options["path"]))
+    else:
+        locate = locate_fixed(Endpoint(host=options.get("host", "localhost"), port=options.get("port", 6379)))
+    login = Login(options.get("username"), options.get("password"), int(options.get("db", 0)))
+    return RedisMux(locate, login, timeout_s=timeout_s)
 
 
 def _text(value: bytes | str) -> str:
