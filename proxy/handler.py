@@ -528,7 +528,7 @@ def _upstream_timer(request: web.Request, route: RouteConfig) -> Iterator[None]:
     finally:
         elapsed = time.perf_counter() - started
         request[OBSERVATION].upstream_s = elapsed
-        metrics.UPSTREAM_SECONDS.labels(route.name, metrics.method_label(request.method)).observe(elapsed)
+        metrics.upstream_seconds(route.name, request.method).observe(elapsed)
 
 
 def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAY_S = 0.5
+#: How long a new subscription waits for the server's confirmation before its
+#: waiter goes on without it (and polls).
+_CONFIRM_TIMEOUT_S = 0.5
 #: Sentinel: how often the sentinels are asked which node is the master.
 _MASTER_CHECK_S = 0.5
 #: How long a reservation released for want of replica acknowledgments is kept
@@ -145,6 +148,8 @@ class RedisStore(Store):
         self._pubsub_turn = random.randrange(1 << 16)  # spread processes' listeners over the nodes
         self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
         self._keepalive_subscribed = False
+        #: Subscriptions waiting for the server's confirmation, by channel.
+        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -276,7 +281,7 @@ class RedisStore(Store):
         if reply[0] == 1:
             await self._check_durable(record, acked)
             return None
-        return codec.decode(record.op_id, _pairs(reply[1]))
+        return codec.decode_written(record.op_id, reply[1])
 
     async def transition(self, transition: Transition) -> OperationRecord | None:
         new = transition.new
@@ -306,7 +311,7 @@ class RedisStore(Store):
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
-        return codec.decode(new.op_id, _pairs(reply[1]))
+        return codec.decode_written(new.op_id, reply[1])
 
     async def get(self, op_id: str) -> OperationRecord | None:
         if self._mux is not None:
@@ -562,14 +567,14 @@ class RedisStore(Store):
 
     def _new_pubsub(self) -> PubSub:
         if self._node_client is None:
-            return self._redis.pubsub(ignore_subscribe_messages=True)
+            return self._redis.pubsub()  # the listener wants subscribe confirmations
         assert isinstance(self._redis, RedisCluster)
         # Any node will do: a PUBLISH reaches every node of the cluster.
         nodes = self._redis.get_nodes() or list(self._redis.nodes_manager.startup_nodes.values())
         node = nodes[self._pubsub_turn % len(nodes)]
         self._pubsub_turn += 1
         self._pubsub_client = self._node_client(Address(node.host, int(node.port)))
-        return self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        return self._pubsub_client.pubsub()
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
@@ -600,15 +605,29 @@ class RedisStore(Store):
             log.warning("pub/sub unavailable; waiters will poll until it connects", extra={"error": str(exc)})
 
     async def _subscribe(self, op_id: str) -> None:
+        """Subscribe, and wait (briefly) until the server confirms it.
+
+        Until then a change published through another connection can be
+        processed first and its notification missed: Redis orders commands per
+        connection only, and the waiter reads the record right after this."""
         if self._pubsub is None:
             return
+        channel = self.keys.channel(op_id)
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel.encode()] = confirmed
         try:
             async with self._pubsub_lock:
-                await self._pubsub.subscribe(self.keys.channel(op_id))
+                await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                await confirmed
+        except TimeoutError:
+            log.warning("pub/sub subscription not confirmed in time; waiters will poll", extra={"op": op_id})
         except Exception as exc:  # a waiter must never fail because of pub/sub
             # Also RuntimeError: while the listener reconnects, redis-py lets two
             # coroutines read the one pub/sub connection. Waiters fall back to polling.
             log.warning("pub/sub subscribe failed, waiters will poll", extra={"error": repr(exc)})
+        finally:
+            del self._confirmations[channel.encode()]
 
     async def _unsubscribe(self, op_id: str) -> None:
         if self._pubsub is None:
@@ -634,7 +653,7 @@ class RedisStore(Store):
             try:
                 # A bounded read rather than listen(): redis-py's blocking read
                 # does not end promptly when its task is cancelled.
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
                 for op_id in list(self._watchers):
@@ -643,7 +662,11 @@ class RedisStore(Store):
                     await self._move_pubsub()  # the node may be gone for good (a cluster failover)
                 await asyncio.sleep(_RECONNECT_DELAY_S)
                 continue
-            if message is not None and message["type"] == "message":
+            if message is not None and message["type"] == "subscribe":
+                confirmed = self._confirmations.get(message["channel"])
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+            elif message is not None and message["type"] == "message":
                 channel: bytes = message["channel"]
                 if channel.startswith(prefix):
                     self._notify_local(channel[len(prefix) :].decode())
