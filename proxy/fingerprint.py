@@ -56,6 +56,8 @@ def canonical_body(body: bytes, content_type: str | None) -> bytes:
 
 def normalized_query(query_string: str) -> str:
     """Parameters sorted by name; repeated parameters keep their order, which may matter."""
+    if not query_string:
+        return ""
     pairs = parse_qsl(query_string, keep_blank_values=True)
     return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 

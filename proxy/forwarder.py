@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import aiohttp
@@ -43,10 +45,26 @@ class Fetched:
     body: bytes
 
 
-async def _check_guard(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-    guard = context.trace_request_ctx
-    if guard is not None and not guard():
-        raise NotSent("the send guard refused")
+#: The guard of the request being sent from the current task.
+_SEND_GUARD: ContextVar[SendGuard | None] = ContextVar("idemproxy_send_guard", default=None)
+
+
+class _GuardedConnector(aiohttp.TCPConnector):
+    """Asks the current request's send guard once it has a connection: the
+    last moment before the request is written (connecting may have taken long)."""
+
+    async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109  (aiohttp's signature)
+        connection = await super().connect(req, traces, timeout)
+        guard = _SEND_GUARD.get()
+        if guard is not None and not guard():
+            connection.release()  # nothing was written on it: it goes back to the pool
+            raise NotSent("the send guard refused")
+        return connection
+
+
+@cache
+def _timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s, sock_read=read_s)
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
@@ -67,12 +85,8 @@ class Forwarder:
     async def start(self) -> None:
         if self._session is not None:
             raise RuntimeError("the forwarder is already started")
-        guard_trace = aiohttp.TraceConfig()
-        guard_trace.on_request_start.append(_check_guard)
-        guard_trace.on_connection_reuseconn.append(_check_guard)
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
-            trace_configs=[guard_trace],
+            connector=_GuardedConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
             auto_decompress=False,  # bytes pass through as the tool sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -131,28 +145,20 @@ class Forwarder:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send one request; errors before the response starts raise ``UpstreamFailed``.
 
-        ``guard`` is asked again just before the request goes out (also after a
-        pooled connection is picked); ``False`` raises ``NotSent``."""
+        ``guard`` is asked once a connection (pooled or new) is in hand, right
+        before the request is written; ``False`` raises ``NotSent``."""
         if self._session is None:
             raise RuntimeError("the forwarder is not started")
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=route.connect_timeout_s,
-            sock_connect=route.connect_timeout_s,
-            sock_read=route.read_timeout_s,
-        )
+        timeout = _timeout(route.connect_timeout_s, route.read_timeout_s)
+        token = _SEND_GUARD.set(guard)
         try:
             response = await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout,
-                trace_request_ctx=guard,
+                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _SEND_GUARD.reset(token)
         try:
             yield response
         finally:

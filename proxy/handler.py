@@ -368,13 +368,26 @@ class ProxyHandler:
         async with self.forwarder.request(
             route, request.method, url, with_injected(self._upstream_headers(request), route.upstream_headers), data
         ) as upstream:
+            length = upstream.content_length
+            if length is not None and length <= _CHUNK and request.method != "HEAD":
+                # A small body is read whole and sent with the headers in one write.
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    body=body,
+                    headers=client_response_headers(upstream.headers, keep_length=False),
+                )
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, keep_length=True),
             )
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
                 await response.write_eof()
@@ -560,7 +573,7 @@ def _upstream_timer(request: web.Request, route: RouteConfig) -> Iterator[None]:
     finally:
         elapsed = time.perf_counter() - started
         request[OBSERVATION].upstream_s = elapsed
-        metrics.UPSTREAM_SECONDS.labels(route.name, metrics.method_label(request.method)).observe(elapsed)
+        metrics.upstream_seconds(route.name, request.method).observe(elapsed)
 
 
 def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:

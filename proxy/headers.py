@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -32,8 +33,19 @@ def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
     return listed
 
 
-def _end_to_end(headers: CIMultiDictProxy[str], drop: Iterable[str]) -> list[tuple[str, str]]:
-    dropped = HOP_BY_HOP | _connection_listed(headers) | set(drop)
+_TO_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "expect"}
+_TO_CLIENT_FRAMED = HOP_BY_HOP | _FRAMING
+_STORABLE = HOP_BY_HOP | _FRAMING | _NOT_STORED
+
+
+@cache
+def _to_upstream(drop: frozenset[str]) -> frozenset[str]:
+    return _TO_UPSTREAM | drop
+
+
+def _end_to_end(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> list[tuple[str, str]]:
+    if "Connection" in headers:
+        dropped = dropped | _connection_listed(headers)
     return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
@@ -47,7 +59,7 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """What the upstream receives: end-to-end headers plus ``X-Forwarded-*``, without
     ``drop`` (lower-case names: the proxy's own credentials when authentication is on)."""
-    out = CIMultiDict(_end_to_end(headers, ("host", "content-length", "expect", *drop)))
+    out = CIMultiDict(_end_to_end(headers, _to_upstream(frozenset(drop)) if drop else _TO_UPSTREAM))
     if client_ip:
         prior = ", ".join(headers.getall("X-Forwarded-For", ()))
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
@@ -71,9 +83,9 @@ def with_injected(headers: CIMultiDict[str], injected: Iterable[tuple[str, str]]
 
 def client_response_headers(headers: CIMultiDictProxy[str], *, keep_length: bool) -> list[tuple[str, str]]:
     """What the caller receives from a live upstream response."""
-    return _end_to_end(headers, () if keep_length else _FRAMING)
+    return _end_to_end(headers, HOP_BY_HOP if keep_length else _TO_CLIENT_FRAMED)
 
 
 def storable_response_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], ...]:
     """What is kept for replay: end-to-end headers, without framing or cookies."""
-    return tuple(_end_to_end(headers, _FRAMING | _NOT_STORED))
+    return tuple(_end_to_end(headers, _STORABLE))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -36,13 +37,16 @@ class LeaseKeeper:
         self.store = store
         self._held: dict[str, _Held] = {}
         self._changed = asyncio.Event()
+        self._wake_at = math.inf  # monotonic: when the keeper will look at the leases next
         self._task: asyncio.Task[None] | None = None
 
     def hold(self, record: OperationRecord, lease_s: float) -> None:
-        self._held[record.op_id] = _Held(
-            record.fence, record.owner, lease_s, time.monotonic() + lease_s / 3, record.lease_until_ms
-        )
-        self._changed.set()
+        renew_at = time.monotonic() + lease_s / 3
+        self._held[record.op_id] = _Held(record.fence, record.owner, lease_s, renew_at, record.lease_until_ms)
+        # Most new leases are due after the ones already held: waking the keeper
+        # for each of them would cost every request a scan of all leases.
+        if renew_at < self._wake_at:
+            self._changed.set()
 
     def release(self, op_id: str) -> None:
         self._held.pop(op_id, None)
@@ -79,8 +83,10 @@ class LeaseKeeper:
             self._changed.clear()
             next_at = min((held.renew_at for held in self._held.values()), default=None)
             timeout = None if next_at is None else max(_MIN_TICK_S, next_at - time.monotonic())
+            self._wake_at = math.inf if timeout is None else time.monotonic() + timeout
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     async def _renew(self, due: dict[str, _Held]) -> None:
         wall_ms = int(time.time() * 1000)

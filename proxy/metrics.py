@@ -16,6 +16,8 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -165,10 +167,43 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
 
 
+# Labelled children, looked up once per label set: ``labels()`` costs as much as
+# the update itself, and these run on every request.
+
+
+@cache
+def _requests(route: str, method: str, decision: str) -> Any:
+    return REQUESTS.labels(route, method, decision)
+
+
+@cache
+def _prevented(route: str) -> Any:
+    return DUPLICATES_PREVENTED.labels(route)
+
+
+@cache
+def overhead_seconds(route: str) -> Any:
+    return OVERHEAD_SECONDS.labels(route)
+
+
+def upstream_seconds(route: str, method: str) -> Any:
+    return _upstream_seconds(route, method_label(method))  # the cache stays bounded: known methods only
+
+
+@cache
+def _upstream_seconds(route: str, method: str) -> Any:
+    return UPSTREAM_SECONDS.labels(route, method)
+
+
+@cache
+def _ledger_seconds(operation: str) -> Any:
+    return LEDGER_SECONDS.labels(operation)
+
+
 def count_request(route: str, method: str, decision: str) -> None:
-    REQUESTS.labels(route, method_label(method), decision).inc()
+    _requests(route, method_label(method), decision).inc()
     if decision in PREVENTED:
-        DUPLICATES_PREVENTED.labels(route).inc()
+        _prevented(route).inc()
 
 
 @contextmanager
@@ -177,7 +212,7 @@ def ledger_timer(operation: str) -> Iterator[None]:
     try:
         yield
     finally:
-        LEDGER_SECONDS.labels(operation).observe(time.perf_counter() - started)
+        _ledger_seconds(operation).observe(time.perf_counter() - started)
 
 
 def render() -> tuple[bytes, str]:

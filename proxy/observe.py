@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from idemproxy import metrics
+from idemproxy import logs, metrics
 
 access_log = logging.getLogger("idemproxy.access")
 
@@ -51,7 +51,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         decision = observation.decision or "error"
         metrics.count_request(observation.route, request.method, decision)
         if observation.side_effecting and decision != "rejected":
-            metrics.OVERHEAD_SECONDS.labels(observation.route).observe(max(0.0, total_s - observation.upstream_s))
+            metrics.overhead_seconds(observation.route).observe(max(0.0, total_s - observation.upstream_s))
         if access_log.isEnabledFor(logging.INFO):
             entry: dict[str, object] = {
                 "method": request.method,
@@ -67,4 +67,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             if request.app.get(LOG_KEYS):
                 entry["key"] = observation.key
                 entry["path"] = request.raw_path
-            access_log.info("request", extra=entry)
+            if (sink := logs.SINKS.access) is not None:
+                sink.write(entry)
+            else:
+                access_log.info("request", extra=entry)

@@ -234,6 +234,30 @@ async def test_safe_methods_pass_straight_through(make_proxy: ProxyFactory, upst
     assert upstream.count() == 3
 
 
+@pytest.mark.parametrize("size", [10, 64 * 1024, 64 * 1024 + 1, 300_000], ids=["small", "limit", "over", "large"])
+async def test_passthrough_relays_bodies_whole_or_streamed(make_proxy: ProxyFactory, size: int) -> None:
+    """Bodies up to 64 KiB are sent in one piece, larger ones streamed: the caller sees no difference."""
+    client = await make_proxy()
+    response = await client.get(f"/big/{size}")
+    head = await client.head(f"/big/{size}")
+
+    assert response.status == 200
+    assert await response.read() == b"x" * size
+    assert response.headers["Content-Length"] == str(size)
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(size)  # the upstream's, not the empty body's
+    assert await head.read() == b""
+
+
+async def test_passthrough_reset_before_the_answer_is_a_clear_502(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    client = await make_proxy()
+    response = await client.get("/reset")
+    assert response.status == 502
+    assert response.content_type == "application/problem+json"
+    assert (await client.get("/items")).status == 201  # still serving
+
+
 async def test_methods_not_marked_side_effecting_pass_through(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     client = await make_proxy(side_effect_methods=["POST"])
     for _ in range(2):

@@ -119,12 +119,13 @@ class Store(ABC):
     @abstractmethod
     async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
         """Create ``record`` if no record has its op id. ``None`` when created
-        (or already created by this very owner); otherwise the existing record."""
+        (or already created by this very owner); otherwise the existing record,
+        without its evidence (``get`` has it)."""
 
     @abstractmethod
     async def transition(self, transition: Transition) -> OperationRecord | None:
         """Apply ``transition``. ``None`` when applied; otherwise the current
-        record (``None`` fields aside, it shows why the guard failed)."""
+        record without its evidence: it shows why the guard failed."""
 
     @abstractmethod
     async def get(self, op_id: str) -> OperationRecord | None:

@@ -131,6 +131,11 @@ def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationReco
     )
 
 
+def decode_written(op_id: str, values: list[bytes | None]) -> OperationRecord:
+    """A record from the values of ``WRITTEN_FIELDS`` in that order (no evidence)."""
+    return decode(op_id, {name: value for name, value in zip(WRITTEN_FIELDS, values, strict=True) if value is not None})
+
+
 def decode_evidence(raw: bytes | str | int | None) -> tuple[Evidence, ...]:
     if not raw:
         return ()

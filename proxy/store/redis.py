@@ -27,12 +27,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -52,6 +53,15 @@ from idemproxy.store.base import (
     Transition,
     matches,
 )
+from idemproxy.store.redis_mux import (
+    Endpoint,
+    Locate,
+    Login,
+    RedisConnectionError,
+    RedisMux,
+    RedisReplyError,
+    locate_fixed,
+)
 from idemproxy.store.redis_schema import (
     CHARGE,
     INDEXED_STATES,
@@ -68,6 +78,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RECONNECT_DELAY_S = 0.5
+#: How long a new subscription waits for the server's confirmation before its
+#: waiter goes on without it (and polls).
+_CONFIRM_TIMEOUT_S = 0.5
 #: Sentinel: how often the sentinels are asked which node is the master.
 _MASTER_CHECK_S = 0.5
 #: How long a reservation released for want of replica acknowledgments is kept
@@ -122,10 +135,13 @@ class RedisStore(Store):
         socket_timeout_s: float = 2.0,
         sentinel: Sentinel | None = None,
         master_name: str | None = None,
+        mux: RedisMux | None = None,
     ) -> None:
         """Prefer ``from_url``. A ``RedisCluster`` client needs ``node_client``
         (a plain client for one node, for pub/sub); a ``master_for`` client, the
-        ``sentinel`` it came from and the ``master_name``."""
+        ``sentinel`` it came from and the ``master_name``. With ``mux``, the
+        per-request commands share its one multiplexed connection; everything
+        else (and ``WAIT``) uses ``client``."""
         super().__init__()
         if isinstance(client, RedisCluster) and node_client is None:
             raise ValueError("a RedisCluster client needs node_client for its pub/sub connection")
@@ -133,6 +149,7 @@ class RedisStore(Store):
         self.min_replicas_ack = min_replicas_ack
         self.replica_ack_timeout_s = replica_ack_timeout_s
         self._redis = client
+        self._mux = mux
         self._sentinel = sentinel
         self._master_name = master_name
         self._master_watch: asyncio.Task[None] | None = None
@@ -151,6 +168,8 @@ class RedisStore(Store):
         self._pubsub_turn = random.randrange(1 << 16)  # spread processes' listeners over the nodes
         self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
         self._keepalive_subscribed = False
+        #: Subscriptions waiting for the server's confirmation, by channel.
+        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -185,7 +204,7 @@ class RedisStore(Store):
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=socket_timeout_s, **options
             )
-            return cls(aioredis.Redis.from_pool(pool), **common)
+            return cls(aioredis.Redis.from_pool(pool), mux=_plain_mux(url, socket_timeout_s), **common)
         parsed = parse_topology_url(url)
         auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password, "ssl": parsed.tls}
         if isinstance(parsed, SentinelUrl):
@@ -209,7 +228,16 @@ class RedisStore(Store):
                 **auth,
                 **options,
             )
-            return cls(client, sentinel=sentinel, master_name=parsed.master_name, **common)
+            mux = None
+            if not parsed.tls:
+
+                async def locate_master() -> Endpoint:
+                    host, port = await sentinel.discover_master(parsed.master_name)
+                    return Endpoint(host=host, port=int(port))
+
+                login = Login(parsed.username, parsed.password, parsed.db)
+                mux = RedisMux(locate_master, login, timeout_s=socket_timeout_s)
+            return cls(client, sentinel=sentinel, master_name=parsed.master_name, mux=mux, **common)
 
         def node_client(address: Address) -> aioredis.Redis:
             return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
@@ -247,6 +275,8 @@ class RedisStore(Store):
                 with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await task
         await self._close_pubsub()
+        if self._mux is not None:
+            await self._mux.close()
         # Each step on its own: a connection that fails to close must not keep the rest open.
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
@@ -271,7 +301,7 @@ class RedisStore(Store):
         if reply[0] == 1:
             await self._check_durable(record, acked)
             return None
-        return codec.decode(record.op_id, _pairs(reply[1]))
+        return codec.decode_written(record.op_id, reply[1])
 
     async def transition(self, transition: Transition) -> OperationRecord | None:
         new = transition.new
@@ -301,9 +331,12 @@ class RedisStore(Store):
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
-        return codec.decode(new.op_id, _pairs(reply[1]))
+        return codec.decode_written(new.op_id, reply[1])
 
     async def get(self, op_id: str) -> OperationRecord | None:
+        if self._mux is not None:
+            flat = await self._muxed("HGETALL", self.keys.record(op_id))
+            return codec.decode(op_id, _pairs(flat)) if flat else None
         fields = await self._call(lambda: self._redis.hgetall(self.keys.record(op_id)))
         if not fields:
             return None
@@ -312,6 +345,18 @@ class RedisStore(Store):
     async def renew(self, leases: list[Lease]) -> list[bool]:
         if not leases:
             return []
+        if self._mux is not None:
+            replies = await asyncio.gather(
+                *(
+                    self._muxed_script(
+                        self._renew,
+                        [self.keys.record(lease.op_id), self.keys.due(lease.op_id)],
+                        [lease.op_id, lease.fence, lease.owner, lease.until_ms],
+                    )
+                    for lease in leases
+                )
+            )
+            return [bool(renewed) for renewed in replies]
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -326,6 +371,8 @@ class RedisStore(Store):
     async def note(self, op_id: str, evidence: Evidence) -> bool:
         keys = [self.keys.record(op_id)]
         args = [codec.encode_evidence(evidence)]
+        if self._mux is not None:
+            return bool(await self._muxed_script(self._note, keys, args))
         return bool(await self._call(lambda: self._note(keys=keys, args=args)))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
@@ -362,6 +409,8 @@ class RedisStore(Store):
         return {state: sum(counts[i * per_state : (i + 1) * per_state]) for i, state in enumerate(INDEXED_STATES)}
 
     async def ping(self) -> None:
+        if self._mux is not None:
+            await self._muxed("PING")
         await self._call(self._redis.ping)
 
     async def _indexed(self, state: State, updated_before_ms: int | None) -> list[str]:
@@ -415,6 +464,8 @@ class RedisStore(Store):
         call and writes nothing, so its ``WAIT`` proves less: the one gap,
         documented in the README."""
         if not durable or not self.min_replicas_ack:
+            if self._mux is not None:
+                return await self._muxed_script(script, keys, args), 0
             return await self._call(lambda: script(keys=keys, args=args)), 0
 
         async def run() -> list[Any]:
@@ -512,6 +563,8 @@ class RedisStore(Store):
                     await pool.disconnect(inuse_connections=False)
                 except Exception:  # this task must outlive any one failover
                     log.exception("could not move the connections to the new master")
+                if self._mux is not None:
+                    self._mux.reconnect()
                 self._master_moved = True  # the listener moves its connection between two reads
             known = master
 
@@ -534,14 +587,14 @@ class RedisStore(Store):
 
     def _new_pubsub(self) -> PubSub:
         if self._node_client is None:
-            return self._redis.pubsub(ignore_subscribe_messages=True)
+            return self._redis.pubsub()  # the listener wants subscribe confirmations
         assert isinstance(self._redis, RedisCluster)
         # Any node will do: a PUBLISH reaches every node of the cluster.
         nodes = self._redis.get_nodes() or list(self._redis.nodes_manager.startup_nodes.values())
         node = nodes[self._pubsub_turn % len(nodes)]
         self._pubsub_turn += 1
         self._pubsub_client = self._node_client(Address(node.host, int(node.port)))
-        return self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        return self._pubsub_client.pubsub()
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
@@ -572,15 +625,29 @@ class RedisStore(Store):
             log.warning("pub/sub unavailable; waiters will poll until it connects", extra={"error": str(exc)})
 
     async def _subscribe(self, op_id: str) -> None:
+        """Subscribe, and wait (briefly) until the server confirms it.
+
+        Until then a change published through another connection can be
+        processed first and its notification missed: Redis orders commands per
+        connection only, and the waiter reads the record right after this."""
         if self._pubsub is None:
             return
+        channel = self.keys.channel(op_id)
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel.encode()] = confirmed
         try:
             async with self._pubsub_lock:
-                await self._pubsub.subscribe(self.keys.channel(op_id))
+                await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                await confirmed
+        except TimeoutError:
+            log.warning("pub/sub subscription not confirmed in time; waiters will poll", extra={"op": op_id})
         except Exception as exc:  # a waiter must never fail because of pub/sub
             # Also RuntimeError: while the listener reconnects, redis-py lets two
             # coroutines read the one pub/sub connection. Waiters fall back to polling.
             log.warning("pub/sub subscribe failed, waiters will poll", extra={"error": repr(exc)})
+        finally:
+            del self._confirmations[channel.encode()]
 
     async def _unsubscribe(self, op_id: str) -> None:
         if self._pubsub is None:
@@ -606,7 +673,7 @@ class RedisStore(Store):
             try:
                 # A bounded read rather than listen(): redis-py's blocking read
                 # does not end promptly when its task is cancelled.
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as exc:
                 log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
                 for op_id in list(self._watchers):
@@ -615,7 +682,11 @@ class RedisStore(Store):
                     await self._move_pubsub()  # the node may be gone for good (a cluster failover)
                 await asyncio.sleep(_RECONNECT_DELAY_S)
                 continue
-            if message is not None and message["type"] == "message":
+            if message is not None and message["type"] == "subscribe":
+                confirmed = self._confirmations.get(message["channel"])
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+            elif message is not None and message["type"] == "message":
                 channel: bytes = message["channel"]
                 if channel.startswith(prefix):
                     self._notify_local(channel[len(prefix) :].decode())
@@ -637,6 +708,24 @@ class RedisStore(Store):
         finally:
             self._gate.release()
 
+    async def _muxed(self, *args: Any) -> Any:
+        assert self._mux is not None
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        try:
+            return await self._mux.call(*args)
+        except (RedisReplyError, RedisConnectionError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def _muxed_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        assert self._mux is not None
+        if self._closed:
+            raise StoreUnavailable("the Redis store is closed")
+        try:
+            return await self._mux.evalsha(script.sha, cast(str, script.script), keys, args)  # ours are str
+        except (RedisReplyError, RedisConnectionError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
     @staticmethod
     async def _mapped(command: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -649,6 +738,8 @@ class RedisStore(Store):
     async def remember_once(self, name: str, ttl_s: float) -> bool:
         key = self.keys.seen(name)
         ttl_ms = max(1, round(ttl_s * 1000))
+        if self._mux is not None:
+            return await self._muxed("SET", key, b"1", "NX", "PX", ttl_ms) is not None
         return bool(await self._call(lambda: self._redis.set(key, b"1", nx=True, px=ttl_ms)))
 
     # -- budgets and withdrawn reservations (appended for idemproxy.budgets) ---------------
@@ -670,17 +761,38 @@ class RedisStore(Store):
         for counter in counters:
             args += (counter.limit, counter.window_ms)
         script = self._charge
-        reply = await self._call(lambda: script(keys=keys, args=args))
+        if self._mux is not None:
+            reply = await self._muxed_script(script, keys, list(args))
+        else:
+            reply = await self._call(lambda: script(keys=keys, args=args))
         return [Full(counters[int(reply[i]) - 1], max(1, int(reply[i + 1]))) for i in range(0, len(reply), 2)]
 
     async def unreserve(self, op_id: str, owner: str, fence: int) -> bool:
         keys = [self.keys.record(op_id), self.keys.due(op_id), self.keys.state_index(op_id, State.PENDING)]
         args: list[str | int] = [op_id, fence, owner, self.keys.channel(op_id)]
         script = self._unreserve
-        deleted = bool(await self._call(lambda: script(keys=keys, args=args)))
+        if self._mux is not None:
+            deleted = bool(await self._muxed_script(script, keys, list(args)))
+        else:
+            deleted = bool(await self._call(lambda: script(keys=keys, args=args)))
         if deleted:
             self._notify_local(op_id)
         return deleted
+
+
+def _plain_mux(url: str, timeout_s: float) -> RedisMux | None:
+    """The multiplexed connection for a ``redis://`` or ``unix://`` URL
+    (``rediss://`` stays on redis-py's pooled TLS connections)."""
+    options: dict[str, Any] = dict(parse_redis_url(url))
+    connection_class = options.get("connection_class")
+    if connection_class is SSLConnection:
+        return None
+    if connection_class is UnixDomainSocketConnection:
+        locate: Locate = locate_fixed(Endpoint(unix_path=options["path"]))
+    else:
+        locate = locate_fixed(Endpoint(host=options.get("host", "localhost"), port=options.get("port", 6379)))
+    login = Login(options.get("username"), options.get("password"), int(options.get("db", 0)))
+    return RedisMux(locate, login, timeout_s=timeout_s)
 
 
 def _text(value: bytes | str) -> str:

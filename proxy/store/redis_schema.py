@@ -96,12 +96,13 @@ class RedisKeys:
 # ARGV[5]  now in ms (the state index score)
 # ARGV[6..] field, value, ... of the new record
 # Returns  {1} when the record was created, or already created by this owner
-#          (a retried call); {0, {field, value, ...}} with the existing record.
+#          (a retried call); {0, {values of codec.WRITTEN_FIELDS}}: the existing
+#          record without its evidence (a replay never needs it).
 RESERVE = """
 local owner = redis.call('HGET', KEYS[1], 'o')
 if owner then
   if owner == ARGV[2] then return {1} end
-  return {0, redis.call('HGETALL', KEYS[1])}
+  return {0, redis.call('HMGET', KEYS[1], 's', 'f', 'fp', 'a', 'o', 'l', 'm', 'b', 'q')}
 end
 redis.call('HSET', KEYS[1], 'e', ARGV[4], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
@@ -126,8 +127,8 @@ return {1}
 # ARGV[12] now in ms (the state index score)
 # ARGV[13..] field, value, ... of the new record
 # Returns  {1} applied (or already applied by this same owner and fence: a
-#          retried call); {0, {field, value, ...}} guard failed, with the
-#          current record; {-1} no such record.
+#          retried call); {0, {values of codec.WRITTEN_FIELDS}} guard failed,
+#          with the current record minus its evidence; {-1} no such record.
 TRANSITION = """
 local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
 if not current[1] then return {-1} end
@@ -135,7 +136,7 @@ if current[1] == ARGV[4] and current[2] == ARGV[5] and current[3] == ARGV[6] the
   return {1}
 end
 if current[2] ~= ARGV[2] or not string.find(ARGV[3], ' ' .. current[1] .. ' ', 1, true) then
-  return {0, redis.call('HGETALL', KEYS[1])}
+  return {0, redis.call('HMGET', KEYS[1], 's', 'f', 'fp', 'a', 'o', 'l', 'm', 'b', 'q')}
 end
 local evidence = redis.call('HGET', KEYS[1], 'e')
 if evidence and #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[9] else evidence = ARGV[9] end

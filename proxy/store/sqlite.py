@@ -225,7 +225,7 @@ class SqliteStore(Store):
             row = db.execute(_SELECT, (record.op_id, now)).fetchone()
             if row is not None:
                 existing = _decode(record.op_id, row)
-                return None if existing.owner == record.owner else existing
+                return None if existing.owner == record.owner else existing.evolve(evidence=())
             fields = codec.encode(record)
             db.execute(
                 f"INSERT OR REPLACE INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms,"
@@ -252,7 +252,7 @@ class SqliteStore(Store):
             if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
                 return None  # a retried call whose first try was applied
             if current.fence != transition.expect_fence or current.state not in transition.expect_states:
-                return current
+                return current.evolve(evidence=())
             fields = codec.encode(new)
             ttl_ms = transition.ttl_ms
             db.execute(

@@ -20,15 +20,21 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server with AOF on (fsync every write), in its own directory."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH; `make test` installs it (apt-get install redis-server)")
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def password(self) -> str | None:
+        args = self.extra_args
+        return args[args.index("--requirepass") + 1] if "--requirepass" in args else None
 
     @property
     def url(self) -> str:
@@ -46,6 +52,7 @@ class RedisServer:
                 "--save", "",
                 "--protected-mode", "no",
                 "--logfile", str(self.directory / "redis.log"),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -53,7 +60,7 @@ class RedisServer:
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 10.0) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, password=self.password)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
