@@ -65,6 +65,8 @@ RECONCILED_HEADER = "Idempotent-Reconciled"
 OPERATION_HEADER = "Idempotency-Operation"
 ANONYMOUS = "anonymous"
 _CHUNK = 64 * 1024
+#: What ``begin_operation`` returns as headers when nothing is to be forwarded (never modified).
+_NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
 
 @web.middleware
@@ -196,12 +198,14 @@ class ProxyHandler:
     ) -> tuple[Owned | Answered | web.StreamResponse, CIMultiDict[str]]:
         """Reserve the operation in the ledger (shared by HTTP and MCP routes).
 
-        Returns the ledger's answer and the headers to forward with; a response
-        instead when the ledger is down and the route fails open."""
+        Returns the ledger's answer and, when the caller owns the attempt, the
+        headers to forward with; a response instead when the ledger is down and
+        the route fails open."""
         observation.key = scope.key
-        upstream_headers = self._upstream_headers(request)
+        upstream_headers = None  # built only when needed: a replay forwards nothing
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
+            upstream_headers = self._upstream_headers(request)
             stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
         budget = None
         if self.budgets is not None:
@@ -225,7 +229,7 @@ class ProxyHandler:
             if route.on_store_error is FailureMode.FAIL_OPEN:
                 log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
                 observation.decision = "fail_open"
-                return await self._forward_unrecorded(request, route, target, body), upstream_headers
+                return await self._forward_unrecorded(request, route, target, body), _NO_HEADERS
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
                 "Retry with the same key.",
@@ -233,7 +237,9 @@ class ProxyHandler:
             ) from exc
         if budget is not None:
             begun = await budget.admit(self.ledger, begun, route)  # BudgetExceeded when spent
-        return begun, upstream_headers
+        if not isinstance(begun, Owned):
+            return begun, _NO_HEADERS
+        return begun, upstream_headers if upstream_headers is not None else self._upstream_headers(request)
 
     async def charge_unrecorded(self, request: web.Request, route: RouteConfig, caller: str, task: str | None) -> None:
         """Budgets count a side-effecting call forwarded without a record too."""
