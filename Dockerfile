@@ -30,7 +30,7 @@ COPY adapters ./adapters
 RUN python -m venv /opt/idemproxy \
     && /opt/idemproxy/bin/pip install --only-binary=:all: . \
     && /opt/idemproxy/bin/pip uninstall --yes pip setuptools \
-    && /opt/idemproxy/bin/python -c "import idemproxy.cli, aiohttp, hiredis, orjson, redis, uvloop, yaml"
+    && /opt/idemproxy/bin/python -c "import idemproxy.cli, aiohttp, hiredis, msgpack, orjson, redis, uvloop, yaml"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/idemproxy/bin:$PATH \

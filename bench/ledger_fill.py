@@ -5,8 +5,9 @@ Two ways, both yielding records the proxy itself made or would make:
 - ``complete_through_proxy``: real requests through a running idemproxy (the
   replay scenario's keys);
 - ``preload_redis``: a large number of records cloned from one the proxy
-  really completed, each re-encoded with the proxy's own codec, key layout
-  and operation ids, and pipelined into Redis with ``redis-cli --pipe``.
+  really completed, each re-encoded with the Redis store's own record
+  layout (``store.redis_record``), key layout and operation ids, and
+  pipelined into Redis with ``redis-cli --pipe``.
 
 ``check_replays`` proves a record replays through the proxy before anything
 is measured on top of it.
@@ -34,7 +35,7 @@ from bench.scenarios import CALLER, REQUEST_BODY, REQUEST_PATH, ROUTE, UPSTREAM_
 from idemproxy.config import StoreConfig
 from idemproxy.fingerprint import operation_id
 from idemproxy.records import OperationRecord, Scope, State
-from idemproxy.store import codec
+from idemproxy.store import redis_record
 from idemproxy.store.redis_schema import RedisKeys
 
 _HEADERS = {"Content-Type": "application/json"}
@@ -95,7 +96,7 @@ def check_replays(url: str, key: str) -> None:
 
 
 def record_key(key: str) -> str:
-    """The Redis hash holding the operation the proxy creates for ``key``."""
+    """The Redis key holding the operation the proxy creates for ``key``."""
     return _KEYS.record(operation_id(Scope(caller=CALLER, route=ROUTE, key=key)))
 
 
@@ -107,19 +108,18 @@ def preload_redis(port: int, template_key: str, key_prefix: str, count: int) -> 
     """
     client = redis.Redis(host=LOOPBACK, port=port)
     try:
-        template_hash = record_key(template_key)
-        raw: dict[bytes, bytes] = client.hgetall(template_hash)  # type: ignore[assignment]
-        if not raw:
+        template_key_name = record_key(template_key)
+        raw: bytes | None = client.get(template_key_name)  # type: ignore[assignment]
+        if raw is None:
             raise BenchError(f"no record for the template key {template_key!r} in Redis")
-        fields = {name.decode(): value for name, value in raw.items()}
-        template = codec.decode(template_hash.rsplit(":", 1)[1], fields)
+        template = redis_record.unpack(template_key_name.rsplit(":", 1)[1], raw)
         if template.state is not State.COMPLETED or template.response is None:
             raise BenchError(f"the template record is {template.state}, not a completed response")
-        ttl_ms = int(client.pttl(template_hash))
-        real_usage = int(client.memory_usage(template_hash, samples=0) or 0)
+        ttl_ms = int(client.pttl(template_key_name))
+        real_usage = int(client.memory_usage(template_key_name, samples=0) or 0)
         before = int(client.info("memory")["used_memory"])
         started = time.monotonic()
-        _pipe(port, _chunks(template, fields[codec.EVIDENCE], ttl_ms, key_prefix, count), count)
+        _pipe(port, _chunks(template, ttl_ms, key_prefix, count), count)
         seconds = time.monotonic() - started
         after = int(client.info("memory")["used_memory"])
         body = template.response.body or b""
@@ -141,10 +141,8 @@ def flush_to_disk(directory: Path) -> float:
     return time.monotonic() - started
 
 
-def _chunks(template: OperationRecord, evidence: bytes, ttl_ms: int, key_prefix: str, count: int) -> Iterator[bytes]:
-    jobs = [
-        (template, evidence, ttl_ms, key_prefix, start, min(start + _CHUNK, count)) for start in range(0, count, _CHUNK)
-    ]
+def _chunks(template: OperationRecord, ttl_ms: int, key_prefix: str, count: int) -> Iterator[bytes]:
+    jobs = [(template, ttl_ms, key_prefix, start, min(start + _CHUNK, count)) for start in range(0, count, _CHUNK)]
     processes = min(2, multiprocessing.cpu_count())
     with multiprocessing.get_context("fork").Pool(processes, initializer=_default_signals) as pool:
         yield from pool.imap(_encode_chunk, jobs)
@@ -158,20 +156,17 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _encode_chunk(job: tuple[OperationRecord, bytes, int, str, int, int]) -> bytes:
-    """RESP for ``HSET`` + ``PEXPIRE`` of each record in the job's key range."""
-    template, evidence, ttl_ms, key_prefix, start, stop = job
+def _encode_chunk(job: tuple[OperationRecord, int, str, int, int]) -> bytes:
+    """RESP for ``SET ... PX`` of each record in the job's key range, with the template's evidence and TTL."""
+    template, ttl_ms, key_prefix, start, stop = job
     ttl = str(ttl_ms).encode()
+    evidence = b"".join(redis_record.pack_evidence(entry) for entry in template.evidence)
     out: list[bytes] = []
     for index in range(start, stop):
         scope = Scope(caller=CALLER, route=ROUTE, key=f"{key_prefix}-{index}")
         op_id = operation_id(scope)
-        hash_key = _KEYS.record(op_id).encode()
-        parts = [b"HSET", hash_key, codec.EVIDENCE.encode(), evidence]
-        for name, value in codec.encode(template.evolve(op_id=op_id, scope=scope)).items():
-            parts += (name.encode(), value)
-        out.append(_resp(parts))
-        out.append(_resp([b"PEXPIRE", hash_key, ttl]))
+        value = redis_record.pack(template.evolve(op_id=op_id, scope=scope), evidence)
+        out.append(_resp([b"SET", _KEYS.record(op_id).encode(), value, b"PX", ttl]))
     return b"".join(out)
 
 
@@ -202,5 +197,5 @@ def _pipe(port: int, chunks: Iterator[bytes], count: int) -> None:
             process.kill()
             process.wait()
     match = re.search(r"errors: (\d+), replies: (\d+)", output)
-    if match is None or int(match.group(1)) != 0 or int(match.group(2)) != 2 * count:
+    if match is None or int(match.group(1)) != 0 or int(match.group(2)) != count:
         raise BenchError(f"redis-cli --pipe did not load {count} records:\n{output[-1000:]}")

@@ -26,6 +26,7 @@ PACKAGES = {
     "redis": "redis-py",
     "hiredis": "hiredis",
     "orjson": "orjson",
+    "msgpack": "msgpack",
     "uvloop": "uvloop",
 }
 _PROC = Path("/proc")

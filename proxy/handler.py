@@ -297,7 +297,7 @@ class ProxyHandler:
             await self._finish(owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True})
             return relayed.response
         stored = relayed.stored
-        detail = {"status": stored.status, "size": stored.body_size, "sha256": stored.body_sha256}
+        detail: dict[str, object] = {"status": stored.status, "size": stored.body_size}  # the digest is in the response
         await self._finish(owned, outcome, stored, route, detail)
         return relayed.response
 

@@ -17,8 +17,8 @@ from bench.results import LedgerMemory, Measurement
 from bench.run import _problem
 from bench.scenarios import BASELINES, SCENARIOS, Mode, Run, StoreKind, Subject, plan
 from bench.sysinfo import cpu_seconds, peak_rss_mb
-from idemproxy.records import OperationRecord, Scope, State, StoredResponse
-from idemproxy.store import codec
+from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredResponse
+from idemproxy.store import redis_record
 
 Client = Callable[..., Awaitable[TestClient[Any, Any]]]
 Server = Callable[..., Awaitable[TestServer]]
@@ -155,19 +155,18 @@ def test_preloaded_records_are_the_proxys_records_under_new_keys() -> None:
         created_ms=1,
         updated_ms=2,
         response=StoredResponse(200, (("Content-Type", "application/json"),), b"{}", 2, "e" * 64),
+        evidence=(Evidence(1, "reserved", {"attempt": 1, "owner": "host:1:abc:1"}), Evidence(2, "completed")),
     )
-    commands = _parse_resp(_encode_chunk((template, b'{"at_ms":1,"kind":"reserved"}', 86_400_000, "seed", 3, 5)))
+    commands = _parse_resp(_encode_chunk((template, 86_400_000, "seed", 3, 5)))
 
-    assert [parts[0] for parts in commands] == [b"HSET", b"PEXPIRE"] * 2
-    hset, pexpire = commands[0], commands[1]
-    assert hset[1].decode() == record_key("seed-3") == pexpire[1].decode()
-    assert pexpire[2] == b"86400000"
-    fields = dict(zip((p.decode() for p in hset[2::2]), hset[3::2], strict=True))
-    op_id = hset[1].decode().rsplit(":", 1)[1]
-    record = codec.decode(op_id, fields)
+    assert [parts[0] for parts in commands] == [b"SET", b"SET"]
+    first = commands[0]
+    assert first[1].decode() == record_key("seed-3")
+    assert first[3:] == [b"PX", b"86400000"]
+    op_id = first[1].decode().rsplit(":", 1)[1]
+    record = redis_record.unpack(op_id, first[2])
     assert record.scope == Scope("anonymous", "default", "seed-3")
-    assert record.evolve(op_id=template.op_id, scope=template.scope, evidence=()) == template
-    assert fields[codec.EVIDENCE] == b'{"at_ms":1,"kind":"reserved"}'
+    assert record.evolve(op_id=template.op_id, scope=template.scope) == template
 
 
 def test_log_problems_are_summarised() -> None:

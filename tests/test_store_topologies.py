@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 from idemproxy.app import build_proxy_app
 from idemproxy.config import ConfigError, StoreConfig, parse_config
 from idemproxy.records import OperationRecord, State
-from idemproxy.store import RecordMissing, StoreUnavailable, open_store
+from idemproxy.store import RecordMissing, StoreUnavailable, open_store, redis_record
 from idemproxy.store.base import Counter as BudgetCounter
 from idemproxy.store.base import Full, Lease, OpsQuery
 from idemproxy.store.redis import RedisStore
@@ -478,7 +478,8 @@ async def test_sentinel_store_follows_the_master_through_a_failover(sentinel: Se
         assert await store.reserve(rival, reserved(rival)) == done.evolve(evidence=())
         second = await asyncio.wait_for(reserve_new(store), HANG_LIMIT_S)
         async with aioredis.Redis(port=new.port) as promoted:
-            assert await promoted.hget(store.keys.record(second.op_id), "o") == second.owner.encode()
+            written = await promoted.get(store.keys.record(second.op_id))
+            assert redis_record.unpack(second.op_id, written).owner == second.owner
         # Both pub/sub listeners followed the master too.
         async with aioredis.Redis(port=new.port) as promoted:
             await wait_for_subscribers(promoted, store.keys.keepalive_channel(), 2)

@@ -1,7 +1,7 @@
-"""One flat field layout for a record, shared by every store.
+"""The SQLite store's field layout for a record (Redis packs its own: ``redis_record``).
 
-The fields the atomic scripts inspect (state, fence, owner, lease) stay
-separate; everything else travels as one orjson blob (``m``) plus the raw
+The fields the SQL statements inspect (state, fence, owner, lease) are columns
+of their own; everything else travels as one orjson blob (``m``) plus the raw
 response body (``b``), so a replay is served byte for byte without re-encoding.
 Evidence (``e``) is JSON lines, appended by the store and never rewritten.
 """
@@ -129,11 +129,6 @@ def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationReco
         request=request,
         evidence=decode_evidence(fields.get(EVIDENCE)),
     )
-
-
-def decode_written(op_id: str, values: list[bytes | None]) -> OperationRecord:
-    """A record from the values of ``WRITTEN_FIELDS`` in that order (no evidence)."""
-    return decode(op_id, {name: value for name, value in zip(WRITTEN_FIELDS, values, strict=True) if value is not None})
 
 
 def decode_evidence(raw: bytes | str | int | None) -> tuple[Evidence, ...]:

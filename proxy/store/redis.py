@@ -41,7 +41,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from idemproxy.records import Evidence, OperationRecord, State
-from idemproxy.store import codec
+from idemproxy.store import redis_record
 from idemproxy.store.base import (
     Counter,
     Full,
@@ -287,21 +287,18 @@ class RedisStore(Store):
     # -- the contract ------------------------------------------------------------------
 
     async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
-        fields = codec.encode(record)
         args: list[Any] = [
             record.op_id,
             record.owner,
             record.lease_until_ms,
-            codec.encode_evidence(evidence),
+            redis_record.pack(record, redis_record.pack_evidence(evidence)),
             record.updated_ms,
         ]
-        for name, value in fields.items():
-            args += (name, value)
         reply, acked = await self._run(self._reserve, self.keys.script_keys(record.op_id), args, durable=True)
         if reply[0] == 1:
             await self._check_durable(record, acked)
             return None
-        return codec.decode_written(record.op_id, reply[1])
+        return redis_record.unpack(record.op_id, reply[1], with_evidence=False)
 
     async def transition(self, transition: Transition) -> OperationRecord | None:
         new = transition.new
@@ -314,13 +311,12 @@ class RedisStore(Store):
             new.owner,
             transition.ttl_ms,
             transition.due_at_ms,
-            codec.encode_evidence(transition.evidence),
+            redis_record.pack_evidence(transition.evidence),
             self.keys.channel(new.op_id),
             INDEXED_STATES.index(new.state) + 3 if new.state in INDEXED_STATES else 0,
             new.updated_ms,
+            redis_record.pack_head(new),
         ]
-        for name, value in codec.encode(new).items():
-            args += (name, value)
         # A transition to PENDING is a take-over: a new attempt is reserved.
         durable = new.state is State.PENDING
         reply, acked = await self._run(self._transition, self.keys.script_keys(new.op_id), args, durable=durable)
@@ -331,16 +327,15 @@ class RedisStore(Store):
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
-        return codec.decode_written(new.op_id, reply[1])
+        return redis_record.unpack(new.op_id, reply[1], with_evidence=False)
 
     async def get(self, op_id: str) -> OperationRecord | None:
+        key = self.keys.record(op_id)
         if self._mux is not None:
-            flat = await self._muxed("HGETALL", self.keys.record(op_id))
-            return codec.decode(op_id, _pairs(flat)) if flat else None
-        fields = await self._call(lambda: self._redis.hgetall(self.keys.record(op_id)))
-        if not fields:
-            return None
-        return codec.decode(op_id, {_text(name): value for name, value in fields.items()})
+            value = await self._muxed("GET", key)
+        else:
+            value = await self._call(lambda: self._redis.get(key))
+        return redis_record.unpack(op_id, value) if value is not None else None
 
     async def renew(self, leases: list[Lease]) -> list[bool]:
         if not leases:
@@ -370,7 +365,7 @@ class RedisStore(Store):
 
     async def note(self, op_id: str, evidence: Evidence) -> bool:
         keys = [self.keys.record(op_id)]
-        args = [codec.encode_evidence(evidence)]
+        args = [redis_record.pack_evidence(evidence)]
         if self._mux is not None:
             return bool(await self._muxed_script(self._note, keys, args))
         return bool(await self._call(lambda: self._note(keys=keys, args=args)))
@@ -443,14 +438,12 @@ class RedisStore(Store):
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for op_id in op_ids:
-                    pipe.hgetall(self.keys.record(op_id))
+                    pipe.get(self.keys.record(op_id))
                 return await pipe.execute()
 
         replies = await self._call(run)
         return [
-            codec.decode(op_id, {_text(name): value for name, value in fields.items()})
-            for op_id, fields in zip(op_ids, replies, strict=True)
-            if fields
+            redis_record.unpack(op_id, value) for op_id, value in zip(op_ids, replies, strict=True) if value is not None
         ]
 
     # -- scripts and replica acknowledgments -------------------------------------------
@@ -797,7 +790,3 @@ def _plain_mux(url: str, timeout_s: float) -> RedisMux | None:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _pairs(flat: list[bytes]) -> dict[str, bytes]:
-    return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}

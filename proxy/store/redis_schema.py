@@ -2,7 +2,8 @@
 
 Layout, for key prefix ``idem`` and an operation id ``ab12...`` (hex)::
 
-    idem:{ab}:op:ab12...            hash: the operation record (fields: ``store.codec``)
+    idem:{ab}:op:ab12...            string: the operation record, one MessagePack array
+                                      (``store.redis_record``)
     idem:{ab}:due                   sorted set: op ids the reconciler must look at, by due time (ms)
     idem:{ab}:state:PENDING         sorted set: unresolved op ids by state, scored by last update
     idem:{ab}:state:UNKNOWN           (ms), for operators' listings and exact gauges
@@ -86,31 +87,34 @@ class RedisKeys:
         return f"{self.prefix}:{{budget}}:calls:{hashlib.sha256(name.encode()).hexdigest()}"
 
 
-# KEYS[1]  record hash
+# Every script reads the record with cmsgpack.unpack: element 1 state, 2 fence,
+# 3 owner, 4 lease expiry, 8 evidence (the layout: ``store.redis_record``).
+# Records written from Python are re-packed only by RENEW and NOTE.
+
+# KEYS[1]  record
 # KEYS[2]  due index of the record's shard
 # KEYS[3..5] state indexes of the shard: PENDING, UNKNOWN, NEEDS_ATTENTION
 # ARGV[1]  op id
 # ARGV[2]  owner of the new record (unique per attempt)
 # ARGV[3]  due time in ms (the lease expiry)
-# ARGV[4]  evidence line (JSON)
+# ARGV[4]  the new record, packed with its first evidence
 # ARGV[5]  now in ms (the state index score)
-# ARGV[6..] field, value, ... of the new record
 # Returns  {1} when the record was created, or already created by this owner
-#          (a retried call); {0, {values of codec.WRITTEN_FIELDS}}: the existing
-#          record without its evidence (a replay never needs it).
+#          (a retried call); {0, record}: the existing record, packed (the
+#          caller drops its evidence: a replay never needs it).
 RESERVE = """
-local owner = redis.call('HGET', KEYS[1], 'o')
-if owner then
-  if owner == ARGV[2] then return {1} end
-  return {0, redis.call('HMGET', KEYS[1], 's', 'f', 'fp', 'a', 'o', 'l', 'm', 'b', 'q')}
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  if cmsgpack.unpack(raw)[3] == ARGV[2] then return {1} end
+  return {0, raw}
 end
-redis.call('HSET', KEYS[1], 'e', ARGV[4], unpack(ARGV, 6))
+redis.call('SET', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return {1}
 """
 
-# KEYS[1]  record hash
+# KEYS[1]  record
 # KEYS[2]  due index of the record's shard
 # KEYS[3..5] state indexes of the shard: PENDING, UNKNOWN, NEEDS_ATTENTION
 # ARGV[1]  op id
@@ -121,30 +125,30 @@ return {1}
 # ARGV[6]  new owner
 # ARGV[7]  ttl in ms; 0 keeps the record until resolved
 # ARGV[8]  due time in ms for the reconciler; 0 removes it from the index
-# ARGV[9]  evidence line (JSON), appended
+# ARGV[9]  evidence entry (packed), appended
 # ARGV[10] pub/sub channel announcing the change
 # ARGV[11] index of the new state's KEYS entry (3..5), 0 for a resolved state
 # ARGV[12] now in ms (the state index score)
-# ARGV[13..] field, value, ... of the new record
+# ARGV[13] the new record, packed up to its evidence (redis_record.pack_head)
 # Returns  {1} applied (or already applied by this same owner and fence: a
-#          retried call); {0, {values of codec.WRITTEN_FIELDS}} guard failed,
-#          with the current record minus its evidence; {-1} no such record.
+#          retried call); {0, record} guard failed, with the current record,
+#          packed (the caller drops its evidence); {-1} no such record.
 TRANSITION = """
-local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
-if not current[1] then return {-1} end
-if current[1] == ARGV[4] and current[2] == ARGV[5] and current[3] == ARGV[6] then
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {-1} end
+local current = cmsgpack.unpack(raw)
+if current[1] == ARGV[4] and current[2] == tonumber(ARGV[5]) and current[3] == ARGV[6] then
   return {1}
 end
-if current[2] ~= ARGV[2] or not string.find(ARGV[3], ' ' .. current[1] .. ' ', 1, true) then
-  return {0, redis.call('HMGET', KEYS[1], 's', 'f', 'fp', 'a', 'o', 'l', 'm', 'b', 'q')}
+if current[2] ~= tonumber(ARGV[2]) or not string.find(ARGV[3], ' ' .. current[1] .. ' ', 1, true) then
+  return {0, raw}
 end
-local evidence = redis.call('HGET', KEYS[1], 'e')
-if evidence and #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[9] else evidence = ARGV[9] end
-redis.call('HSET', KEYS[1], 'e', evidence, unpack(ARGV, 13))
+-- The new record's own bytes, completed by its evidence: never re-packed here.
+local record = ARGV[13] .. cmsgpack.pack(current[8] .. ARGV[9])
 if tonumber(ARGV[7]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('SET', KEYS[1], record, 'PX', ARGV[7])
 else
-  redis.call('PERSIST', KEYS[1])
+  redis.call('SET', KEYS[1], record)
 end
 if tonumber(ARGV[8]) > 0 then
   redis.call('ZADD', KEYS[2], ARGV[8], ARGV[1])
@@ -158,7 +162,7 @@ redis.call('PUBLISH', ARGV[10], ARGV[4])
 return {1}
 """
 
-# KEYS[1]  record hash
+# KEYS[1]  record
 # KEYS[2]  due index of the record's shard
 # ARGV[1]  op id
 # ARGV[2]  fence the owner holds
@@ -166,22 +170,26 @@ return {1}
 # ARGV[4]  new lease expiry in ms (also the new due time)
 # Returns  1 renewed; 0 the owner no longer holds the record.
 RENEW = """
-local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
-if current[2] ~= ARGV[2] or current[3] ~= ARGV[3] then return 0 end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local current = cmsgpack.unpack(raw)
+if current[2] ~= tonumber(ARGV[2]) or current[3] ~= ARGV[3] then return 0 end
 if current[1] ~= 'PENDING' and current[1] ~= 'UNKNOWN' then return 0 end
-redis.call('HSET', KEYS[1], 'l', ARGV[4])
+current[4] = tonumber(ARGV[4])
+redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
 
-# KEYS[1]  record hash
-# ARGV[1]  evidence line (JSON), appended
+# KEYS[1]  record
+# ARGV[1]  evidence entry (packed), appended
 # Returns  1 appended; 0 no such record.
 NOTE = """
-local evidence = redis.call('HGET', KEYS[1], 'e')
-if not evidence then return 0 end
-if #evidence > 0 then evidence = evidence .. '\\n' .. ARGV[1] else evidence = ARGV[1] end
-redis.call('HSET', KEYS[1], 'e', evidence)
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local current = cmsgpack.unpack(raw)
+current[8] = current[8] .. ARGV[1]
+redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
 return 1
 """
 
@@ -217,7 +225,7 @@ end
 return {}
 """
 
-# KEYS[1]  record hash
+# KEYS[1]  record (packed string)
 # KEYS[2]  due index of the record's shard
 # KEYS[3]  PENDING state index of the shard
 # ARGV[1]  op id
@@ -226,8 +234,10 @@ return {}
 # ARGV[4]  pub/sub channel announcing the change
 # Returns  1 deleted; 0 the record is not PENDING with that owner and fence (or is gone).
 UNRESERVE = """
-local current = redis.call('HMGET', KEYS[1], 's', 'f', 'o')
-if current[1] ~= 'PENDING' or current[2] ~= ARGV[2] or current[3] ~= ARGV[3] then return 0 end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local current = cmsgpack.unpack(raw)
+if current[1] ~= 'PENDING' or current[2] ~= tonumber(ARGV[2]) or current[3] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
