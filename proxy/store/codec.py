@@ -47,14 +47,7 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
         "created_ms": record.created_ms,
         "updated_ms": record.updated_ms,
     }
-    if record.retry_class is not None:
-        meta["retry_class"] = record.retry_class.value
-    if record.reconciled:
-        meta["reconciled"] = True
-    if record.probes:
-        meta["probes"] = record.probes
-    if record.next_probe_ms:
-        meta["next_probe_ms"] = record.next_probe_ms
+    meta.update(reconcile_state(record))
     if record.attempt_ms:
         meta["attempt_ms"] = record.attempt_ms
     if record.request is not None:
@@ -83,6 +76,31 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
     return fields
 
 
+def reconcile_state(record: OperationRecord) -> dict[str, Any]:
+    """The reconciliation fields that are not at their default (shared by both stores' layouts)."""
+    state: dict[str, Any] = {}
+    if record.retry_class is not None:
+        state["retry_class"] = record.retry_class.value
+    if record.reconciled:
+        state["reconciled"] = True
+    if record.probes:
+        state["probes"] = record.probes
+    if record.next_probe_ms:
+        state["next_probe_ms"] = record.next_probe_ms
+    return state
+
+
+def reconcile_state_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """``OperationRecord`` keyword arguments from what ``reconcile_state`` kept."""
+    retry_class = stored.get("retry_class")
+    return {
+        "retry_class": RetryClass(retry_class) if retry_class is not None else None,
+        "reconciled": stored.get("reconciled", False),
+        "probes": stored.get("probes", 0),
+        "next_probe_ms": stored.get("next_probe_ms", 0),
+    }
+
+
 def encode_evidence(evidence: Evidence) -> bytes:
     return orjson.dumps(evidence.to_dict())
 
@@ -100,7 +118,6 @@ def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationReco
             body_size=stored["size"],
             body_sha256=stored["sha256"],
         )
-    retry_class = meta.get("retry_class")
     request = None
     if (request_headers := meta.get("request_headers")) is not None:
         request = StoredRequest(
@@ -120,11 +137,8 @@ def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationReco
         target=meta["target"],
         created_ms=meta["created_ms"],
         updated_ms=meta["updated_ms"],
-        retry_class=RetryClass(retry_class) if retry_class is not None else None,
         response=response,
-        reconciled=meta.get("reconciled", False),
-        probes=meta.get("probes", 0),
-        next_probe_ms=meta.get("next_probe_ms", 0),
+        **reconcile_state_fields(meta),
         attempt_ms=meta.get("attempt_ms", 0),
         request=request,
         evidence=decode_evidence(fields.get(EVIDENCE)),

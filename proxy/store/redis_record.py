@@ -44,12 +44,12 @@ import orjson
 from idemproxy.records import (
     Evidence,
     OperationRecord,
-    RetryClass,
     Scope,
     State,
     StoredRequest,
     StoredResponse,
 )
+from idemproxy.store import codec
 
 #: The top-level elements, in order; the scripts address them by position.
 FIELDS = ("state", "fence", "owner", "lease_until_ms", "meta", "body", "request_body", "evidence")
@@ -96,7 +96,6 @@ def unpack(op_id: str, value: bytes, *, with_evidence: bool = True) -> Operation
         msgpack.unpackb(meta, raw=False)
     )
     extras: dict[str, Any] = rest[0] if rest else {}
-    retry_class = extras.get("retry_class")
     request = None
     if request_body is not False:
         request = StoredRequest(headers=_pairs(extras.get("request_headers", ())), body=request_body)
@@ -113,11 +112,8 @@ def unpack(op_id: str, value: bytes, *, with_evidence: bool = True) -> Operation
         target=target,
         created_ms=created,
         updated_ms=created + updated,
-        retry_class=RetryClass(retry_class) if retry_class is not None else None,
         response=_unpack_response(stored, body) if stored is not None else None,
-        reconciled=extras.get("reconciled", False),
-        probes=extras.get("probes", 0),
-        next_probe_ms=extras.get("next_probe_ms", 0),
+        **codec.reconcile_state_fields(extras),
         attempt_ms=created + attempted,
         request=request,
         evidence=unpack_evidence(evidence) if with_evidence else (),
@@ -147,15 +143,7 @@ def _pack_meta(record: OperationRecord) -> bytes:
         record.attempt_ms - record.created_ms,
         _pack_response(response) if response is not None else None,
     ]
-    extras: dict[str, Any] = {}
-    if record.retry_class is not None:
-        extras["retry_class"] = record.retry_class.value
-    if record.reconciled:
-        extras["reconciled"] = True
-    if record.probes:
-        extras["probes"] = record.probes
-    if record.next_probe_ms:
-        extras["next_probe_ms"] = record.next_probe_ms
+    extras = codec.reconcile_state(record)
     if record.request is not None and record.request.headers:
         extras["request_headers"] = _flat(record.request.headers)
     if extras:
