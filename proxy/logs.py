@@ -16,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -76,11 +77,27 @@ class _Sinks:
 SINKS = _Sinks()
 
 
+class RefusedRequestFilter(logging.Filter):
+    """aiohttp logs every request its parser refuses (already answered 400) at
+    ERROR with a traceback: a caller sending garbage could flood the logs and
+    page whoever watches errors. Such a record becomes one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "refused a request the HTTP parser could not read", ()
+            record.exc_info, record.exc_text = None, None
+            record.error = f"{type(exc).__name__}: {exc.message}"
+        return True
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("aiohttp.server").addFilter(RefusedRequestFilter())
     SINKS.access = AccessSink(sys.stderr)
     atexit.register(SINKS.access.flush)

@@ -131,3 +131,26 @@ async def test_make_run_demo_starts_both_prints_a_curl_line_and_stops_on_ctrl_c(
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+
+async def test_a_request_the_parser_refuses_is_one_warning_line_not_a_traceback(
+    proxy_process: tuple[asyncio.subprocess.Process, str], upstream: Upstream
+) -> None:
+    process, base = proxy_process
+    assert process.stderr is not None
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /items HTTP/1.1\r\nHost: x\r\nBad\x01Header: 1\r\n\r\n")
+    answer = await reader.read()  # aiohttp answers 400 and closes
+    writer.close()
+
+    [line] = (await read_until(process.stderr, b"refused a request"))[-1:]
+    entry = orjson.loads(line)
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "aiohttp.server"
+    assert "exc" not in entry  # no traceback
+    assert "Invalid header token" in entry["error"]
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/items") as response:
+        assert response.status == 201  # still serving
+    assert upstream.count() == 1
