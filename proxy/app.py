@@ -21,10 +21,11 @@ from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, 
 from idemproxy.budgets import Budgets
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
-from idemproxy.handler import ProxyHandler, non_origin_target_middleware, problem_middleware
+from idemproxy.handler import ProxyHandler
 from idemproxy.inbound import inbound_middleware, server_options
 from idemproxy.ledger import Ledger, new_instance_id
 from idemproxy.observe import LOG_KEYS, observe_middleware
+from idemproxy.problems import non_origin_target_middleware, problem_middleware
 from idemproxy.reconciler import Reconciler
 from idemproxy.routes import RouteTable
 from idemproxy.store import Store, StoreUnavailable, open_store

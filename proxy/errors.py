@@ -20,7 +20,7 @@ The tree is deliberately shallow::
     └── InternalError (500)
 
 The single place that turns them into HTTP responses is
-``idemproxy.handler.problem_middleware``.
+``idemproxy.problems.problem_middleware``.
 """
 
 from __future__ import annotations

@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy import metrics
+from idemproxy.answers import answer
 from idemproxy.auth import CREDENTIAL_HEADERS, IDENTITY, READ_BODY
 from idemproxy.budgets import Budgets
 from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
-from idemproxy.decisions import Action, FailureKind, Outcome, classify_failure, classify_status
+from idemproxy.decisions import FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
-    PROBLEM_CONTENT_TYPE,
-    AttemptsExhausted,
     BodyTooLarge,
-    FingerprintMismatch,
-    InFlight,
-    InternalError,
     LeaseLost,
     LedgerUnavailable,
-    MethodNotAllowed,
     MissingKey,
-    NeedsAttention,
-    NoRoute,
-    OutcomeUnknown,
-    ProblemError,
-    ResponseNotStored,
     UpstreamConnectionLost,
     UpstreamError,
     UpstreamTimeout,
@@ -47,7 +31,6 @@ from idemproxy.fingerprint import derive_key, fingerprint, operation_id, validat
 from idemproxy.forwarder import Forwarder, NotSent, UpstreamFailed, failure_kind
 from idemproxy.headers import (
     client_response_headers,
-    storable_response_headers,
     upstream_request_headers,
     with_injected,
 )
@@ -55,67 +38,15 @@ from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
+from idemproxy.relay import CHUNK, abort, read_body, relay, unrecorded_failure, upstream_timer
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
 from idemproxy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-REPLAYED_HEADER = "Idempotent-Replayed"
-RECONCILED_HEADER = "Idempotent-Reconciled"
-OPERATION_HEADER = "Idempotency-Operation"
 ANONYMOUS = "anonymous"
-_CHUNK = 64 * 1024
 #: What ``begin_operation`` returns as headers when nothing is to be forwarded (never modified).
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where errors become problem+json responses."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ProblemError as exc:
-        return problem_response(exc, request)
-    except web.HTTPException as exc:
-        if exc.status == 413:  # aiohttp's own body limit
-            return problem_response(BodyTooLarge(exc.text or "Request body too large."), request)
-        if exc.status == 404:  # the admin listener's router
-            return problem_response(NoRoute(f"No endpoint {request.path!r}."), request)
-        if exc.status == 405:
-            allow = {"Allow": exc.headers.get("Allow", "")}
-            return problem_response(MethodNotAllowed(f"{request.method} is not allowed here.", headers=allow), request)
-        raise
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.raw_path})
-        return problem_response(InternalError("The proxy failed unexpectedly; see its logs."), request)
-
-
-def _decide(request: web.Request, decision: str) -> None:
-    observation = request.get(OBSERVATION)
-    if observation is not None and observation.decision is None:
-        observation.decision = decision
-
-
-@web.middleware
-async def non_origin_target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Targets the catch-all route cannot match (``CONNECT host:443``, ``OPTIONS *``) get
-    the same problem+json refusal as every other non-origin target."""
-    if request.match_info.http_exception is not None:
-        parse_target(request.method, request.raw_path)
-        raise NoRoute(f"No route is configured for {request.raw_path!r}.")
-    response: web.StreamResponse = await handler(request)
-    return response
-
-
-def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
-    _decide(request, exc.decision)
-    return web.Response(
-        status=exc.status,
-        body=exc.to_json(),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=exc.headers,
-    )
 
 
 class ProxyHandler:
@@ -146,9 +77,9 @@ class ProxyHandler:
             return await handle_mcp(self, request, route, target)
         if not route.is_side_effecting(request.method):
             observation.decision = "passthrough"
-            return await self._passthrough(request, route, target)
+            return await self.passthrough(request, route, target)
         observation.side_effecting = True
-        body = await _read_body(request, route.max_body)
+        body = await read_body(request, route.max_body)
         return await self._side_effect(request, route, target, body, observation)
 
     # -- side-effecting calls ----------------------------------------------------------
@@ -169,7 +100,7 @@ class ProxyHandler:
             if route.key_mode is KeyMode.OPTIONAL:
                 await self.charge_unrecorded(request, route, caller, task)
                 observation.decision = "unrecorded"
-                return await self._forward_unrecorded(request, route, target, body)
+                return await self.forward_unrecorded(request, route, target, body)
             key = derive_key(caller, task, request_fp)
         else:
             validate_key(key)
@@ -181,7 +112,7 @@ class ProxyHandler:
             return begun
         if isinstance(begun, Answered):
             observation.attempt = begun.record.attempt
-            return _answer(begun, route, observation)
+            return answer(begun, route, observation)
         observation.decision = "forwarded"
         observation.attempt = begun.record.attempt
         return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
@@ -205,7 +136,7 @@ class ProxyHandler:
         upstream_headers = None  # built only when needed: a replay forwards nothing
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
-            upstream_headers = self._upstream_headers(request)
+            upstream_headers = self.upstream_headers(request)
             stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
         budget = None
         if self.budgets is not None:
@@ -229,7 +160,7 @@ class ProxyHandler:
             if route.on_store_error is FailureMode.FAIL_OPEN:
                 log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
                 observation.decision = "fail_open"
-                return await self._forward_unrecorded(request, route, target, body), _NO_HEADERS
+                return await self.forward_unrecorded(request, route, target, body), _NO_HEADERS
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
                 "Retry with the same key.",
@@ -239,7 +170,7 @@ class ProxyHandler:
             begun = await budget.admit(self.ledger, begun, route)  # BudgetExceeded when spent
         if not isinstance(begun, Owned):
             return begun, _NO_HEADERS
-        return begun, upstream_headers if upstream_headers is not None else self._upstream_headers(request)
+        return begun, upstream_headers if upstream_headers is not None else self.upstream_headers(request)
 
     async def charge_unrecorded(self, request: web.Request, route: RouteConfig, caller: str, task: str | None) -> None:
         """Budgets count a side-effecting call forwarded without a record too."""
@@ -260,7 +191,7 @@ class ProxyHandler:
         url = upstream_url(route, target)
         op_id = owned.op_id
         try:
-            with _upstream_timer(request, route):
+            with upstream_timer(request, route):
                 async with self.forwarder.request(
                     route,
                     request.method,
@@ -270,16 +201,14 @@ class ProxyHandler:
                     guard=lambda: self.ledger.leases.still_held(op_id),
                 ) as upstream:
                     outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
-                    relayed = await _relay(request, upstream, route.max_stored_response, owned.op_id)
+                    relayed = await relay(request, upstream, route.max_stored_response, owned.op_id)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
-            return await self._record_failure(route, owned, exc.kind, exc.detail)
+            return await self.record_failure(route, owned, exc.kind, exc.detail)
         except NotSent as exc:
             # Paused or stalled past the lease: a reconciler may own the operation now.
             # Nothing was sent, so release it if it is still ours.
-            await self._finish(
-                owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"}
-            )
+            await self.finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
             raise LeaseLost(
                 "This proxy's claim on the operation ran out before the request was sent; it was not "
                 "sent. Retry with the same key.",
@@ -289,23 +218,23 @@ class ProxyHandler:
         except asyncio.CancelledError:
             # The proxy is shutting down mid-request: nobody knows what the tool did.
             await asyncio.shield(
-                self._finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
+                self.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
             )
             raise
         if relayed.stored is None:
             kind = relayed.failed or FailureKind.CONNECTION_LOST
-            await self._finish(owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True})
+            await self.finish(owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True})
             return relayed.response
         stored = relayed.stored
         detail: dict[str, object] = {"status": stored.status, "size": stored.body_size}  # the digest is in the response
-        await self._finish(owned, outcome, stored, route, detail)
+        await self.finish(owned, outcome, stored, route, detail)
         return relayed.response
 
-    async def _record_failure(
+    async def record_failure(
         self, route: RouteConfig, owned: OperationRecord, kind: FailureKind, detail: str
     ) -> web.StreamResponse:
         outcome = classify_failure(kind)
-        await self._finish(owned, outcome, None, route, {"failure": kind.value, "error": detail})
+        await self.finish(owned, outcome, None, route, {"failure": kind.value, "error": detail})
         error: UpstreamError
         if kind is FailureKind.CONNECT:
             error = UpstreamUnreachable(f"The request was not sent: {detail}. Retry with the same key.")
@@ -322,7 +251,7 @@ class ProxyHandler:
         error.extensions["operation"] = owned.op_id
         raise error
 
-    async def _finish(
+    async def finish(
         self,
         owned: OperationRecord,
         outcome: Outcome,
@@ -347,16 +276,16 @@ class ProxyHandler:
 
     # -- calls that bypass the ledger ----------------------------------------------------
 
-    async def _passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
+    async def passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
         data = request.get(READ_BODY, request.content if request.body_exists else None)
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
         if data is request.content and request.content_length is None:
             # Chunked: no length to check up front, so it is read (within max_body) before sending.
-            data = await _read_body(request, route.max_body)
+            data = await read_body(request, route.max_body)
         return await self._stream(request, route, target, data)
 
-    async def _forward_unrecorded(
+    async def forward_unrecorded(
         self, request: web.Request, route: RouteConfig, target: Target, body: bytes
     ) -> web.StreamResponse:
         return await self._stream(request, route, target, body)
@@ -364,18 +293,18 @@ class ProxyHandler:
     async def _stream(self, request: web.Request, route: RouteConfig, target: Target, data: Any) -> web.StreamResponse:
         url = upstream_url(route, target)
         try:
-            with _upstream_timer(request, route):
+            with upstream_timer(request, route):
                 return await self._relay_stream(request, route, url, data)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
-            raise _unrecorded_failure(exc) from exc
+            raise unrecorded_failure(exc) from exc
 
     async def _relay_stream(self, request: web.Request, route: RouteConfig, url: URL, data: Any) -> web.StreamResponse:
         async with self.forwarder.request(
-            route, request.method, url, with_injected(self._upstream_headers(request), route.upstream_headers), data
+            route, request.method, url, with_injected(self.upstream_headers(request), route.upstream_headers), data
         ) as upstream:
             length = upstream.content_length
-            if length is not None and length <= _CHUNK and request.method != "HEAD":
+            if length is not None and length <= CHUNK and request.method != "HEAD":
                 # A small body is read whole and sent with the headers in one write.
                 try:
                     body = await upstream.read()
@@ -394,215 +323,19 @@ class ProxyHandler:
             )
             try:
                 await response.prepare(request)
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                async for chunk in upstream.content.iter_chunked(CHUNK):
                     await response.write(chunk)
                 await response.write_eof()
             except ConnectionError:
                 return response  # the caller hung up; nothing was recorded, nothing to do
             except (aiohttp.ClientError, TimeoutError):
-                _abort(request)  # a truncated body must not look complete
+                abort(request)  # a truncated body must not look complete
             return response
 
-    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) else None
         drop = CREDENTIAL_HEADERS if IDENTITY in request else ()
         return upstream_request_headers(
             request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host, drop=drop
         )
-
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Relayed:
-    response: web.StreamResponse
-    stored: StoredResponse | None  # None when the body was interrupted
-    failed: FailureKind | None = None
-
-
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str) -> _Relayed:
-    """Read the upstream's answer for the first caller and for the ledger.
-
-    Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
-    is streamed to the first caller and only its size and hash are kept.
-    """
-    digest = hashlib.sha256()
-    buffered = bytearray()
-    size = 0
-    streaming: web.StreamResponse | None = None
-    try:
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            if streaming is not None:
-                await _write_quietly(streaming, chunk)
-                continue
-            buffered += chunk
-            if len(buffered) > max_stored:
-                streaming = web.StreamResponse(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=client_response_headers(upstream.headers, keep_length=True),
-                )
-                streaming.headers[OPERATION_HEADER] = op_id
-                await streaming.prepare(request)
-                await _write_quietly(streaming, bytes(buffered))
-                buffered = bytearray()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        if streaming is None:
-            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
-        _abort(request)
-        return _Relayed(streaming, None, failure_kind(exc))
-    stored = StoredResponse(
-        status=upstream.status,
-        headers=storable_response_headers(upstream.headers),
-        body=bytes(buffered) if streaming is None else None,
-        body_size=size,
-        body_sha256=digest.hexdigest(),
-    )
-    if streaming is not None:
-        await _write_eof_quietly(streaming)
-        return _Relayed(streaming, stored)
-    response = web.Response(
-        status=upstream.status,
-        reason=upstream.reason,
-        body=stored.body,
-        headers=client_response_headers(upstream.headers, keep_length=False),
-    )
-    response.headers[OPERATION_HEADER] = op_id
-    return _Relayed(response, stored)
-
-
-async def _write_quietly(response: web.StreamResponse, chunk: bytes) -> None:
-    # The first caller may hang up; the ledger still needs the whole body's hash.
-    with contextlib.suppress(ConnectionError):
-        await response.write(chunk)
-
-
-async def _write_eof_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
-
-
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.close()
-
-
-def _answer(answered: Answered, route: RouteConfig, observation: Observation) -> web.Response:
-    """The response for a request that must not be forwarded."""
-    record = answered.record
-    action = answered.action
-    if action is Action.REPLAY:
-        if answered.reconciled:
-            observation.decision = "reconciled_found"
-        else:
-            observation.decision = "waited_replayed" if answered.waited else "replayed"
-        stored = record.response
-        assert stored is not None
-        assert stored.body is not None
-        response = web.Response(status=stored.status, body=stored.body, headers=stored.headers)
-        response.headers[REPLAYED_HEADER] = "true"
-        if record.reconciled:
-            response.headers[RECONCILED_HEADER] = "true"
-        response.headers[OPERATION_HEADER] = record.op_id
-        return response
-    raise _problem_for(action, record, route)
-
-
-def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) -> ProblemError:
-    facts: dict[str, Any] = {
-        "operation": record.op_id,
-        "state": record.state.value,
-        "attempt": record.attempt,
-    }
-    match action:
-        case Action.MISMATCH:
-            return FingerprintMismatch(
-                "This idempotency key was first used for a different request (method, path, query, "
-                "headers or body differ). Use a new key for a new request.",
-                **facts,
-            )
-        case Action.WAIT:
-            return InFlight(
-                f"An earlier request with this key is still in flight after waiting {route.wait_s:g}s. "
-                "Retry later with the same key to get its outcome.",
-                headers={"Retry-After": "1"},
-                **facts,
-            )
-        case Action.UNKNOWN:
-            retry_in_s = max(1, -(-(record.next_probe_ms - int(time.time() * 1000)) // 1000))
-            return OutcomeUnknown(
-                "An earlier attempt was sent but its outcome is unknown "
-                f"({record.retry_class or 'lease expired'}); it will not be forwarded again until "
-                "the outcome is established. Retry later with the same key, or ask an operator to resolve it.",
-                headers={"Retry-After": str(retry_in_s)},
-                retry_class=record.retry_class,
-                probes=record.probes,
-                **facts,
-            )
-        case Action.NEEDS_ATTENTION:
-            return NeedsAttention(
-                "The outcome of this operation could not be established automatically; an operator "
-                f"must resolve it (`idemproxy ops resolve {record.op_id} --done|--not-done`) before it "
-                "can be answered or retried.",
-                retry_class=record.retry_class,
-                probes=record.probes,
-                **facts,
-            )
-        case Action.NOT_STORED:
-            stored = record.response
-            return ResponseNotStored(
-                "The operation completed, but its response body exceeded the route's "
-                "max_stored_response and was not kept; it will not be forwarded again.",
-                original_status=stored.status if stored else None,
-                body_size=stored.body_size if stored else None,
-                body_sha256=stored.body_sha256 if stored else None,
-                **facts,
-            )
-        case Action.EXHAUSTED:
-            return AttemptsExhausted(
-                f"All {route.max_attempts} attempts of this operation were used up without a definitive answer.",
-                max_attempts=route.max_attempts,
-                **facts,
-            )
-    raise AssertionError(f"no problem for {action}")
-
-
-@contextlib.contextmanager
-def _upstream_timer(request: web.Request, route: RouteConfig) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        elapsed = time.perf_counter() - started
-        request[OBSERVATION].upstream_s = elapsed
-        metrics.upstream_seconds(route.name, request.method).observe(elapsed)
-
-
-def _unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
-    if exc.kind is FailureKind.CONNECT:
-        return UpstreamUnreachable(f"The request was not sent: {exc.detail}.")
-    if exc.kind is FailureKind.TIMEOUT:
-        return UpstreamTimeout("The upstream did not answer in time.")
-    return UpstreamConnectionLost(f"The upstream connection was lost: {exc.detail}.")
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or 413 before anything is recorded."""
-    too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    if READ_BODY in request:  # authentication read it to check a signature
-        read = request[READ_BODY]
-        if len(read) > limit:
-            raise too_large
-        return read
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

@@ -60,25 +60,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from idemproxy import metrics
+from idemproxy.answers import OPERATION_HEADER, answer
 from idemproxy.auth import IDENTITY
 from idemproxy.config import KeyMode, RouteConfig
 from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
 from idemproxy.errors import LeaseLost, MissingKey, ProblemError
 from idemproxy.fingerprint import validate_key
 from idemproxy.forwarder import NotSent, UpstreamFailed, failure_kind
-from idemproxy.handler import (
-    ANONYMOUS,
-    OPERATION_HEADER,
-    ProxyHandler,
-    _abort,
-    _answer,
-    _decide,
-    _read_body,
-    _relay,
-    _upstream_timer,
-    _write_eof_quietly,
-    _write_quietly,
-)
+from idemproxy.handler import ANONYMOUS, ProxyHandler
 from idemproxy.headers import client_response_headers, with_injected
 from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
@@ -104,7 +93,9 @@ from idemproxy.mcp_messages import (
     with_id,
 )
 from idemproxy.observe import OBSERVATION, Observation
+from idemproxy.problems import record_decision
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.relay import abort, read_body, relay, upstream_timer, write_eof_quietly, write_quietly
 from idemproxy.routes import Target, upstream_url
 from idemproxy.sse import SseEvent, SseParser
 from idemproxy.tool_keys import tool_call_key
@@ -133,8 +124,8 @@ async def handle_mcp(
     try:
         if request.method != "POST":
             observation.decision = "passthrough"
-            return await proxy._passthrough(request, route, target)
-        body = await _read_body(request, route.max_body)
+            return await proxy.passthrough(request, route, target)
+        body = await read_body(request, route.max_body)
         parsed = parse_messages(body)
         if isinstance(parsed, list):  # a batch (protocol 2025-03-26 only)
             if any(recorded_call(message, route.mcp) for message in parsed):
@@ -143,21 +134,21 @@ async def handle_mcp(
                     "Invalid request: a batch must not carry a tools/call idemproxy records; send it on its own.",
                 )
             observation.decision = "passthrough"
-            return await proxy._forward_unrecorded(request, route, target, body)
+            return await proxy.forward_unrecorded(request, route, target, body)
         request_id = parsed.id if parsed.method is not None else None
         check_mirrored_headers(request.headers, parsed)
         call = recorded_call(parsed, route.mcp)
         if call is None:
             observation.decision = "passthrough"
-            return await proxy._forward_unrecorded(request, route, target, body)
+            return await proxy.forward_unrecorded(request, route, target, body)
         observation.side_effecting = True
         return await _tool_call(proxy, request, route, target, body, call, observation)
     except JsonRpcError as exc:
-        _decide(request, "rejected")
+        record_decision(request, "rejected")
         return web.Response(status=exc.status, body=exc.to_json(), content_type=JSON)
     except ProblemError as exc:
         # Answering a request whose id is known with 200 hands the error to the waiting call.
-        _decide(request, exc.decision)
+        record_decision(request, exc.decision)
         status = 200 if request_id is not None else exc.status
         return _error_response(status, request_id, problem_error(exc), exc.headers)
 
@@ -186,7 +177,7 @@ async def _tool_call(
         if route.key_mode is KeyMode.OPTIONAL:
             await proxy.charge_unrecorded(request, route, caller, task)
             observation.decision = "unrecorded"
-            return await proxy._forward_unrecorded(request, route, target, body)
+            return await proxy.forward_unrecorded(request, route, target, body)
         key = tool_call_key(task or "", call.name, call.arguments)
     else:
         validate_key(key)
@@ -198,7 +189,7 @@ async def _tool_call(
         return begun
     observation.attempt = begun.record.attempt
     if isinstance(begun, Answered):
-        return _replay(request, _answer(begun, route, observation), call)
+        return _replay(request, answer(begun, route, observation), call)
     observation.decision = "forwarded"
     return await _forward(proxy, request, route, target, body, call, begun.record, upstream_headers)
 
@@ -231,7 +222,7 @@ async def _forward(
 ) -> web.StreamResponse:
     op_id = owned.op_id
     try:
-        with _upstream_timer(request, route):
+        with upstream_timer(request, route):
             async with proxy.forwarder.request(
                 route,
                 request.method,
@@ -243,10 +234,10 @@ async def _forward(
                 answer = await _relay_call(request, upstream, call, route, op_id)
     except UpstreamFailed as exc:
         metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
-        return await proxy._record_failure(route, owned, exc.kind, exc.detail)
+        return await proxy.record_failure(route, owned, exc.kind, exc.detail)
     except NotSent as exc:
         # Paused past the lease before anything was sent: release it if it is still ours.
-        await proxy._finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
+        await proxy.finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
         raise LeaseLost(
             "This proxy's claim on the operation ran out before the call was sent; it was not sent. "
             "Retry with the same key.",
@@ -255,11 +246,11 @@ async def _forward(
         ) from exc
     except asyncio.CancelledError:
         await asyncio.shield(
-            proxy._finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
+            proxy.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
         )
         raise
     # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
-    await asyncio.shield(proxy._finish(owned, answer.outcome, answer.stored, route, answer.detail))
+    await asyncio.shield(proxy.finish(owned, answer.outcome, answer.stored, route, answer.detail))
     return answer.response
 
 
@@ -285,7 +276,7 @@ async def _relay_call(
     content_type = media_type(upstream.headers)
     if by_status is None and content_type == SSE:
         return await _relay_stream(request, upstream, call, route, op_id)
-    relayed = await _relay(request, upstream, route.max_stored_response, op_id)
+    relayed = await relay(request, upstream, route.max_stored_response, op_id)
     detail: dict[str, object] = {"status": upstream.status}
     if relayed.stored is None:  # the body broke off after streaming began
         kind = relayed.failed or FailureKind.CONNECTION_LOST
@@ -318,7 +309,7 @@ async def _relay_stream(
     detail: dict[str, object] = {"status": upstream.status, "streamed": True}
     try:
         async for chunk in upstream.content.iter_any():
-            await _write_quietly(response, chunk)
+            await write_quietly(response, chunk)
             for event in parser.feed(chunk):
                 if event.data is None:
                     oversize = oversize or event
@@ -327,10 +318,10 @@ async def _relay_stream(
                     stored = _stored(event.data, event.size, event.sha256)
                     return _Answer(response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
     except (aiohttp.ClientError, TimeoutError) as exc:  # cut off before the answer
-        _abort(request)
+        abort(request)
         kind = failure_kind(exc)
         return _Answer(response, classify_failure(kind), None, {**detail, "failure": kind.value})
-    await _write_eof_quietly(response)
+    await write_eof_quietly(response)
     if oversize is not None:
         # An event too large to read was, in all likelihood, the response.
         stored = _stored(None, oversize.size, oversize.sha256)

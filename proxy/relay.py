@@ -1,0 +1,147 @@
+"""Bodies in transit: the caller's, read whole within a limit, and the tool's answer, for the first caller and the ledger."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from idemproxy import metrics
+from idemproxy.answers import OPERATION_HEADER
+from idemproxy.auth import READ_BODY
+from idemproxy.config import RouteConfig
+from idemproxy.decisions import FailureKind
+from idemproxy.errors import (
+    BodyTooLarge,
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from idemproxy.forwarder import UpstreamFailed, failure_kind
+from idemproxy.headers import (
+    client_response_headers,
+    storable_response_headers,
+)
+from idemproxy.observe import OBSERVATION
+from idemproxy.records import StoredResponse
+
+CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Relayed:
+    response: web.StreamResponse
+    stored: StoredResponse | None  # None when the body was interrupted
+    failed: FailureKind | None = None
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str) -> Relayed:
+    """Read the upstream's answer for the first caller and for the ledger.
+
+    Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
+    is streamed to the first caller and only its size and hash are kept.
+    """
+    digest = hashlib.sha256()
+    buffered = bytearray()
+    size = 0
+    streaming: web.StreamResponse | None = None
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if streaming is not None:
+                await write_quietly(streaming, chunk)
+                continue
+            buffered += chunk
+            if len(buffered) > max_stored:
+                streaming = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=client_response_headers(upstream.headers, keep_length=True),
+                )
+                streaming.headers[OPERATION_HEADER] = op_id
+                await streaming.prepare(request)
+                await write_quietly(streaming, bytes(buffered))
+                buffered = bytearray()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if streaming is None:
+            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+        abort(request)
+        return Relayed(streaming, None, failure_kind(exc))
+    stored = StoredResponse(
+        status=upstream.status,
+        headers=storable_response_headers(upstream.headers),
+        body=bytes(buffered) if streaming is None else None,
+        body_size=size,
+        body_sha256=digest.hexdigest(),
+    )
+    if streaming is not None:
+        await write_eof_quietly(streaming)
+        return Relayed(streaming, stored)
+    response = web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        body=stored.body,
+        headers=client_response_headers(upstream.headers, keep_length=False),
+    )
+    response.headers[OPERATION_HEADER] = op_id
+    return Relayed(response, stored)
+
+
+async def write_quietly(response: web.StreamResponse, chunk: bytes) -> None:
+    # The first caller may hang up; the ledger still needs the whole body's hash.
+    with contextlib.suppress(ConnectionError):
+        await response.write(chunk)
+
+
+async def write_eof_quietly(response: web.StreamResponse) -> None:
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+
+
+def abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+@contextlib.contextmanager
+def upstream_timer(request: web.Request, route: RouteConfig) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        request[OBSERVATION].upstream_s = elapsed
+        metrics.upstream_seconds(route.name, request.method).observe(elapsed)
+
+
+def unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
+    if exc.kind is FailureKind.CONNECT:
+        return UpstreamUnreachable(f"The request was not sent: {exc.detail}.")
+    if exc.kind is FailureKind.TIMEOUT:
+        return UpstreamTimeout("The upstream did not answer in time.")
+    return UpstreamConnectionLost(f"The upstream connection was lost: {exc.detail}.")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 before anything is recorded."""
+    too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    if READ_BODY in request:  # authentication read it to check a signature
+        read = request[READ_BODY]
+        if len(read) > limit:
+            raise too_large
+        return read
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
