@@ -24,19 +24,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, SSLConnection, UnixDomainSocketConnection
-from redis.asyncio.connection import parse_url as parse_redis_url
-from redis.asyncio.retry import Retry
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
@@ -53,15 +47,13 @@ from idemproxy.store.base import (
     Transition,
     matches,
 )
+from idemproxy.store.redis_clients import Client, NodeClient, open_clients
 from idemproxy.store.redis_mux import (
-    Endpoint,
-    Locate,
-    Login,
     RedisConnectionError,
     RedisMux,
     RedisReplyError,
-    locate_fixed,
 )
+from idemproxy.store.redis_pubsub import ChangeFeed
 from idemproxy.store.redis_schema import (
     CHARGE,
     INDEXED_STATES,
@@ -72,50 +64,15 @@ from idemproxy.store.redis_schema import (
     UNRESERVE,
     RedisKeys,
 )
-from idemproxy.store.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_RECONNECT_DELAY_S = 0.5
-#: How long a new subscription waits for the server's confirmation before its
-#: waiter goes on without it (and polls).
-_CONFIRM_TIMEOUT_S = 0.5
 #: Sentinel: how often the sentinels are asked which node is the master.
 _MASTER_CHECK_S = 0.5
 #: How long a reservation released for want of replica acknowledgments is kept
 #: (the default route retention): its fingerprint and evidence stay visible.
 _NOT_DURABLE_TTL_S = 86400.0
-
-Client = aioredis.Redis | RedisCluster
-NodeClient = Callable[[Address], aioredis.Redis]
-
-
-def _retry() -> Retry:
-    # Both scripts recognise a retried call by its owner, so retrying after a
-    # lost reply never creates or applies anything twice.
-    return Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2)
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
-    """A Sentinel-managed pool that waits for a free connection, as the plain client's pool does."""
-
-
-class _Sentinel(Sentinel):
-    """One master lookup at a time.
-
-    redis-py's ``discover_master`` moves the sentinel that answered to the front
-    of its list by index across an ``await``; concurrent lookups (every new
-    connection makes one, and a failover makes many) then duplicate one
-    sentinel in the list and drop another, with its open connections."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._lookup = asyncio.Lock()
-
-    async def discover_master(self, service_name: str) -> Any:
-        async with self._lookup:
-            return await super().discover_master(service_name)
 
 
 class RedisStore(Store):
@@ -153,8 +110,6 @@ class RedisStore(Store):
         self._sentinel = sentinel
         self._master_name = master_name
         self._master_watch: asyncio.Task[None] | None = None
-        self._master_moved = False
-        self._node_client = node_client
         # The cluster client fails (instead of waiting) when a node's pool is
         # exhausted; a store call holds at most one connection per node.
         self._gate = asyncio.Semaphore(max_connections) if isinstance(client, RedisCluster) else None
@@ -163,14 +118,9 @@ class RedisStore(Store):
         self._transition = client.register_script(TRANSITION)
         self._renew = client.register_script(RENEW)
         self._note = client.register_script(NOTE)
-        self._pubsub: PubSub | None = None
-        self._pubsub_client: aioredis.Redis | None = None  # cluster: the node connection's client
-        self._pubsub_turn = random.randrange(1 << 16)  # spread processes' listeners over the nodes
-        self._pubsub_lock = asyncio.Lock()  # one connect/subscribe at a time
-        self._keepalive_subscribed = False
-        #: Subscriptions waiting for the server's confirmation, by channel.
-        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._feed = ChangeFeed(
+            client, self.keys, node_client=node_client, watched=lambda: self._watchers, notify=self._notify_local
+        )
         self._closed = False
 
     @classmethod
@@ -185,70 +135,19 @@ class RedisStore(Store):
         replica_ack_timeout_s: float = 1.0,
     ) -> RedisStore:
         """A store for ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://`` (``redis_urls``)."""
-        timeouts: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s}
-        options: dict[str, Any] = {
-            **timeouts,
-            "retry": _retry(),
-            "health_check_interval": 30,
-            "protocol": 2,  # RESP2 works with every Redis 5+ and managed service
-        }
-        common: dict[str, Any] = {
-            "key_prefix": key_prefix,
-            "min_replicas_ack": min_replicas_ack,
-            "replica_ack_timeout_s": replica_ack_timeout_s,
-            "max_connections": max_connections,
-            "socket_timeout_s": socket_timeout_s,
-        }
-        if not is_topology_url(url):
-            # Requests beyond the pool wait for a connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=socket_timeout_s, **options
-            )
-            return cls(aioredis.Redis.from_pool(pool), mux=_plain_mux(url, socket_timeout_s), **common)
-        parsed = parse_topology_url(url)
-        auth: dict[str, Any] = {"username": parsed.username, "password": parsed.password, "ssl": parsed.tls}
-        if isinstance(parsed, SentinelUrl):
-            sentinel = _Sentinel(
-                [(address.host, address.port) for address in parsed.sentinels],
-                # No retries: a sentinel that does not answer is skipped for the next one
-                # (redis-py's default would back off for seconds first).
-                sentinel_kwargs={
-                    **timeouts,
-                    "retry": Retry(NoBackoff(), retries=0),
-                    "password": parsed.sentinel_password,
-                    "ssl": parsed.tls,
-                },
-            )
-            client = sentinel.master_for(
-                parsed.master_name,
-                connection_pool_class=_BlockingSentinelPool,
-                db=parsed.db,
-                max_connections=max_connections,
-                timeout=socket_timeout_s,
-                **auth,
-                **options,
-            )
-            mux = None
-            if not parsed.tls:
-
-                async def locate_master() -> Endpoint:
-                    host, port = await sentinel.discover_master(parsed.master_name)
-                    return Endpoint(host=host, port=int(port))
-
-                login = Login(parsed.username, parsed.password, parsed.db)
-                mux = RedisMux(locate_master, login, timeout_s=socket_timeout_s)
-            return cls(client, sentinel=sentinel, master_name=parsed.master_name, mux=mux, **common)
-
-        def node_client(address: Address) -> aioredis.Redis:
-            return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
-
-        cluster = RedisCluster(
-            startup_nodes=[ClusterNode(address.host, address.port) for address in parsed.nodes],
+        clients = open_clients(url, socket_timeout_s=socket_timeout_s, max_connections=max_connections)
+        return cls(
+            clients.client,
+            key_prefix=key_prefix,
+            min_replicas_ack=min_replicas_ack,
+            replica_ack_timeout_s=replica_ack_timeout_s,
+            node_client=clients.node_client,
             max_connections=max_connections,
-            **auth,
-            **options,
+            socket_timeout_s=socket_timeout_s,
+            sentinel=clients.sentinel,
+            master_name=clients.master_name,
+            mux=clients.mux,
         )
-        return cls(cluster, node_client=node_client, **common)
 
     async def start(self) -> None:
         if isinstance(self._redis, RedisCluster):
@@ -256,12 +155,7 @@ class RedisStore(Store):
                 await self._redis.initialize()  # learn the nodes, for the pub/sub connection
             except (RedisError, OSError) as exc:
                 log.warning("redis cluster unreachable at start; will retry", extra={"error": str(exc)})
-        self._pubsub = self._new_pubsub()
-        # Connect before anyone can subscribe: redis-py's PubSub does not guard
-        # against two concurrent first connects, and a subscription made on
-        # the losing connection would never be read.
-        await self._subscribe_keepalive()
-        self._listener = asyncio.create_task(self._listen(), name="idemproxy-redis-pubsub")
+        await self._feed.start()
         if self._sentinel is not None:
             self._master_watch = asyncio.create_task(self._follow_master(), name="idemproxy-redis-sentinel")
 
@@ -269,12 +163,11 @@ class RedisStore(Store):
         if self._closed:
             return
         self._closed = True
-        for task in (self._listener, self._master_watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                    await task
-        await self._close_pubsub()
+        if self._master_watch is not None:
+            self._master_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._master_watch
+        await self._feed.close()
         if self._mux is not None:
             await self._mux.close()
         # Each step on its own: a connection that fails to close must not keep the rest open.
@@ -558,131 +451,14 @@ class RedisStore(Store):
                     log.exception("could not move the connections to the new master")
                 if self._mux is not None:
                     self._mux.reconnect()
-                self._master_moved = True  # the listener moves its connection between two reads
+                self._feed.follow_master()
             known = master
 
-    async def _reconnect_pubsub(self) -> None:
-        """Sentinel: move the pub/sub connection to the new master, then let
-        waiters re-read what they may have missed meanwhile."""
-        assert self._pubsub is not None
-        try:
-            async with self._pubsub_lock:
-                connection: AbstractConnection | None = self._pubsub.connection
-                if connection is not None:
-                    await connection.disconnect()
-                    await connection.connect()  # type: ignore[no-untyped-call]  # asks the sentinels, resubscribes
-        except (RedisError, OSError) as exc:
-            log.warning("pub/sub could not follow the new master yet", extra={"error": str(exc)})
-        for op_id in list(self._watchers):
-            self._notify_local(op_id)
-
-    # -- notifications -----------------------------------------------------------------
-
-    def _new_pubsub(self) -> PubSub:
-        if self._node_client is None:
-            return self._redis.pubsub()  # the listener wants subscribe confirmations
-        assert isinstance(self._redis, RedisCluster)
-        # Any node will do: a PUBLISH reaches every node of the cluster.
-        nodes = self._redis.get_nodes() or list(self._redis.nodes_manager.startup_nodes.values())
-        node = nodes[self._pubsub_turn % len(nodes)]
-        self._pubsub_turn += 1
-        self._pubsub_client = self._node_client(Address(node.host, int(node.port)))
-        return self._pubsub_client.pubsub()
-
-    async def _close_pubsub(self) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        if self._pubsub_client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub_client.aclose()
-
-    async def _move_pubsub(self) -> None:
-        """Cluster: listen on the next node; its first subscription brings the watched channels along."""
-        async with self._pubsub_lock:
-            await self._close_pubsub()
-            self._pubsub = self._new_pubsub()
-            self._keepalive_subscribed = False
-
-    async def _subscribe_keepalive(self) -> None:
-        """A permanent subscription keeps the connection in pub/sub mode while
-        no operation is being waited for."""
-        assert self._pubsub is not None
-        try:
-            async with self._pubsub_lock:
-                # After a move to another node, the watched channels too.
-                channels = [self.keys.channel(op_id) for op_id in self._watchers]
-                await self._pubsub.subscribe(self.keys.keepalive_channel(), *channels)
-            self._keepalive_subscribed = True
-        except (RedisError, OSError) as exc:
-            log.warning("pub/sub unavailable; waiters will poll until it connects", extra={"error": str(exc)})
-
     async def _subscribe(self, op_id: str) -> None:
-        """Subscribe, and wait (briefly) until the server confirms it.
-
-        Until then a change published through another connection can be
-        processed first and its notification missed: Redis orders commands per
-        connection only, and the waiter reads the record right after this."""
-        if self._pubsub is None:
-            return
-        channel = self.keys.channel(op_id)
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirmations[channel.encode()] = confirmed
-        try:
-            async with self._pubsub_lock:
-                await self._pubsub.subscribe(channel)
-            async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
-                await confirmed
-        except TimeoutError:
-            log.warning("pub/sub subscription not confirmed in time; waiters will poll", extra={"op": op_id})
-        except Exception as exc:  # a waiter must never fail because of pub/sub
-            # Also RuntimeError: while the listener reconnects, redis-py lets two
-            # coroutines read the one pub/sub connection. Waiters fall back to polling.
-            log.warning("pub/sub subscribe failed, waiters will poll", extra={"error": repr(exc)})
-        finally:
-            del self._confirmations[channel.encode()]
+        await self._feed.subscribe(op_id)
 
     async def _unsubscribe(self, op_id: str) -> None:
-        if self._pubsub is None:
-            return
-        try:
-            async with self._pubsub_lock:
-                await self._pubsub.unsubscribe(self.keys.channel(op_id))
-        except Exception as exc:  # see _subscribe; a stray subscription is harmless
-            log.warning("pub/sub unsubscribe failed", extra={"error": repr(exc)})
-
-    async def _listen(self) -> None:
-        assert self._pubsub is not None
-        prefix = self.keys.channel_prefix.encode()
-        while not self._closed:
-            if self._master_moved:
-                self._master_moved = False
-                await self._reconnect_pubsub()
-            if not self._keepalive_subscribed:
-                await self._subscribe_keepalive()
-                if not self._keepalive_subscribed:
-                    await asyncio.sleep(_RECONNECT_DELAY_S)
-                    continue
-            try:
-                # A bounded read rather than listen(): redis-py's blocking read
-                # does not end promptly when its task is cancelled.
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost, reconnecting", extra={"error": str(exc)})
-                for op_id in list(self._watchers):
-                    self._notify_local(op_id)  # let waiters re-read rather than miss a change
-                if self._node_client is not None:
-                    await self._move_pubsub()  # the node may be gone for good (a cluster failover)
-                await asyncio.sleep(_RECONNECT_DELAY_S)
-                continue
-            if message is not None and message["type"] == "subscribe":
-                confirmed = self._confirmations.get(message["channel"])
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
-            elif message is not None and message["type"] == "message":
-                channel: bytes = message["channel"]
-                if channel.startswith(prefix):
-                    self._notify_local(channel[len(prefix) :].decode())
+        await self._feed.unsubscribe(op_id)
 
     # -- error mapping -----------------------------------------------------------------
 
@@ -771,21 +547,6 @@ class RedisStore(Store):
         if deleted:
             self._notify_local(op_id)
         return deleted
-
-
-def _plain_mux(url: str, timeout_s: float) -> RedisMux | None:
-    """The multiplexed connection for a ``redis://`` or ``unix://`` URL
-    (``rediss://`` stays on redis-py's pooled TLS connections)."""
-    options: dict[str, Any] = dict(parse_redis_url(url))
-    connection_class = options.get("connection_class")
-    if connection_class is SSLConnection:
-        return None
-    if connection_class is UnixDomainSocketConnection:
-        locate: Locate = locate_fixed(Endpoint(unix_path=options["path"]))
-    else:
-        locate = locate_fixed(Endpoint(host=options.get("host", "localhost"), port=options.get("port", 6379)))
-    login = Login(options.get("username"), options.get("password"), int(options.get("db", 0)))
-    return RedisMux(locate, login, timeout_s=timeout_s)
 
 
 def _text(value: bytes | str) -> str:
