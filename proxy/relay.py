@@ -1,4 +1,5 @@
-"""Bodies in transit: the caller's, read whole within a limit, and the tool's answer, for the first caller and the ledger."""
+"""Bodies in transit: the caller's, read whole within a limit, and the tool's
+answer, relayed to the first caller and kept for the ledger."""
 
 from __future__ import annotations
 
