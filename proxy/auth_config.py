@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from idemproxy.budget_config import BudgetOverride, read_override
 from idemproxy.convert import kind, positive_duration
+from idemproxy.key_paths import Problems
 
 MIN_HMAC_KEY_BYTES = 16
 _TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -102,39 +102,6 @@ def resolve_secret(value: Any, *, literal_ok: bool = True) -> str:
     raise ValueError("secrets must be referenced as 'env:NAME' or 'file:PATH', never written in the configuration")
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self._path: list[str] = []
-
-    def fail(self, key: str | None, message: str) -> None:
-        path = ".".join([*self._path, key] if key is not None else self._path) or "(top level)"
-        self.problems.append(f"{path.replace('.[', '[')}: {message}")
-
-    @contextmanager
-    def at(self, key: str) -> Iterator[None]:
-        self._path.append(key)
-        try:
-            yield
-        finally:
-            self._path.pop()
-
-    def mapping(self, raw: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
-        if not isinstance(raw, dict):
-            self.fail(None, f"expected a mapping, got {kind(raw)}")
-            return None
-        for key in raw:
-            if key not in allowed:
-                self.fail(str(key), f"unknown key; expected one of {', '.join(sorted(allowed))}")
-        return raw
-
-    def strings(self, raw: Any, key: str) -> list[str] | None:
-        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
-            self.fail(key, f"expected a list of strings, got {kind(raw)}")
-            return None
-        return raw
-
-
 _AUTH_KEYS = frozenset({"identities", "identities_file", "max_skew", "reload_check"})
 _IDENTITY_KEYS = frozenset({"name", "tokens", "hmac_keys", "scopes", "ops", "budgets"})
 _SCOPE_KEYS = frozenset({"routes", "methods"})
@@ -142,7 +109,7 @@ _SCOPE_KEYS = frozenset({"routes", "methods"})
 
 def parse_auth(raw: Any, route_names: frozenset[str]) -> tuple[AuthConfig | None, list[str]]:
     """The ``auth`` section; problems are relative key paths with a message."""
-    out = _Problems()
+    out = Problems()
     data = out.mapping(raw, _AUTH_KEYS)
     if data is None:
         return None, out.problems
@@ -189,7 +156,7 @@ def load_identities_file(path: Path, route_names: frozenset[str]) -> tuple[Ident
         raise AuthConfigError([f"{path}: cannot read the file: {exc.strerror}"]) from exc
     except yaml.YAMLError as exc:
         raise AuthConfigError([f"{path}: not valid YAML: {exc}"]) from exc
-    out = _Problems()
+    out = Problems()
     data = out.mapping(raw, frozenset({"identities"}))
     identities: tuple[Identity, ...] = ()
     if data is not None:
@@ -220,7 +187,7 @@ def merge(first: tuple[Identity, ...], second: tuple[Identity, ...]) -> tuple[Id
     return (*first, *second)
 
 
-def _identities(out: _Problems, raw: Any, route_names: frozenset[str]) -> tuple[Identity, ...]:
+def _identities(out: Problems, raw: Any, route_names: frozenset[str]) -> tuple[Identity, ...]:
     if not isinstance(raw, list):
         out.fail(None, f"expected a list of identities, got {kind(raw)}")
         return ()
@@ -234,7 +201,7 @@ def _identities(out: _Problems, raw: Any, route_names: frozenset[str]) -> tuple[
     return tuple(identities)
 
 
-def _identity(out: _Problems, raw: Any, route_names: frozenset[str]) -> Identity | None:
+def _identity(out: Problems, raw: Any, route_names: frozenset[str]) -> Identity | None:
     data = out.mapping(raw, _IDENTITY_KEYS)
     if data is None:
         return None
@@ -293,7 +260,7 @@ def _identity(out: _Problems, raw: Any, route_names: frozenset[str]) -> Identity
     return Identity(name, tuple(tokens), keys, tuple(grants), ops, budgets)
 
 
-def _grant(out: _Problems, raw: Any, route_names: frozenset[str]) -> Grant | None:
+def _grant(out: Problems, raw: Any, route_names: frozenset[str]) -> Grant | None:
     data = out.mapping(raw, _SCOPE_KEYS)
     if data is None:
         return None

@@ -11,7 +11,7 @@ Two places set them:
 
 A rate is written ``LIMIT/WINDOW``: ``100/1m`` allows 100 calls in any sliding
 minute. The readers report through the configuration's own problem collector
-(``config._Reader`` or ``auth_config._Problems``), so every bad key is named
+(``key_paths.Problems``), so every bad key is named
 with its path; ``idemproxy.budgets`` enforces what they return.
 """
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from idemproxy.convert import kind, positive_int
+from idemproxy.key_paths import Problems
 from idemproxy.units import parse_duration
 
 T = TypeVar("T")
@@ -145,16 +145,6 @@ def _or_unlimited(convert: Callable[[Any], T]) -> Callable[[Any], T | Uncapped]:
 
 
 # -- readers -------------------------------------------------------------------------------
-
-
-class Problems(Protocol):
-    """What the configuration readers share: a problem list with the current key path."""
-
-    def fail(self, key: str | None, message: str) -> None: ...
-
-    def at(self, key: str) -> AbstractContextManager[None]: ...
-
-    def mapping(self, raw: Any, allowed: frozenset[str]) -> dict[str, Any] | None: ...
 
 
 _BUDGETS_KEYS = frozenset({"identity", "task"})

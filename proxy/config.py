@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from yarl import URL
@@ -23,12 +22,11 @@ from yarl import URL
 from idemproxy.auth_config import AuthConfig, parse_auth, resolve_secret
 from idemproxy.budget_config import BudgetConfig, read_budgets
 from idemproxy.convert import boolean, kind, positive_duration, positive_int, statuses
+from idemproxy.key_paths import Problems
 from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
 from idemproxy.store.redis_urls import is_topology_url, parse_topology_url
 from idemproxy.units import parse_duration, parse_size
-
-T = TypeVar("T")
 
 DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -201,44 +199,8 @@ def parse_config(raw: Any, overrides: Overrides | None = None, source: str | Non
     return config
 
 
-class _Reader:
+class _Reader(Problems):
     """Walks the raw document, collecting every problem with its key path."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self._path: list[str] = []
-
-    # -- plumbing -----------------------------------------------------------------
-
-    def fail(self, key: str | None, message: str) -> None:
-        path = ".".join([*self._path, key] if key is not None else self._path) or "(top level)"
-        self.problems.append(f"{path.replace('.[', '[')}: {message}")
-
-    @contextmanager
-    def at(self, key: str) -> Iterator[None]:
-        self._path.append(key)
-        try:
-            yield
-        finally:
-            self._path.pop()
-
-    def mapping(self, raw: Any, allowed: frozenset[str]) -> dict[str, Any] | None:
-        if not isinstance(raw, dict):
-            self.fail(None, f"expected a mapping, got {kind(raw)}")
-            return None
-        for key in raw:
-            if key not in allowed:
-                self.fail(str(key), f"unknown key; expected one of {', '.join(sorted(allowed))}")
-        return raw
-
-    def value(self, data: Mapping[str, Any], key: str, default: T, convert: Callable[[Any], T]) -> T:
-        if key not in data:
-            return default
-        try:
-            return convert(data[key])
-        except (ValueError, TypeError) as exc:
-            self.fail(key, str(exc))
-            return default
 
     # -- document -----------------------------------------------------------------
 
