@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from types import TracebackType
+from typing import Self
 
 import aiohttp
 
@@ -46,3 +48,28 @@ class ManagedSession:
         if self.state is ClientState.OPENED and self._owned and self._session is not None:
             await self._session.close()
         self.state = ClientState.CLOSED
+
+
+class SessionClient:
+    """Open/close and ``async with`` for a client that owns a ``ManagedSession`` (``self._session``)."""
+
+    _session: ManagedSession
+
+    @property
+    def state(self) -> ClientState:
+        return self._session.state
+
+    async def open(self) -> Self:
+        await self._session.open()
+        return self
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

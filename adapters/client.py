@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from idemproxy.adapters._session import ClientState, ManagedSession
+from idemproxy.adapters._session import ManagedSession, SessionClient
 from idemproxy.adapters.context import DEFAULT_HEADERS, current_operation, operation_headers
 from idemproxy.adapters.errors import ProxyProblem, translate_client_errors
 from idemproxy.config import HeaderNames
@@ -67,7 +66,7 @@ def problem_of(status: int, headers: Mapping[str, str], body: bytes) -> ProxyPro
     return ProxyProblem(status, problem)
 
 
-class ProxyClient:
+class ProxyClient(SessionClient):
     """Sends a tool's HTTP requests to idemproxy with the current operation's key.
 
     ``base_url`` is the proxy's listener (``http://127.0.0.1:8080``); ``caller``
@@ -98,25 +97,6 @@ class ProxyClient:
         if caller is not None:
             self._headers[header_names.caller] = caller
         self._session = ManagedSession("ProxyClient", timeout, session)
-
-    @property
-    def state(self) -> ClientState:
-        return self._session.state
-
-    async def open(self) -> Self:
-        await self._session.open()
-        return self
-
-    async def close(self) -> None:
-        await self._session.close()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def url(self, path: str, params: Mapping[str, str] | None = None) -> str:
         if "://" in path:

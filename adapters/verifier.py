@@ -11,14 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import orjson
 from yarl import URL
 
-from idemproxy.adapters._session import ClientState, ManagedSession
+from idemproxy.adapters._session import ManagedSession, SessionClient
 from idemproxy.adapters.client import problem_of
 from idemproxy.adapters.errors import (
     OperationNotFound,
@@ -119,7 +118,7 @@ class ObservedOperation:
         raise AssertionError(f"no summary for {self.state}")
 
 
-class Verifier:
+class Verifier(SessionClient):
     """Reads operation records from idemproxy's admin listener (``admin_url``).
 
     ``headers`` are sent with every request (for example ``Authorization`` for
@@ -141,25 +140,6 @@ class Verifier:
         self.admin_url = str(url).rstrip("/")
         self._headers = dict(headers or {})
         self._session = ManagedSession("Verifier", timeout, session)
-
-    @property
-    def state(self) -> ClientState:
-        return self._session.state
-
-    async def open(self) -> Self:
-        await self._session.open()
-        return self
-
-    async def close(self) -> None:
-        await self._session.close()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def observe(self, op_id: str) -> ObservedOperation:
         """The operation's record as the proxy holds it now.
