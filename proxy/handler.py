@@ -38,7 +38,7 @@ from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
-from idemproxy.relay import CHUNK, abort, read_body, relay, unrecorded_failure, upstream_timer
+from idemproxy.relay import CHUNK, ReadReply, Reply, abort, read_body, relay, unrecorded_failure, upstream_timer
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
 from idemproxy.store import StoreUnavailable
 
@@ -115,7 +115,15 @@ class ProxyHandler:
             return answer(begun, route, observation)
         observation.decision = "forwarded"
         observation.attempt = begun.record.attempt
-        return await self._forward_owned(request, route, target, body, begun.record, upstream_headers)
+        return await self.forward_owned(
+            request,
+            route,
+            target,
+            body,
+            begun.record,
+            upstream_headers,
+            _http_reply(request, route, begun.record.op_id),
+        )
 
     async def begin_operation(
         self,
@@ -179,7 +187,7 @@ class ProxyHandler:
             if budget is not None:
                 await budget.charge_unrecorded(route)  # BudgetExceeded when spent
 
-    async def _forward_owned(
+    async def forward_owned(
         self,
         request: web.Request,
         route: RouteConfig,
@@ -187,21 +195,24 @@ class ProxyHandler:
         body: bytes,
         owned: OperationRecord,
         upstream_headers: CIMultiDict[str],
+        read: ReadReply,
+        *,
+        shield_record: bool = False,
     ) -> web.StreamResponse:
-        url = upstream_url(route, target)
+        """Send the attempt ``owned`` and record its outcome (HTTP and MCP routes);
+        ``read`` turns the tool's response into the caller's answer and the outcome."""
         op_id = owned.op_id
         try:
             with upstream_timer(request, route):
                 async with self.forwarder.request(
                     route,
                     request.method,
-                    url,
+                    upstream_url(route, target),
                     with_injected(upstream_headers, route.upstream_headers),
                     body,
                     guard=lambda: self.ledger.leases.still_held(op_id),
                 ) as upstream:
-                    outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
-                    relayed = await relay(request, upstream, route.max_stored_response, owned.op_id)
+                    reply = await read(upstream)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             return await self.record_failure(route, owned, exc.kind, exc.detail)
@@ -221,14 +232,9 @@ class ProxyHandler:
                 self.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
             )
             raise
-        if relayed.stored is None:
-            kind = relayed.failed or FailureKind.CONNECTION_LOST
-            await self.finish(owned, classify_failure(kind), None, route, {"failure": kind.value, "streamed": True})
-            return relayed.response
-        stored = relayed.stored
-        detail: dict[str, object] = {"status": stored.status, "size": stored.body_size}  # the digest is in the response
-        await self.finish(owned, outcome, stored, route, detail)
-        return relayed.response
+        recording = self.finish(owned, reply.outcome, reply.stored, route, reply.detail)
+        await (asyncio.shield(recording) if shield_record else recording)
+        return reply.response
 
     async def record_failure(
         self, route: RouteConfig, owned: OperationRecord, kind: FailureKind, detail: str
@@ -339,3 +345,17 @@ class ProxyHandler:
         return upstream_request_headers(
             request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host, drop=drop
         )
+
+
+def _http_reply(request: web.Request, route: RouteConfig, op_id: str) -> ReadReply:
+    async def read(upstream: aiohttp.ClientResponse) -> Reply:
+        outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
+        relayed = await relay(request, upstream, route.max_stored_response, op_id)
+        if relayed.stored is None:
+            kind = relayed.failed or FailureKind.CONNECTION_LOST
+            return Reply(relayed.response, classify_failure(kind), None, {"failure": kind.value, "streamed": True})
+        stored = relayed.stored
+        # The body's digest is in the stored response.
+        return Reply(relayed.response, outcome, stored, {"status": stored.status, "size": stored.body_size})
+
+    return read

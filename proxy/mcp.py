@@ -49,26 +49,22 @@ holds the problem+json members (``type``, ``status``, ``operation`` ...).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
-from idemproxy import metrics
 from idemproxy.answers import OPERATION_HEADER, answer
 from idemproxy.auth import IDENTITY
 from idemproxy.config import KeyMode, RouteConfig
 from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
-from idemproxy.errors import LeaseLost, MissingKey, ProblemError
+from idemproxy.errors import MissingKey, ProblemError
 from idemproxy.fingerprint import validate_key
-from idemproxy.forwarder import NotSent, UpstreamFailed, failure_kind
+from idemproxy.forwarder import failure_kind
 from idemproxy.handler import ANONYMOUS, ProxyHandler
-from idemproxy.headers import client_response_headers, with_injected
+from idemproxy.headers import client_response_headers
 from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
     INVALID_REQUEST,
@@ -94,9 +90,9 @@ from idemproxy.mcp_messages import (
 )
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.problems import record_decision
-from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredResponse
-from idemproxy.relay import abort, read_body, relay, upstream_timer, write_eof_quietly, write_quietly
-from idemproxy.routes import Target, upstream_url
+from idemproxy.records import RetryClass, Scope, State, StoredResponse
+from idemproxy.relay import Reply, abort, read_body, relay, write_eof_quietly, write_quietly
+from idemproxy.routes import Target
 from idemproxy.sse import SseEvent, SseParser
 from idemproxy.tool_keys import tool_call_key
 
@@ -191,7 +187,15 @@ async def _tool_call(
     if isinstance(begun, Answered):
         return _replay(request, answer(begun, route, observation), call)
     observation.decision = "forwarded"
-    return await _forward(proxy, request, route, target, body, call, begun.record, upstream_headers)
+    op_id = begun.record.op_id
+
+    async def read(upstream: aiohttp.ClientResponse) -> Reply:
+        return await _relay_call(request, upstream, call, route, op_id)
+
+    # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
+    return await proxy.forward_owned(
+        request, route, target, body, begun.record, upstream_headers, read, shield_record=True
+    )
 
 
 def _replay(request: web.Request, stored: web.Response, call: ToolCall) -> web.Response:
@@ -210,59 +214,7 @@ def _replay(request: web.Request, stored: web.Response, call: ToolCall) -> web.R
     return response
 
 
-async def _forward(
-    proxy: ProxyHandler,
-    request: web.Request,
-    route: RouteConfig,
-    target: Target,
-    body: bytes,
-    call: ToolCall,
-    owned: OperationRecord,
-    upstream_headers: CIMultiDict[str],
-) -> web.StreamResponse:
-    op_id = owned.op_id
-    try:
-        with upstream_timer(request, route):
-            async with proxy.forwarder.request(
-                route,
-                request.method,
-                upstream_url(route, target),
-                with_injected(upstream_headers, route.upstream_headers),
-                body,
-                guard=lambda: proxy.ledger.leases.still_held(op_id),
-            ) as upstream:
-                answer = await _relay_call(request, upstream, call, route, op_id)
-    except UpstreamFailed as exc:
-        metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
-        return await proxy.record_failure(route, owned, exc.kind, exc.detail)
-    except NotSent as exc:
-        # Paused past the lease before anything was sent: release it if it is still ours.
-        await proxy.finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
-        raise LeaseLost(
-            "This proxy's claim on the operation ran out before the call was sent; it was not sent. "
-            "Retry with the same key.",
-            headers={"Retry-After": "1"},
-            operation=op_id,
-        ) from exc
-    except asyncio.CancelledError:
-        await asyncio.shield(
-            proxy.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
-        )
-        raise
-    # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
-    await asyncio.shield(proxy.finish(owned, answer.outcome, answer.stored, route, answer.detail))
-    return answer.response
-
-
 # -- reading the server's answer --------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Answer:
-    response: web.StreamResponse  # what the first caller gets (or got, when streamed)
-    outcome: Outcome
-    stored: StoredResponse | None  # the final JSON-RPC response, kept when COMPLETED
-    detail: dict[str, object]  # evidence
 
 
 def _stored(data: bytes | None, size: int, sha256: str) -> StoredResponse:
@@ -271,7 +223,7 @@ def _stored(data: bytes | None, size: int, sha256: str) -> StoredResponse:
 
 async def _relay_call(
     request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
-) -> _Answer:
+) -> Reply:
     by_status = classify_status(upstream.status, route)
     content_type = media_type(upstream.headers)
     if by_status is None and content_type == SSE:
@@ -280,20 +232,20 @@ async def _relay_call(
     detail: dict[str, object] = {"status": upstream.status}
     if relayed.stored is None:  # the body broke off after streaming began
         kind = relayed.failed or FailureKind.CONNECTION_LOST
-        return _Answer(relayed.response, classify_failure(kind), None, {**detail, "failure": kind.value})
+        return Reply(relayed.response, classify_failure(kind), None, {**detail, "failure": kind.value})
     data = relayed.stored.body
     if by_status is not None or content_type != JSON:
-        return _Answer(relayed.response, by_status or UNKNOWN_REPLY, None, {**detail, "content_type": content_type})
+        return Reply(relayed.response, by_status or UNKNOWN_REPLY, None, {**detail, "content_type": content_type})
     stored = _stored(data, relayed.stored.body_size, relayed.stored.body_sha256)
     if data is None:  # over max_stored_response: completed, but only its size and hash are kept
-        return _Answer(relayed.response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
+        return Reply(relayed.response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
     reply = response_to(data, call.request_id)
-    return _Answer(relayed.response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
+    return Reply(relayed.response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
 
 
 async def _relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
-) -> _Answer:
+) -> Reply:
     """Stream the server's events to the first caller as they come, up to the response to
     the call (which ends the stream, MCP says); keep only that response."""
     response = web.StreamResponse(
@@ -316,14 +268,14 @@ async def _relay_stream(
                 elif (reply := response_to(event.data, call.request_id)) is not None:
                     # Recorded at once: clients hang up as soon as they have their answer.
                     stored = _stored(event.data, event.size, event.sha256)
-                    return _Answer(response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
+                    return Reply(response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
     except (aiohttp.ClientError, TimeoutError) as exc:  # cut off before the answer
         abort(request)
         kind = failure_kind(exc)
-        return _Answer(response, classify_failure(kind), None, {**detail, "failure": kind.value})
+        return Reply(response, classify_failure(kind), None, {**detail, "failure": kind.value})
     await write_eof_quietly(response)
     if oversize is not None:
         # An event too large to read was, in all likelihood, the response.
         stored = _stored(None, oversize.size, oversize.sha256)
-        return _Answer(response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
-    return _Answer(response, _NO_REPLY, None, {**detail, "jsonrpc": "none"})
+        return Reply(response, COMPLETED, stored, {**detail, "jsonrpc": "not stored"})
+    return Reply(response, _NO_REPLY, None, {**detail, "jsonrpc": "none"})

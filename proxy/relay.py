@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,7 +16,7 @@ from idemproxy import metrics
 from idemproxy.answers import OPERATION_HEADER
 from idemproxy.auth import READ_BODY
 from idemproxy.config import RouteConfig
-from idemproxy.decisions import FailureKind
+from idemproxy.decisions import FailureKind, Outcome
 from idemproxy.errors import (
     BodyTooLarge,
     UpstreamConnectionLost,
@@ -33,6 +33,19 @@ from idemproxy.observe import OBSERVATION
 from idemproxy.records import StoredResponse
 
 CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Reply:
+    """The tool's answer to a forwarded attempt, read: what the caller gets and what is recorded."""
+
+    response: web.StreamResponse  # what the first caller gets (or got, when streamed)
+    outcome: Outcome
+    stored: StoredResponse | None  # kept for replay when the outcome is COMPLETED
+    detail: dict[str, object]  # evidence
+
+
+ReadReply = Callable[[aiohttp.ClientResponse], Awaitable[Reply]]
 
 
 @dataclass(slots=True)
