@@ -99,16 +99,9 @@ def open_clients(url: str, *, socket_timeout_s: float, max_connections: int) -> 
             **auth,
             **options,
         )
-        mux = None
-        if not parsed.tls:
-
-            async def locate_master() -> Endpoint:
-                host, port = await sentinel.discover_master(parsed.master_name)
-                return Endpoint(host=host, port=int(port))
-
-            login = Login(parsed.username, parsed.password, parsed.db)
-            mux = RedisMux(locate_master, login, timeout_s=socket_timeout_s)
-        return Clients(client, mux=mux, sentinel=sentinel, master_name=parsed.master_name)
+        # No multiplexed connection yet: the failover tests once hung with it (1 run in ~30,
+        # not reproduced since), so Sentinel stays on redis-py's pool, which follows failovers.
+        return Clients(client, sentinel=sentinel, master_name=parsed.master_name)
 
     def node_client(address: Address) -> aioredis.Redis:
         return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
