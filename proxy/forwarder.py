@@ -1,18 +1,17 @@
-"""The pooled keep-alive client that talks to upstream tools.
+"""The clients that talk to upstream tools.
 
-This is the one place where aiohttp client errors are translated into what
-they prove about the attempt (``FailureKind``): nothing sent, or sent with an
-unknown outcome.
+Forwarded requests go through the lean keep-alive client
+(``idemproxy.upstream_client``), which classifies its own failures. Probes,
+resends and hooks use an aiohttp ``ClientSession`` (hooks are handed it); this
+is where its errors are translated into what they prove about the attempt
+(``FailureKind``): nothing sent, or sent with an unknown outcome.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -20,22 +19,9 @@ from yarl import URL
 
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import FailureKind
+from idemproxy.upstream_client import Body, NotSent, SendGuard, UpstreamClient, UpstreamFailed, UpstreamResponse
 
-
-class NotSent(Exception):
-    """A send guard refused: the request was never written to the tool."""
-
-
-SendGuard = Callable[[], bool]
-
-
-class UpstreamFailed(Exception):
-    """Forwarding did not produce a complete response."""
-
-    def __init__(self, kind: FailureKind, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
+__all__ = ["Fetched", "Forwarder", "NotSent", "SendGuard", "UpstreamFailed", "UpstreamResponse", "failure_kind"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,28 +29,6 @@ class Fetched:
     status: int
     headers: CIMultiDictProxy[str]
     body: bytes
-
-
-#: The guard of the request being sent from the current task.
-_SEND_GUARD: ContextVar[SendGuard | None] = ContextVar("idemproxy_send_guard", default=None)
-
-
-class _GuardedConnector(aiohttp.TCPConnector):
-    """Asks the current request's send guard once it has a connection: the
-    last moment before the request is written (connecting may have taken long)."""
-
-    async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109  (aiohttp's signature)
-        connection = await super().connect(req, traces, timeout)
-        guard = _SEND_GUARD.get()
-        if guard is not None and not guard():
-            connection.release()  # nothing was written on it: it goes back to the pool
-            raise NotSent("the send guard refused")
-        return connection
-
-
-@cache
-def _timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s, sock_read=read_s)
 
 
 def failure_kind(exc: BaseException) -> FailureKind:
@@ -77,16 +41,17 @@ def failure_kind(exc: BaseException) -> FailureKind:
 
 
 class Forwarder:
-    """Owns the upstream ``ClientSession``: open in ``start``, closed in ``close``."""
+    """Owns the upstream clients: open in ``start``, closed in ``close``."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     async def start(self) -> None:
         if self._session is not None:
             raise RuntimeError("the forwarder is already started")
         session = aiohttp.ClientSession(
-            connector=_GuardedConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
             auto_decompress=False,  # bytes pass through as the tool sent them
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -99,6 +64,7 @@ class Forwarder:
         # tests/test_forwarding.py proves the resend stays off.
         session._retry_connection = False
         self._session = session
+        self._client = UpstreamClient(keepalive_s=30.0)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -129,6 +95,9 @@ class Forwarder:
             raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -138,27 +107,31 @@ class Forwarder:
         self,
         route: RouteConfig,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
-        data: Any,
+        body: Body,
+        *,
+        length: int | None = None,
         guard: SendGuard | None = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request; errors before the response starts raise ``UpstreamFailed``.
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send one request to ``route``'s upstream; failures raise ``UpstreamFailed``.
 
+        ``target`` is the upstream request target (``routes.upstream_target``).
         ``guard`` is asked once a connection (pooled or new) is in hand, right
         before the request is written; ``False`` raises ``NotSent``."""
-        if self._session is None:
+        if self._client is None:
             raise RuntimeError("the forwarder is not started")
-        timeout = _timeout(route.connect_timeout_s, route.read_timeout_s)
-        token = _SEND_GUARD.set(guard)
-        try:
-            response = await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            _SEND_GUARD.reset(token)
+        response = await self._client.send(
+            route.upstream,
+            method,
+            target,
+            headers,
+            body,
+            length=length,
+            connect_s=route.connect_timeout_s,
+            read_s=route.read_timeout_s,
+            guard=guard,
+        )
         try:
             yield response
         finally:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from idemproxy import metrics
 from idemproxy.answers import answer
@@ -28,7 +25,7 @@ from idemproxy.errors import (
     UpstreamUnreachable,
 )
 from idemproxy.fingerprint import derive_key, fingerprint, operation_id, validate_key
-from idemproxy.forwarder import Forwarder, NotSent, UpstreamFailed, failure_kind
+from idemproxy.forwarder import Forwarder, NotSent, UpstreamFailed, UpstreamResponse
 from idemproxy.headers import (
     client_response_headers,
     upstream_request_headers,
@@ -39,8 +36,9 @@ from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
 from idemproxy.relay import CHUNK, ReadReply, Reply, abort, read_body, relay, unrecorded_failure, upstream_timer
-from idemproxy.routes import RouteTable, Target, parse_target, upstream_url
+from idemproxy.routes import RouteTable, Target, parse_target, upstream_target
 from idemproxy.store import StoreUnavailable
+from idemproxy.upstream_client import Body
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +205,7 @@ class ProxyHandler:
                 async with self.forwarder.request(
                     route,
                     request.method,
-                    upstream_url(route, target),
+                    upstream_target(route, target),
                     with_injected(upstream_headers, route.upstream_headers),
                     body,
                     guard=lambda: self.ledger.leases.still_held(op_id),
@@ -283,39 +281,42 @@ class ProxyHandler:
     # -- calls that bypass the ledger ----------------------------------------------------
 
     async def passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
-        data = request.get(READ_BODY, request.content if request.body_exists else None)
-        if request.content_length is not None and request.content_length > route.max_body:
+        length = request.content_length
+        if length is not None and length > route.max_body:
             raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
-        if data is request.content and request.content_length is None:
-            # Chunked: no length to check up front, so it is read (within max_body) before sending.
-            data = await read_body(request, route.max_body)
-        return await self._stream(request, route, target, data)
+        data: Body = request.get(READ_BODY)
+        if data is None and request.body_exists:
+            if length is None:
+                # Chunked: no length to check up front, so it is read (within max_body) before sending.
+                data = await read_body(request, route.max_body)
+            else:
+                data = request.content.iter_chunked(CHUNK)
+        return await self._stream(request, route, target, data, length)
 
     async def forward_unrecorded(
         self, request: web.Request, route: RouteConfig, target: Target, body: bytes
     ) -> web.StreamResponse:
         return await self._stream(request, route, target, body)
 
-    async def _stream(self, request: web.Request, route: RouteConfig, target: Target, data: Any) -> web.StreamResponse:
-        url = upstream_url(route, target)
+    async def _stream(
+        self, request: web.Request, route: RouteConfig, target: Target, data: Body, length: int | None = None
+    ) -> web.StreamResponse:
         try:
             with upstream_timer(request, route):
-                return await self._relay_stream(request, route, url, data)
+                return await self._relay_stream(request, route, upstream_target(route, target), data, length)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             raise unrecorded_failure(exc) from exc
 
-    async def _relay_stream(self, request: web.Request, route: RouteConfig, url: URL, data: Any) -> web.StreamResponse:
-        async with self.forwarder.request(
-            route, request.method, url, with_injected(self.upstream_headers(request), route.upstream_headers), data
-        ) as upstream:
-            length = upstream.content_length
-            if length is not None and length <= CHUNK and request.method != "HEAD":
+    async def _relay_stream(
+        self, request: web.Request, route: RouteConfig, target: str, data: Body, length: int | None
+    ) -> web.StreamResponse:
+        headers = with_injected(self.upstream_headers(request), route.upstream_headers)
+        async with self.forwarder.request(route, request.method, target, headers, data, length=length) as upstream:
+            size = upstream.content_length
+            if size is not None and size <= CHUNK and request.method != "HEAD":
                 # A small body is read whole and sent with the headers in one write.
-                try:
-                    body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+                body = await upstream.read()
                 return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
@@ -329,12 +330,12 @@ class ProxyHandler:
             )
             try:
                 await response.prepare(request)
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+                async for chunk in upstream.chunks():
                     await response.write(chunk)
                 await response.write_eof()
             except ConnectionError:
                 return response  # the caller hung up; nothing was recorded, nothing to do
-            except (aiohttp.ClientError, TimeoutError):
+            except UpstreamFailed:
                 abort(request)  # a truncated body must not look complete
             return response
 
@@ -348,7 +349,7 @@ class ProxyHandler:
 
 
 def _http_reply(request: web.Request, route: RouteConfig, op_id: str) -> ReadReply:
-    async def read(upstream: aiohttp.ClientResponse) -> Reply:
+    async def read(upstream: UpstreamResponse) -> Reply:
         outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
         relayed = await relay(request, upstream, route.max_stored_response, op_id)
         if relayed.stored is None:

@@ -53,7 +53,6 @@ import contextlib
 import logging
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from idemproxy.answers import OPERATION_HEADER, answer
@@ -62,7 +61,7 @@ from idemproxy.config import KeyMode, RouteConfig
 from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
 from idemproxy.errors import MissingKey, ProblemError
 from idemproxy.fingerprint import validate_key
-from idemproxy.forwarder import failure_kind
+from idemproxy.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.handler import ANONYMOUS, ProxyHandler
 from idemproxy.headers import client_response_headers
 from idemproxy.ledger import Answered
@@ -189,7 +188,7 @@ async def _tool_call(
     observation.decision = "forwarded"
     op_id = begun.record.op_id
 
-    async def read(upstream: aiohttp.ClientResponse) -> Reply:
+    async def read(upstream: UpstreamResponse) -> Reply:
         return await _relay_call(request, upstream, call, route, op_id)
 
     # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
@@ -222,7 +221,7 @@ def _stored(data: bytes | None, size: int, sha256: str) -> StoredResponse:
 
 
 async def _relay_call(
-    request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
+    request: web.Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
 ) -> Reply:
     by_status = classify_status(upstream.status, route)
     content_type = media_type(upstream.headers)
@@ -244,7 +243,7 @@ async def _relay_call(
 
 
 async def _relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, call: ToolCall, route: RouteConfig, op_id: str
+    request: web.Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
 ) -> Reply:
     """Stream the server's events to the first caller as they come, up to the response to
     the call (which ends the stream, MCP says); keep only that response."""
@@ -260,7 +259,7 @@ async def _relay_stream(
     oversize: SseEvent | None = None
     detail: dict[str, object] = {"status": upstream.status, "streamed": True}
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks():
             await write_quietly(response, chunk)
             for event in parser.feed(chunk):
                 if event.data is None:
@@ -269,9 +268,9 @@ async def _relay_stream(
                     # Recorded at once: clients hang up as soon as they have their answer.
                     stored = _stored(event.data, event.size, event.sha256)
                     return Reply(response, classify_reply(reply), stored, {**detail, "jsonrpc": reply_kind(reply)})
-    except (aiohttp.ClientError, TimeoutError) as exc:  # cut off before the answer
+    except UpstreamFailed as exc:  # cut off before the answer
         abort(request)
-        kind = failure_kind(exc)
+        kind = exc.kind
         return Reply(response, classify_failure(kind), None, {**detail, "failure": kind.value})
     await write_eof_quietly(response)
     if oversize is not None:

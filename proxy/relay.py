@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from idemproxy import metrics
@@ -24,7 +23,7 @@ from idemproxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from idemproxy.forwarder import UpstreamFailed, failure_kind
+from idemproxy.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.headers import (
     client_response_headers,
     storable_response_headers,
@@ -45,7 +44,7 @@ class Reply:
     detail: dict[str, object]  # evidence
 
 
-ReadReply = Callable[[aiohttp.ClientResponse], Awaitable[Reply]]
+ReadReply = Callable[[UpstreamResponse], Awaitable[Reply]]
 
 
 @dataclass(slots=True)
@@ -55,7 +54,7 @@ class Relayed:
     failed: FailureKind | None = None
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stored: int, op_id: str) -> Relayed:
+async def relay(request: web.Request, upstream: UpstreamResponse, max_stored: int, op_id: str) -> Relayed:
     """Read the upstream's answer for the first caller and for the ledger.
 
     Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
@@ -66,7 +65,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stor
     size = 0
     streaming: web.StreamResponse | None = None
     try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        async for chunk in upstream.chunks():
             digest.update(chunk)
             size += len(chunk)
             if streaming is not None:
@@ -83,11 +82,11 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, max_stor
                 await streaming.prepare(request)
                 await write_quietly(streaming, bytes(buffered))
                 buffered = bytearray()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except UpstreamFailed as exc:
         if streaming is None:
-            raise UpstreamFailed(failure_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+            raise
         abort(request)
-        return Relayed(streaming, None, failure_kind(exc))
+        return Relayed(streaming, None, exc.kind)
     stored = StoredResponse(
         status=upstream.status,
         headers=storable_response_headers(upstream.headers),

@@ -64,10 +64,14 @@ class RouteTable:
         raise NoRoute(f"No route is configured for {path!r}.")
 
 
-def upstream_url(route: RouteConfig, target: Target) -> URL:
+def upstream_target(route: RouteConfig, target: Target) -> str:
+    """The request target sent to ``route``'s upstream (``/base/path?query``, still encoded)."""
     path = target.path
     if route.strip_prefix and route.prefix != "/":
         path = path[len(route.prefix) :] or "/"
     base = route.upstream.raw_path.rstrip("/")
-    raw = f"{base}{path}" + (f"?{target.query}" if target.query else "")
-    return URL(str(route.upstream.origin()) + raw, encoded=True)
+    return f"{base}{path}?{target.query}" if target.query else f"{base}{path}"
+
+
+def upstream_url(route: RouteConfig, target: Target) -> URL:
+    return URL(str(route.upstream.origin()) + upstream_target(route, target), encoded=True)

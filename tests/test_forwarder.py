@@ -27,7 +27,7 @@ async def send(forwarder: Forwarder, upstream: Upstream, guard: object) -> int:
     async with forwarder.request(
         route(upstream),
         "POST",
-        URL(upstream.url + "/items"),
+        "/items",
         CIMultiDict(),
         b"{}",
         guard=guard,  # type: ignore[arg-type]
