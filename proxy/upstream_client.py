@@ -124,7 +124,7 @@ class UpstreamResponse:
         self._wake()
 
     def _fail(self, error: UpstreamFailed) -> None:
-        if not self._done:
+        if not self._done and self._error is None:  # the first failure is the cause; a close it forces is not
             self._error = error
             self._wake()
 
@@ -176,6 +176,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(FailureKind.CONNECTION_LOST, f"invalid response from the upstream: {exc}")
             self.close()
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: a 101 would escape as a fatal protocol error
+            self._fail(FailureKind.CONNECTION_LOST, "the upstream switched protocols")
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -183,7 +186,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None or response._done:
             return
-        if response.status and self._ends_at_close(response):
+        if exc is None and response.status and self._ends_at_close(response):
             response._finish()  # a body delimited by the end of the connection (HTTP/1.0 style)
             self._done_reading()
             return
@@ -194,9 +197,16 @@ class _Connection(asyncio.Protocol):
         self._writable = self.loop.create_future()
 
     def resume_writing(self) -> None:
+        self._last_read = self.loop.time()  # the upstream is reading the request: not silent
         self._wake_writer()
 
     # -- llhttp callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is None or response._done:
+            # A message after the answer, in the same read: it must not overwrite the answer.
+            raise ValueError("the upstream sent more than one response")
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -285,6 +295,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(chunk)
             if self._writable is not None:
                 await self._writable
+            self._last_read = self.loop.time()  # read_s bounds silence after the request, not the upload
         if chunked and not self.closed:
             self.transport.write(b"0\r\n\r\n")
 
@@ -319,15 +330,20 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # a peer that stopped reading would keep it open forever
+            else:
+                self.transport.close()
         self.closed = True
         self._stop_timer()
+        self._wake_writer()  # a request body blocked on a full buffer stops
 
     # -- internals ---------------------------------------------------------------------------
 
     def _ends_at_close(self, response: UpstreamResponse) -> bool:
-        headers = response.headers
-        return response.content_length is None and "Transfer-Encoding" not in headers
+        """No length and not chunked: the body ends with the connection (RFC 9112 §6.3)."""
+        coding = response.headers.get("Transfer-Encoding", "")
+        return response.content_length is None and "chunked" not in coding.lower()
 
     def _fail(self, kind: FailureKind, detail: str) -> None:
         error = UpstreamFailed(kind, detail)
@@ -389,14 +405,19 @@ class UpstreamClient:
         Failures raise ``UpstreamFailed``."""
         if self._closed:
             raise RuntimeError("the upstream client is closed")
+        head = _request_head(method, target, _host_header(origin), headers, body, length)  # ValueError first
         key = (origin.scheme, origin.raw_host or "", origin.port or 0)
         connection = self._take(key)
         if connection is None:
             connection = await self._connect(key, connect_s)
-        if guard is not None and not guard():
+        try:
+            refused = guard is not None and not guard()
+        except BaseException:
+            connection.close()
+            raise
+        if refused:
             self._put(connection)  # nothing was written on it
             raise NotSent("the send guard refused")
-        head = _request_head(method, target, _host_header(origin), headers, body, length)
         try:
             return await connection.exchange(
                 head,
