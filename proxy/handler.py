@@ -35,7 +35,7 @@ from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
 from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
-from idemproxy.relay import CHUNK, ReadReply, Reply, abort, read_body, relay, unrecorded_failure, upstream_timer
+from idemproxy.relay import CHUNK, ReadReply, Reply, UpstreamTimer, abort, read_body, relay, unrecorded_failure
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_target
 from idemproxy.store import StoreUnavailable
 from idemproxy.upstream_client import Body
@@ -201,7 +201,7 @@ class ProxyHandler:
         ``read`` turns the tool's response into the caller's answer and the outcome."""
         op_id = owned.op_id
         try:
-            with upstream_timer(request, route):
+            with UpstreamTimer(request, route):
                 async with self.forwarder.request(
                     route,
                     request.method,
@@ -302,7 +302,7 @@ class ProxyHandler:
         self, request: web.Request, route: RouteConfig, target: Target, data: Body, length: int | None = None
     ) -> web.StreamResponse:
         try:
-            with upstream_timer(request, route):
+            with UpstreamTimer(request, route):
                 return await self._relay_stream(request, route, upstream_target(route, target), data, length)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -206,13 +205,28 @@ def count_request(route: str, method: str, decision: str) -> None:
         _prevented(route).inc()
 
 
-@contextmanager
-def ledger_timer(operation: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        _ledger_seconds(operation).observe(time.perf_counter() - started)
+class Timer:
+    """Observes the seconds its ``with`` block took in ``histogram`` (a class: a
+    generator-based context manager costs several times as much per request)."""
+
+    __slots__ = ("_histogram", "_started", "elapsed_s")
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+        self._started = 0.0
+        self.elapsed_s = 0.0
+
+    def __enter__(self) -> Timer:
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.elapsed_s = time.perf_counter() - self._started
+        self._histogram.observe(self.elapsed_s)
+
+
+def ledger_timer(operation: str) -> Timer:
+    return Timer(_ledger_seconds(operation))
 
 
 def render() -> tuple[bytes, str]:

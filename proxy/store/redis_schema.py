@@ -40,6 +40,7 @@ class RedisKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.channel_prefix = f"{prefix}:done:"
+        self._shard_indexes: dict[str, tuple[str, ...]] = {}  # built once per shard: used on every request
 
     @staticmethod
     def shard(op_id: str) -> str:
@@ -56,11 +57,12 @@ class RedisKeys:
 
     def script_keys(self, op_id: str) -> list[str]:
         """KEYS for RESERVE and TRANSITION: record, due index, the three state indexes."""
-        return [
-            self.record(op_id),
-            self.due(op_id),
-            *(self.state_index(op_id, state) for state in INDEXED_STATES),
-        ]
+        shard = op_id[:2]
+        indexes = self._shard_indexes.get(shard)
+        if indexes is None:
+            indexes = (self.due(op_id), *(self.state_index(op_id, state) for state in INDEXED_STATES))
+            self._shard_indexes[shard] = indexes
+        return [self.record(op_id), *indexes]
 
     def due_shards(self) -> list[str]:
         return [f"{self.prefix}:{{{shard:02x}}}:due" for shard in range(SHARD_COUNT)]
