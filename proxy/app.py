@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -192,6 +193,7 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
                 "store": redacted(config.store.url),
             },
         )
+        _settle_heap()
         if ready is not None:
             ready.set()
         await _until_signalled()
@@ -200,6 +202,23 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
         for runner in reversed(runners):
             await runner.cleanup()
         await store.close()
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _settle_heap() -> None:
+    """Once started: move everything allocated so far (modules, config, clients) out
+    of the collector's sight (``gc.freeze``), and collect the young generation less
+    often. With CPython's defaults the collector took about a tenth of the CPU of
+    the forward path under load (bench: 277 -> 246 µs per request; p99 halved),
+    scanning the same long-lived objects over and over. Cycles are still collected;
+    just in larger, rarer batches."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _until_signalled() -> None:

@@ -41,11 +41,12 @@ def parse_target(method: str, raw_target: str) -> Target:
     path, _, query = raw_target.partition("?")
     if "#" in raw_target or "\\" in path or not path.isascii() or not path.isprintable():
         raise InvalidTarget("The request path contains characters that are not allowed.")
-    for segment in path.split("/"):
-        # Some servers treat "..;param" as ".." (path parameters), so those count too.
-        if segment.split(";", 1)[0] in (".", ".."):
-            raise InvalidTarget("Dot segments ('.' and '..') are not allowed in the request path.")
-    if _DANGEROUS_ESCAPE.search(path):
+    if "." in path:
+        for segment in path.split("/"):
+            # Some servers treat "..;param" as ".." (path parameters), so those count too.
+            if segment.split(";", 1)[0] in (".", ".."):
+                raise InvalidTarget("Dot segments ('.' and '..') are not allowed in the request path.")
+    if "%" in path and _DANGEROUS_ESCAPE.search(path):
         raise InvalidTarget("Encoded dots, slashes, backslashes and control characters are not allowed in the path.")
     return Target(path=path, query=query)
 
