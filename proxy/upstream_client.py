@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Final
 
@@ -446,7 +447,7 @@ class UpstreamClient:
         idle = self._idle.get(key)
         if not idle:
             return None
-        stale_before = asyncio.get_running_loop().time() - self.keepalive_s
+        stale_before = time.monotonic() - self.keepalive_s
         while idle:
             connection = idle.pop()
             if not connection.closed and connection.idle_since > stale_before:
@@ -458,7 +459,7 @@ class UpstreamClient:
         if self._closed or connection.closed:
             connection.close()
             return
-        connection.idle_since = connection.loop.time()
+        connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.origin, []).append(connection)
         if self._sweeper is None:
             self._sweeper = connection.loop.call_later(self.keepalive_s, self._sweep)
@@ -467,7 +468,7 @@ class UpstreamClient:
         """Close connections idle for longer than ``keepalive_s``."""
         self._sweeper = None
         loop = asyncio.get_running_loop()
-        stale_before = loop.time() - self.keepalive_s
+        stale_before = time.monotonic() - self.keepalive_s
         for key, idle in list(self._idle.items()):
             fresh = [conn for conn in idle if not conn.closed and conn.idle_since > stale_before]
             for connection in idle:
