@@ -2,9 +2,10 @@
 
 It does what every proxy hop must do and nothing more: read the request,
 forward it over a pooled keep-alive connection, read the answer, send it
-back. It runs on the same stack as idemproxy (aiohttp, uvloop when
-installed), so the distance between the two is the cost of the ledger,
-fingerprinting and header hygiene, not of the framework.
+back, on aiohttp (server and client) and uvloop when installed, with
+Python's default garbage-collector settings. idemproxy shares its server
+half; it forwards through its own llhttp client and settles the collector
+at startup (README, Performance).
 
     python bench/naive_proxy.py --upstream http://127.0.0.1:9000 --listen 127.0.0.1:8090
 """

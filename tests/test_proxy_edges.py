@@ -266,7 +266,7 @@ async def test_methods_not_marked_side_effecting_pass_through(make_proxy: ProxyF
 
 
 async def test_pooled_connection_loss_never_resends_a_put(make_proxy: ProxyFactory, upstream: Upstream) -> None:
-    """aiohttp resends PUT/DELETE on a dropped keep-alive connection unless told not to."""
+    """A PUT whose pooled upstream connection drops is never sent a second time (aiohttp's client would resend it)."""
     client = await make_proxy()
     warm = await client.put("/items", json={}, headers={"Idempotency-Key": "warm"})
     assert warm.status == 201  # the upstream connection is now pooled and reused next
