@@ -289,16 +289,25 @@ class _Connection(asyncio.Protocol):
         async for chunk in body:
             if self.closed:
                 return  # the failure reaches the caller through the response
+            if self._answered():
+                # The tool answered before the body ended (a 413, say) and may read no more of
+                # it: stop sending. Its framing is broken, so the connection is not reused.
+                self._reusable = False
+                return
             if chunked:
                 if chunk:
                     self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 self.transport.write(chunk)
             if self._writable is not None:
-                await self._writable
+                await self._writable  # also woken when the answer is complete or failed
             self._last_read = self.loop.time()  # read_s bounds silence after the request, not the upload
         if chunked and not self.closed:
             self.transport.write(b"0\r\n\r\n")
+
+    def _answered(self) -> bool:
+        response = self._response
+        return response is not None and (response._done or response._error is not None)
 
     def _check_read_timeout(self) -> None:
         self._timer = None
@@ -355,9 +364,11 @@ class _Connection(asyncio.Protocol):
         if ready is not None and not ready.done():
             ready.set_result(None)  # the exchange sees the response's error
         self._stop_timer()
+        self._wake_writer()
 
     def _done_reading(self) -> None:
         self._stop_timer()
+        self._wake_writer()
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
             self.transport.resume_reading()

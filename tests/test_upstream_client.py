@@ -260,6 +260,12 @@ async def fetch(
         response.release()
 
 
+async def endless_upload() -> AsyncIterator[bytes]:
+    piece = b"x" * 65536
+    while True:
+        yield piece
+
+
 async def stream(*chunks: bytes, every_s: float = 0.0) -> AsyncIterator[bytes]:
     for chunk in chunks:
         if every_s:
@@ -1030,19 +1036,32 @@ async def test_an_upload_that_stalls_past_read_s_is_timeout(client: UpstreamClie
     assert server.requests == []  # the body never completed
 
 
+async def test_an_answer_before_the_upload_ends_stops_the_upload(client: UpstreamClient, serve: Serve) -> None:
+    """A tool may refuse a body early (413) and stop reading it: the answer is returned,
+    the rest of the body is not sent, and the connection is not reused."""
+    refused = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
+
+    async def handler(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")  # the head only
+        await peer.send(refused)
+        await asyncio.Event().wait()  # and no more reading: the socket buffers fill up
+
+    server = await serve(handler)
+    async with asyncio.timeout(5):  # a hang fails here, not at the suite's timeout
+        response, body = await fetch(client, server.url, "PUT", "/upload", body=endless_upload(), read_s=30)
+    assert (response.status, body) == (413, b"too big!")
+    assert (await fetch(client, server.url))[0].status == 413  # on a new connection: the server's second
+    assert server.connections == 2
+
+
 async def test_a_tool_that_stops_reading_the_body_is_timeout(client: UpstreamClient, serve: Serve) -> None:
     async def handler(peer: Peer) -> None:
         await asyncio.Event().wait()  # reads nothing, answers nothing: the socket buffers fill up
 
-    async def endless() -> AsyncIterator[bytes]:
-        piece = b"x" * 65536
-        while True:
-            yield piece
-
     server = await serve(handler)
     async with asyncio.timeout(5):  # a hang fails here, not at the suite's timeout
         with pytest.raises(UpstreamFailed) as failed:
-            await send(client, server.url, "PUT", "/upload", body=endless(), read_s=0.2)
+            await send(client, server.url, "PUT", "/upload", body=endless_upload(), read_s=0.2)
     assert failed.value.kind is FailureKind.TIMEOUT
     assert "no data" in failed.value.detail
     assert server.connections == 1
