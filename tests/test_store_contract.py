@@ -581,15 +581,27 @@ async def wait_for_subscribers(client: aioredis.Redis, channel: str, count: int)
         await asyncio.sleep(0.01)
 
 
-async def test_watch_is_woken_by_a_transition_through_another_redis_store(redis_url: str) -> None:
-    """Two RedisStore instances stand for two proxy processes: pub/sub carries the change."""
+@contextlib.asynccontextmanager
+async def writer_and_watcher(redis_url: str) -> AsyncIterator[tuple[Store, RedisStore, aioredis.Redis]]:
+    """Two RedisStore instances standing for two proxy processes, both pub/sub listeners up
+    (test_redis_watch_right_after_start_subscribes_on_the_listened_connection says why), and a
+    plain client to observe the server with."""
     writer = await open_started(redis_url)
     watcher = await open_started(redis_url)
     observer = aioredis.Redis.from_url(redis_url)
     try:
         assert isinstance(watcher, RedisStore)
-        # Both stores' pub/sub listeners are up (see the next test for why this matters).
         await wait_for_subscribers(observer, watcher.keys.keepalive_channel(), 2)
+        yield writer, watcher, observer
+    finally:
+        await observer.aclose()
+        await watcher.close()
+        await writer.close()
+
+
+async def test_watch_is_woken_by_a_transition_through_another_redis_store(redis_url: str) -> None:
+    """Two RedisStore instances stand for two proxy processes: pub/sub carries the change."""
+    async with writer_and_watcher(redis_url) as (writer, watcher, _):
         first = await reserve_new(writer)
         async with watcher.watch(first.op_id) as changed:
             assert not changed.is_set()
@@ -599,10 +611,6 @@ async def test_watch_is_woken_by_a_transition_through_another_redis_store(redis_
             stored = await watcher.get(first.op_id)
             assert stored is not None
             assert stored.state is State.COMPLETED
-    finally:
-        await observer.aclose()
-        await watcher.close()
-        await writer.close()
 
 
 async def pubsub_connections(client: aioredis.Redis) -> int:
@@ -767,12 +775,7 @@ async def test_unreserve_wakes_watchers(store: Store) -> None:
 
 
 async def test_unreserve_wakes_watchers_through_another_redis_store(redis_url: str) -> None:
-    writer = await open_started(redis_url)
-    watcher = await open_started(redis_url)
-    observer = aioredis.Redis.from_url(redis_url)
-    try:
-        assert isinstance(watcher, RedisStore)
-        await wait_for_subscribers(observer, watcher.keys.keepalive_channel(), 2)
+    async with writer_and_watcher(redis_url) as (writer, watcher, observer):
         first = await reserve_new(writer)
         async with watcher.watch(first.op_id) as changed:
             # SUBSCRIBE is not acknowledged to the caller: wait until the server has it.
@@ -780,7 +783,3 @@ async def test_unreserve_wakes_watchers_through_another_redis_store(redis_url: s
             assert await writer.unreserve(first.op_id, first.owner, 1)
             await asyncio.wait_for(changed.wait(), WAKE_TIMEOUT_S)
         assert await watcher.get(first.op_id) is None
-    finally:
-        await observer.aclose()
-        await watcher.close()
-        await writer.close()
