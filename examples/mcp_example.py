@@ -51,7 +51,7 @@ from idemproxy.config import parse_config
 from idemproxy.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_stack import serving  # the examples' shared helpers, next to this file
+from demo_stack import serving, serving_idemproxy  # the examples' shared helpers, next to this file
 
 TITLE = "Disk full on db-1"
 
@@ -106,7 +106,7 @@ async def mcp_server_behind_idemproxy(ledger_dir: str) -> AsyncIterator[tuple[st
         await store.start()
         try:
             async with (
-                serving(build_proxy_app(config, store)) as proxy_url,
+                serving_idemproxy(build_proxy_app(config, store)) as proxy_url,
                 serving(build_admin_app(store, config)) as admin_url,
             ):
                 yield f"{proxy_url}/mcp", admin_url

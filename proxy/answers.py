@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aiohttp import web
-
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import Action
 from idemproxy.errors import (
@@ -18,6 +16,7 @@ from idemproxy.errors import (
     ProblemError,
     ResponseNotStored,
 )
+from idemproxy.http_server import Response
 from idemproxy.ledger import Answered
 from idemproxy.observe import Observation
 from idemproxy.records import OperationRecord
@@ -27,7 +26,7 @@ RECONCILED_HEADER = "Idempotent-Reconciled"
 OPERATION_HEADER = "Idempotency-Operation"
 
 
-def answer(answered: Answered, route: RouteConfig, observation: Observation) -> web.Response:
+def answer(answered: Answered, route: RouteConfig, observation: Observation) -> Response:
     """The response for a request that must not be forwarded."""
     record = answered.record
     action = answered.action
@@ -39,7 +38,7 @@ def answer(answered: Answered, route: RouteConfig, observation: Observation) -> 
         stored = record.response
         assert stored is not None
         assert stored.body is not None
-        response = web.Response(status=stored.status, body=stored.body, headers=stored.headers)
+        response = Response(status=stored.status, body=stored.body, headers=stored.headers)
         response.headers[REPLAYED_HEADER] = "true"
         if record.reconciled:
             response.headers[RECONCILED_HEADER] = "true"

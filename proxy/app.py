@@ -1,13 +1,15 @@
 """Assembling and running the proxy: two listeners, one store, one upstream client.
 
-Long-lived resources are opened in ``cleanup_ctx`` order (store, then
-forwarder) and closed in reverse.
+The proxy listener runs on idemproxy's lean HTTP server (``http_server``), the
+admin listener on aiohttp. Long-lived resources are opened in order (store,
+then forwarder, ledger, reconciler) and closed in reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -18,15 +20,16 @@ from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
-from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_middleware
+from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_step
 from idemproxy.budgets import Budgets
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler
-from idemproxy.inbound import inbound_middleware, server_options
+from idemproxy.http_server import Handler, HttpServer, Step
+from idemproxy.inbound import inbound_middleware, inbound_step, server_options
 from idemproxy.ledger import Ledger, new_instance_id
-from idemproxy.observe import LOG_KEYS, observe_middleware
-from idemproxy.problems import non_origin_target_middleware, problem_middleware
+from idemproxy.observe import observed
+from idemproxy.problems import answer_problems, problem_middleware
 from idemproxy.reconciler import Reconciler
 from idemproxy.routes import RouteTable
 from idemproxy.store import Store, StoreUnavailable, open_store
@@ -34,11 +37,66 @@ from idemproxy.store.redis_urls import redacted
 
 log = logging.getLogger(__name__)
 
-FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 UNRESOLVED_REFRESH_S = 5.0
-RECONCILER_KEY = web.AppKey("reconciler", Reconciler)
-AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
-BUDGETS_KEY = web.AppKey("budgets", Budgets)
+
+
+class ProxyApp:
+    """The proxy listener: its request pipeline, and the resources it runs on.
+
+    ``store`` must be started by the caller; ``start`` and ``close`` open and
+    close the rest (forwarder, ledger, reconciler, identities), in that order
+    and in reverse. ``http_server`` is the protocol factory to listen with."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        store: Store,
+        *,
+        run_reconciler: bool = True,
+        budget_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.run_reconciler = run_reconciler
+        self.authenticator = _authenticator(config, store)
+        route_table = RouteTable(config.routes)
+        metrics.initialize((route.name, route.side_effect_methods) for route in config.routes)
+        instance_id = new_instance_id()
+        self.forwarder = Forwarder()
+        self.reconciler = Reconciler(store, {route.name: route for route in config.routes}, self.forwarder, instance_id)
+        self.ledger = Ledger(store, instance_id, self.reconciler)
+        # Identities may gain budgets when their file is reloaded, so auth alone keeps budgets on.
+        self.budgets = None
+        if config.budgets.configured or config.auth is not None:
+            self.budgets = Budgets(config.budgets, store, clock=budget_clock)
+        handler = ProxyHandler(route_table, self.ledger, self.forwarder, config.headers, self.budgets)
+        steps: list[Step] = [
+            functools.partial(observed, log_keys=config.log_keys),
+            answer_problems,
+            inbound_step(config.client_body_timeout_s),
+        ]
+        if self.authenticator is not None:
+            steps.append(proxy_auth_step(self.authenticator, route_table))
+        self.handle = _pipeline(steps, handler.handle)
+        self.http_server = HttpServer(
+            self.handle,
+            header_timeout_s=config.client_header_timeout_s,
+            max_body=max(route.max_body for route in config.routes),
+        )
+
+    async def start(self) -> None:
+        await self.forwarder.start()
+        self.ledger.start()
+        if self.run_reconciler:
+            self.reconciler.start()
+        if self.authenticator is not None:
+            self.authenticator.identities.start()
+
+    async def close(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.identities.stop()
+        await self.reconciler.close()
+        await self.ledger.close()
+        await self.forwarder.close()
 
 
 def build_proxy_app(
@@ -47,54 +105,20 @@ def build_proxy_app(
     *,
     run_reconciler: bool = True,
     budget_clock: Callable[[], float] = time.time,
-) -> web.Application:
-    """The proxy application; ``store`` must be started by the caller.
+) -> ProxyApp:
+    """The proxy listener's application; ``store`` must be started by the caller.
 
     ``run_reconciler=False`` leaves background reconciliation off (on-demand
     reconciliation still runs), for tests that drive it step by step;
     ``budget_clock`` is the wall clock budget windows are measured on."""
-    largest_body = max(route.max_body for route in config.routes)
-    authenticator = _authenticator(config, store)
-    route_table = RouteTable(config.routes)
-    app = web.Application(
-        middlewares=[
-            observe_middleware,
-            problem_middleware,
-            inbound_middleware(config.client_body_timeout_s),
-            *([proxy_auth_middleware(authenticator, route_table)] if authenticator is not None else []),
-            non_origin_target_middleware,
-        ],
-        client_max_size=largest_body + 1,
-    )
-    app[LOG_KEYS] = config.log_keys
-    metrics.initialize((route.name, route.side_effect_methods) for route in config.routes)
-    instance_id = new_instance_id()
-    forwarder = Forwarder()
-    reconciler = Reconciler(store, {route.name: route for route in config.routes}, forwarder, instance_id)
-    ledger = Ledger(store, instance_id, reconciler)
-    app[STORE_KEY] = store
-    app[FORWARDER_KEY] = forwarder
-    app[RECONCILER_KEY] = reconciler
-    # Identities may gain budgets when their file is reloaded, so auth alone keeps budgets on.
-    budgets = None
-    if config.budgets.configured or config.auth is not None:
-        budgets = app[BUDGETS_KEY] = Budgets(config.budgets, store, clock=budget_clock)
-    handler = ProxyHandler(route_table, ledger, forwarder, config.headers, budgets)
-    app.router.add_route("*", "/{tail:.*}", handler.handle)
+    return ProxyApp(config, store, run_reconciler=run_reconciler, budget_clock=budget_clock)
 
-    async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-        await forwarder.start()
-        ledger.start()
-        if run_reconciler:
-            reconciler.start()
-        yield
-        await reconciler.close()
-        await ledger.close()
-        await forwarder.close()
 
-    app.cleanup_ctx.append(background_ctx)
-    _add_identities_ctx(app, authenticator)
-    return app
+def _pipeline(steps: list[Step], endpoint: Handler) -> Handler:
+    handler = endpoint
+    for step in reversed(steps):
+        handler = functools.partial(step, handler=handler)
+    return handler
 
 
 def _authenticator(config: ProxyConfig, store: Store) -> Authenticator | None:
@@ -105,10 +129,9 @@ def _authenticator(config: ProxyConfig, store: Store) -> Authenticator | None:
 
 
 def _add_identities_ctx(app: web.Application, authenticator: Authenticator | None) -> None:
-    """Reload identities on SIGHUP while the app runs."""
+    """Reload identities on SIGHUP while the admin app runs."""
     if authenticator is None:
         return
-    app[AUTHENTICATOR_KEY] = authenticator
 
     async def identities_ctx(app: web.Application) -> AsyncIterator[None]:
         authenticator.identities.start()
@@ -164,43 +187,62 @@ async def _refresh_unresolved(store: Store, every_s: float = UNRESOLVED_REFRESH_
         await asyncio.sleep(every_s)
 
 
+@contextlib.asynccontextmanager
+async def serving_proxy(
+    app: ProxyApp, host: str, port: int, *, grace_s: float, reuse_port: bool = False
+) -> AsyncIterator[asyncio.Server]:
+    """``app`` started and listening on ``host:port`` (0: any free port); on exit it stops
+    accepting, gives requests in progress ``grace_s`` to finish, and closes."""
+    await app.start()
+    listening: asyncio.Server | None = None
+    try:
+        listening = await asyncio.get_running_loop().create_server(
+            app.http_server, host, port, reuse_address=True, reuse_port=reuse_port, backlog=1024
+        )
+        yield listening
+    finally:
+        if listening is not None:
+            listening.close()
+        await app.http_server.shutdown(grace_s)
+        await app.close()
+
+
 async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reuse_port: bool = False) -> None:
     """Run both listeners until SIGINT/SIGTERM, then drain and close.
 
     ``reuse_port``: several worker processes listen on the same ports."""
     store = open_store(config.store)
     await store.start()
-    runners: list[web.AppRunner] = []
     try:
-        for app, address in (
-            (build_proxy_app(config, store), config.listen),
-            (build_admin_app(store, config), config.admin_listen),
-        ):
-            runner = web.AppRunner(
-                app,
-                shutdown_timeout=config.shutdown_grace_s,
+        proxy = build_proxy_app(config, store)
+        grace_s = config.shutdown_grace_s
+        async with serving_proxy(proxy, config.listen.host, config.listen.port, grace_s=grace_s, reuse_port=reuse_port):
+            admin = web.AppRunner(
+                build_admin_app(store, config),
+                shutdown_timeout=grace_s,
                 access_log=None,
                 **server_options(config.client_header_timeout_s),
             )
-            await runner.setup()
-            runners.append(runner)
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port).start()
-        log.info(
-            "idemproxy listening",
-            extra={
-                "listen": str(config.listen),
-                "admin": str(config.admin_listen),
-                "store": redacted(config.store.url),
-            },
-        )
-        _settle_heap()
-        if ready is not None:
-            ready.set()
-        await _until_signalled()
-        log.info("shutting down: draining in-flight requests", extra={"grace_s": config.shutdown_grace_s})
+            await admin.setup()
+            try:
+                address = config.admin_listen
+                await web.TCPSite(admin, address.host, address.port, reuse_address=True, reuse_port=reuse_port).start()
+                log.info(
+                    "idemproxy listening",
+                    extra={
+                        "listen": str(config.listen),
+                        "admin": str(config.admin_listen),
+                        "store": redacted(config.store.url),
+                    },
+                )
+                _settle_heap()
+                if ready is not None:
+                    ready.set()
+                await _until_signalled()
+                log.info("shutting down: draining in-flight requests", extra={"grace_s": grace_s})
+            finally:
+                await admin.cleanup()
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
         await store.close()
 
 

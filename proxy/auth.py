@@ -53,6 +53,8 @@ from idemproxy.auth_config import (
     resolve_secret,
 )
 from idemproxy.errors import Forbidden, LedgerUnavailable, Unauthenticated
+from idemproxy.http_server import Handler as ProxyHandler
+from idemproxy.http_server import Request, Step, StreamResponse
 from idemproxy.store.base import Store, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -72,7 +74,7 @@ __all__ = [
     "OpsAccess",
     "admin_auth_middleware",
     "parse_auth",
-    "proxy_auth_middleware",
+    "proxy_auth_step",
     "resolve_secret",
     "sign",
     "string_to_sign",
@@ -239,7 +241,7 @@ class Authenticator:
         self.max_skew_s = identities.config.max_skew_s
         self._clock = clock
 
-    async def authenticate(self, request: web.Request) -> Identity:
+    async def authenticate(self, request: web.Request | Request) -> Identity:
         headers = request.headers
         if SIGNATURE_HEADER in headers or KEY_ID_HEADER in headers:
             return await self._hmac(request)
@@ -251,7 +253,7 @@ class Authenticator:
             return identity
         raise _unauthenticated("Authentication is required: a bearer token or an HMAC signature.")
 
-    async def _hmac(self, request: web.Request) -> Identity:
+    async def _hmac(self, request: web.Request | Request) -> Identity:
         headers = request.headers
         key_id = headers.get(KEY_ID_HEADER, "")
         timestamp = headers.get(TIMESTAMP_HEADER, "")
@@ -299,13 +301,12 @@ def _unauthenticated(detail: str) -> Unauthenticated:
 # -- middlewares ---------------------------------------------------------------------------
 
 
-def proxy_auth_middleware(authenticator: Authenticator, routes: RouteTable) -> Middleware:
+def proxy_auth_step(authenticator: Authenticator, routes: RouteTable) -> Step:
     """Authenticate every proxied request and check its route and method against the identity's scopes."""
     from idemproxy.observe import OBSERVATION
     from idemproxy.routes import parse_target
 
-    @web.middleware
-    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def authenticated(request: Request, handler: ProxyHandler) -> StreamResponse:
         identity = await authenticator.authenticate(request)
         route = routes.match(parse_target(request.method, request.raw_path).path)
         observation = request.get(OBSERVATION)
@@ -314,10 +315,9 @@ def proxy_auth_middleware(authenticator: Authenticator, routes: RouteTable) -> M
         if not identity.allows(route.name, request.method):
             raise Forbidden(f"Identity {identity.name!r} may not use {request.method} on route {route.name!r}.")
         request[IDENTITY] = identity
-        response: web.StreamResponse = await handler(request)
-        return response
+        return await handler(request)
 
-    return auth_middleware
+    return authenticated
 
 
 def admin_auth_middleware(authenticator: Authenticator) -> Middleware:

@@ -5,13 +5,14 @@ The tree is deliberately shallow::
     ProblemError                      one problem+json ``type`` per subclass
     ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
     │                                 InvalidResolution, InvalidQuery, IncompleteBody,
-    │                                 UnsupportedTransferCoding, InvalidHeader
+    │                                 UnsupportedTransferCoding, InvalidHeader, MalformedRequest
     ├── Unauthenticated (401), Forbidden (403)
     ├── NoRoute (404), OperationNotFound (404)
     ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
     ├── RequestTimeout (408)          also a TimeoutError
-    ├── BodyTooLarge (413)
+    ├── BodyTooLarge (413), TargetTooLong (414), ExpectationFailed (417),
+    │   HeaderFieldsTooLarge (431)
     ├── FingerprintMismatch (422)
     ├── Conflict (409)                InFlight, OutcomeUnknown, NeedsAttention, ResponseNotStored
     ├── AttemptsExhausted (429), BudgetExceeded (429)
@@ -117,6 +118,13 @@ class InvalidHeader(BadRequest):
     title = "Invalid header value"
 
 
+class MalformedRequest(BadRequest):
+    """The HTTP parser refused the request's framing; the connection is closed after the answer."""
+
+    slug = "malformed-request"
+    title = "Malformed request"
+
+
 class Unauthenticated(ProblemError):
     """No valid credentials; carries a ``WWW-Authenticate`` challenge."""
 
@@ -189,6 +197,27 @@ class BodyTooLarge(ProblemError):
     status = 413
     slug = "body-too-large"
     title = "Request body too large"
+    decision = "rejected"
+
+
+class TargetTooLong(ProblemError):
+    status = 414
+    slug = "target-too-long"
+    title = "Request target too long"
+    decision = "rejected"
+
+
+class ExpectationFailed(ProblemError):
+    status = 417
+    slug = "expectation-failed"
+    title = "Expectation not supported"
+    decision = "rejected"
+
+
+class HeaderFieldsTooLarge(ProblemError):
+    status = 431
+    slug = "header-fields-too-large"
+    title = "Request header fields too large"
     decision = "rejected"
 
 

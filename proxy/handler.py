@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from idemproxy import metrics
@@ -31,6 +30,7 @@ from idemproxy.headers import (
     upstream_request_headers,
     with_injected,
 )
+from idemproxy.http_server import Request, Response, StreamResponse
 from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation
@@ -64,7 +64,7 @@ class ProxyHandler:
         self.names = header_names
         self.budgets = budgets
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> StreamResponse:
         target = parse_target(request.method, request.raw_path)
         route = self.routes.match(target.path)
         observation = request[OBSERVATION]
@@ -83,8 +83,8 @@ class ProxyHandler:
     # -- side-effecting calls ----------------------------------------------------------
 
     async def _side_effect(
-        self, request: web.Request, route: RouteConfig, target: Target, body: bytes, observation: Observation
-    ) -> web.StreamResponse:
+        self, request: Request, route: RouteConfig, target: Target, body: bytes, observation: Observation
+    ) -> StreamResponse:
         headers = request.headers
         request_fp = fingerprint(request.method, target.path, target.query, headers, route.fingerprint_headers, body)
         identity = request.get(IDENTITY)
@@ -106,7 +106,7 @@ class ProxyHandler:
         begun, upstream_headers = await self.begin_operation(
             request, route, target, body, observation, scope, request_fp
         )
-        if isinstance(begun, web.StreamResponse):
+        if isinstance(begun, StreamResponse):
             return begun
         if isinstance(begun, Answered):
             observation.attempt = begun.record.attempt
@@ -125,14 +125,14 @@ class ProxyHandler:
 
     async def begin_operation(
         self,
-        request: web.Request,
+        request: Request,
         route: RouteConfig,
         target: Target,
         body: bytes,
         observation: Observation,
         scope: Scope,
         request_fingerprint: str,
-    ) -> tuple[Owned | Answered | web.StreamResponse, CIMultiDict[str]]:
+    ) -> tuple[Owned | Answered | StreamResponse, CIMultiDict[str]]:
         """Reserve the operation in the ledger (shared by HTTP and MCP routes).
 
         Returns the ledger's answer and, when the caller owns the attempt, the
@@ -178,7 +178,7 @@ class ProxyHandler:
             return begun, _NO_HEADERS
         return begun, upstream_headers if upstream_headers is not None else self.upstream_headers(request)
 
-    async def charge_unrecorded(self, request: web.Request, route: RouteConfig, caller: str, task: str | None) -> None:
+    async def charge_unrecorded(self, request: Request, route: RouteConfig, caller: str, task: str | None) -> None:
         """Budgets count a side-effecting call forwarded without a record too."""
         if self.budgets is not None:
             budget = self.budgets.applying(request.get(IDENTITY), caller, task)
@@ -187,7 +187,7 @@ class ProxyHandler:
 
     async def forward_owned(
         self,
-        request: web.Request,
+        request: Request,
         route: RouteConfig,
         target: Target,
         body: bytes,
@@ -196,7 +196,7 @@ class ProxyHandler:
         read: ReadReply,
         *,
         shield_record: bool = False,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """Send the attempt ``owned`` and record its outcome (HTTP and MCP routes);
         ``read`` turns the tool's response into the caller's answer and the outcome."""
         op_id = owned.op_id
@@ -236,7 +236,7 @@ class ProxyHandler:
 
     async def record_failure(
         self, route: RouteConfig, owned: OperationRecord, kind: FailureKind, detail: str
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         outcome = classify_failure(kind)
         await self.finish(owned, outcome, None, route, {"failure": kind.value, "error": detail})
         error: UpstreamError
@@ -280,7 +280,7 @@ class ProxyHandler:
 
     # -- calls that bypass the ledger ----------------------------------------------------
 
-    async def passthrough(self, request: web.Request, route: RouteConfig, target: Target) -> web.StreamResponse:
+    async def passthrough(self, request: Request, route: RouteConfig, target: Target) -> StreamResponse:
         length = request.content_length
         if length is not None and length > route.max_body:
             raise BodyTooLarge(f"The request body exceeds route {route.name!r}'s max_body ({route.max_body} bytes).")
@@ -294,13 +294,13 @@ class ProxyHandler:
         return await self._stream(request, route, target, data, length)
 
     async def forward_unrecorded(
-        self, request: web.Request, route: RouteConfig, target: Target, body: bytes
-    ) -> web.StreamResponse:
+        self, request: Request, route: RouteConfig, target: Target, body: bytes
+    ) -> StreamResponse:
         return await self._stream(request, route, target, body)
 
     async def _stream(
-        self, request: web.Request, route: RouteConfig, target: Target, data: Body, length: int | None = None
-    ) -> web.StreamResponse:
+        self, request: Request, route: RouteConfig, target: Target, data: Body, length: int | None = None
+    ) -> StreamResponse:
         try:
             with UpstreamTimer(request, route):
                 return await self._relay_stream(request, route, upstream_target(route, target), data, length)
@@ -309,21 +309,21 @@ class ProxyHandler:
             raise unrecorded_failure(exc) from exc
 
     async def _relay_stream(
-        self, request: web.Request, route: RouteConfig, target: str, data: Body, length: int | None
-    ) -> web.StreamResponse:
+        self, request: Request, route: RouteConfig, target: str, data: Body, length: int | None
+    ) -> StreamResponse:
         headers = with_injected(self.upstream_headers(request), route.upstream_headers)
         async with self.forwarder.request(route, request.method, target, headers, data, length=length) as upstream:
             size = upstream.content_length
             if size is not None and size <= CHUNK and request.method != "HEAD":
                 # A small body is read whole and sent with the headers in one write.
                 body = await upstream.read()
-                return web.Response(
+                return Response(
                     status=upstream.status,
                     reason=upstream.reason,
                     body=body,
                     headers=client_response_headers(upstream.headers, keep_length=False),
                 )
-            response = web.StreamResponse(
+            response = StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers, keep_length=True),
@@ -339,7 +339,7 @@ class ProxyHandler:
                 abort(request)  # a truncated body must not look complete
             return response
 
-    def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def upstream_headers(self, request: Request) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) else None
         drop = CREDENTIAL_HEADERS if IDENTITY in request else ()
@@ -348,7 +348,7 @@ class ProxyHandler:
         )
 
 
-def _http_reply(request: web.Request, route: RouteConfig, op_id: str) -> ReadReply:
+def _http_reply(request: Request, route: RouteConfig, op_id: str) -> ReadReply:
     async def read(upstream: UpstreamResponse) -> Reply:
         outcome = classify_status(upstream.status, route.not_applied_statuses, route.ambiguous_statuses)
         relayed = await relay(request, upstream, route.max_stored_response, op_id)

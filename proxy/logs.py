@@ -93,8 +93,8 @@ os.register_at_fork(after_in_child=_after_fork)
 
 
 class RefusedRequestFilter(logging.Filter):
-    """aiohttp logs every request its parser refuses (already answered 400) at
-    ERROR with a traceback: a caller sending garbage could flood the logs and
+    """aiohttp (the admin listener) logs every request its parser refuses (already
+    answered 400) at ERROR with a traceback: a caller sending garbage could flood the logs and
     page whoever watches errors. Such a record becomes one warning line."""
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -53,8 +53,6 @@ import contextlib
 import logging
 from typing import Any
 
-from aiohttp import web
-
 from idemproxy.answers import OPERATION_HEADER, answer
 from idemproxy.auth import IDENTITY
 from idemproxy.config import KeyMode, RouteConfig
@@ -64,6 +62,7 @@ from idemproxy.fingerprint import validate_key
 from idemproxy.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.handler import ANONYMOUS, ProxyHandler
 from idemproxy.headers import client_response_headers
+from idemproxy.http_server import Request, Response, StreamResponse
 from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
     INVALID_REQUEST,
@@ -103,16 +102,14 @@ _STORED_HEADERS = (("Content-Type", JSON),)
 
 def _error_response(
     status: int, request_id: RequestId | None, error: dict[str, Any], headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(status=status, body=error_body(request_id, error), content_type=JSON, headers=headers)
+) -> Response:
+    return Response(status=status, body=error_body(request_id, error), content_type=JSON, headers=headers)
 
 
 # -- the route ------------------------------------------------------------------------------
 
 
-async def handle_mcp(
-    proxy: ProxyHandler, request: web.Request, route: RouteConfig, target: Target
-) -> web.StreamResponse:
+async def handle_mcp(proxy: ProxyHandler, request: Request, route: RouteConfig, target: Target) -> StreamResponse:
     """Everything a request to an MCP route gets."""
     observation = request[OBSERVATION]
     request_id: RequestId | None = None
@@ -140,7 +137,7 @@ async def handle_mcp(
         return await _tool_call(proxy, request, route, target, body, call, observation)
     except JsonRpcError as exc:
         record_decision(request, "rejected")
-        return web.Response(status=exc.status, body=exc.to_json(), content_type=JSON)
+        return Response(status=exc.status, body=exc.to_json(), content_type=JSON)
     except ProblemError as exc:
         # Answering a request whose id is known with 200 hands the error to the waiting call.
         record_decision(request, exc.decision)
@@ -150,13 +147,13 @@ async def handle_mcp(
 
 async def _tool_call(
     proxy: ProxyHandler,
-    request: web.Request,
+    request: Request,
     route: RouteConfig,
     target: Target,
     body: bytes,
     call: ToolCall,
     observation: Observation,
-) -> web.StreamResponse:
+) -> StreamResponse:
     headers = request.headers
     identity = request.get(IDENTITY)
     caller = identity.name if identity is not None else headers.get(proxy.names.caller) or ANONYMOUS
@@ -180,7 +177,7 @@ async def _tool_call(
     begun, upstream_headers = await proxy.begin_operation(
         request, route, target, body, observation, scope, call.fingerprint
     )
-    if isinstance(begun, web.StreamResponse):
+    if isinstance(begun, StreamResponse):
         return begun
     observation.attempt = begun.record.attempt
     if isinstance(begun, Answered):
@@ -197,14 +194,14 @@ async def _tool_call(
     )
 
 
-def _replay(request: web.Request, stored: web.Response, call: ToolCall) -> web.Response:
+def _replay(request: Request, stored: Response, call: ToolCall) -> Response:
     """The stored response for this caller: its own id and session, JSON or one SSE event."""
     assert isinstance(stored.body, bytes)
     body = with_id(stored.body, call.request_id)
     content_type = JSON
     if accepts_only_sse(request.headers.get("Accept", "")):
         body, content_type = b"event: message\ndata: " + body + b"\n\n", SSE
-    response = web.Response(status=stored.status, body=body, content_type=content_type)
+    response = Response(status=stored.status, body=body, content_type=content_type)
     for name, value in stored.headers.items():
         if name.lower() not in ("content-type", "content-length", SESSION_HEADER.lower()):
             response.headers.add(name, value)
@@ -221,7 +218,7 @@ def _stored(data: bytes | None, size: int, sha256: str) -> StoredResponse:
 
 
 async def _relay_call(
-    request: web.Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
+    request: Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
 ) -> Reply:
     by_status = classify_status(upstream.status, route)
     content_type = media_type(upstream.headers)
@@ -243,11 +240,11 @@ async def _relay_call(
 
 
 async def _relay_stream(
-    request: web.Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
+    request: Request, upstream: UpstreamResponse, call: ToolCall, route: RouteConfig, op_id: str
 ) -> Reply:
     """Stream the server's events to the first caller as they come, up to the response to
     the call (which ends the stream, MCP says); keep only that response."""
-    response = web.StreamResponse(
+    response = StreamResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=client_response_headers(upstream.headers, keep_length=True),

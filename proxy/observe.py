@@ -1,7 +1,7 @@
 """One observation per request: the decision, counted in metrics and logged once.
 
 The handler fills in what it learns (route, decision, operation, attempt,
-upstream time); the middleware times the whole request and emits one access
+upstream time); ``observed`` times the whole request and emits one access
 log line and the metrics when the response is ready. Keys and bodies never
 appear in logs unless ``log_keys`` is on.
 """
@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from idemproxy import logs, metrics
+from idemproxy.http_server import Handler, Request, StreamResponse
 
 access_log = logging.getLogger("idemproxy.access")
 
@@ -33,17 +33,16 @@ class Observation:
 
 
 OBSERVATION = web.RequestKey("observation", Observation)
-LOG_KEYS = web.AppKey("log_keys", bool)
 
 
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def observed(request: Request, handler: Handler, *, log_keys: bool) -> StreamResponse:
+    """The first step of the proxy listener's pipeline."""
     observation = Observation()
     request[OBSERVATION] = observation
     started = time.perf_counter()
     status = 500
     try:
-        response: web.StreamResponse = await handler(request)
+        response = await handler(request)
         status = response.status
         return response
     finally:
@@ -64,7 +63,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
                 "total_ms": round(total_s * 1000, 3),
                 "upstream_ms": round(observation.upstream_s * 1000, 3),
             }
-            if request.app.get(LOG_KEYS):
+            if log_keys:
                 entry["key"] = observation.key
                 entry["path"] = request.raw_path
             if (sink := logs.SINKS.access) is not None:

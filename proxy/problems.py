@@ -1,11 +1,11 @@
-"""The one place where errors become problem+json responses."""
+"""The one place where errors become problem+json responses, on both listeners."""
 
 from __future__ import annotations
 
 import logging
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler as AiohttpHandler
 
 from idemproxy.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -15,53 +15,53 @@ from idemproxy.errors import (
     NoRoute,
     ProblemError,
 )
+from idemproxy.http_server import Handler, Request, StreamResponse, problem_reply
 from idemproxy.observe import OBSERVATION
-from idemproxy.routes import parse_target
 
 log = logging.getLogger(__name__)
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where errors become problem+json responses."""
+async def answer_problems(request: Request, handler: Handler) -> StreamResponse:
+    """The proxy listener's step that turns errors into problem+json responses."""
     try:
-        response: web.StreamResponse = await handler(request)
-        return response
+        return await handler(request)
     except ProblemError as exc:
-        return problem_response(exc, request)
-    except web.HTTPException as exc:
-        if exc.status == 413:  # aiohttp's own body limit
-            return problem_response(BodyTooLarge(exc.text or "Request body too large."), request)
-        if exc.status == 404:  # the admin listener's router
-            return problem_response(NoRoute(f"No endpoint {request.path!r}."), request)
-        if exc.status == 405:
-            allow = {"Allow": exc.headers.get("Allow", "")}
-            return problem_response(MethodNotAllowed(f"{request.method} is not allowed here.", headers=allow), request)
-        raise
+        record_decision(request, exc.decision)
+        return problem_reply(exc)
     except Exception:
         log.exception("unhandled error", extra={"path": request.raw_path})
-        return problem_response(InternalError("The proxy failed unexpectedly; see its logs."), request)
+        return problem_reply(InternalError("The proxy failed unexpectedly; see its logs."))
 
 
-def record_decision(request: web.Request, decision: str) -> None:
+def record_decision(request: Request, decision: str) -> None:
     observation = request.get(OBSERVATION)
     if observation is not None and observation.decision is None:
         observation.decision = decision
 
 
 @web.middleware
-async def non_origin_target_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Targets the catch-all route cannot match (``CONNECT host:443``, ``OPTIONS *``) get
-    the same problem+json refusal as every other non-origin target."""
-    if request.match_info.http_exception is not None:
-        parse_target(request.method, request.raw_path)
-        raise NoRoute(f"No route is configured for {request.raw_path!r}.")
-    response: web.StreamResponse = await handler(request)
-    return response
+async def problem_middleware(request: web.Request, handler: AiohttpHandler) -> web.StreamResponse:
+    """The admin listener's middleware that turns errors into problem+json responses."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ProblemError as exc:
+        return problem_response(exc)
+    except web.HTTPException as exc:
+        if exc.status == 413:  # aiohttp's own body limit
+            return problem_response(BodyTooLarge(exc.text or "Request body too large."))
+        if exc.status == 404:  # the router
+            return problem_response(NoRoute(f"No endpoint {request.path!r}."))
+        if exc.status == 405:
+            allow = {"Allow": exc.headers.get("Allow", "")}
+            return problem_response(MethodNotAllowed(f"{request.method} is not allowed here.", headers=allow))
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.raw_path})
+        return problem_response(InternalError("The proxy failed unexpectedly; see its logs."))
 
 
-def problem_response(exc: ProblemError, request: web.Request) -> web.Response:
-    record_decision(request, exc.decision)
+def problem_response(exc: ProblemError) -> web.Response:
     return web.Response(
         status=exc.status,
         body=exc.to_json(),

@@ -8,8 +8,6 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from idemproxy import metrics
 from idemproxy.answers import OPERATION_HEADER
 from idemproxy.auth import READ_BODY
@@ -27,6 +25,7 @@ from idemproxy.headers import (
     client_response_headers,
     storable_response_headers,
 )
+from idemproxy.http_server import Request, Response, StreamResponse
 from idemproxy.observe import OBSERVATION
 from idemproxy.records import StoredResponse
 
@@ -37,7 +36,7 @@ CHUNK = 64 * 1024
 class Reply:
     """The tool's answer to a forwarded attempt, read: what the caller gets and what is recorded."""
 
-    response: web.StreamResponse  # what the first caller gets (or got, when streamed)
+    response: StreamResponse  # what the first caller gets (or got, when streamed)
     outcome: Outcome
     stored: StoredResponse | None  # kept for replay when the outcome is COMPLETED
     detail: dict[str, object]  # evidence
@@ -48,12 +47,12 @@ ReadReply = Callable[[UpstreamResponse], Awaitable[Reply]]
 
 @dataclass(slots=True)
 class Relayed:
-    response: web.StreamResponse
+    response: StreamResponse
     stored: StoredResponse | None  # None when the body was interrupted
     failed: FailureKind | None = None
 
 
-async def relay(request: web.Request, upstream: UpstreamResponse, max_stored: int, op_id: str) -> Relayed:
+async def relay(request: Request, upstream: UpstreamResponse, max_stored: int, op_id: str) -> Relayed:
     """Read the upstream's answer for the first caller and for the ledger.
 
     Bodies up to ``max_stored`` are buffered and kept for replay; a larger one
@@ -62,7 +61,7 @@ async def relay(request: web.Request, upstream: UpstreamResponse, max_stored: in
     digest = hashlib.sha256()
     buffered = bytearray()
     size = 0
-    streaming: web.StreamResponse | None = None
+    streaming: StreamResponse | None = None
     try:
         async for chunk in upstream.chunks():
             digest.update(chunk)
@@ -72,7 +71,7 @@ async def relay(request: web.Request, upstream: UpstreamResponse, max_stored: in
                 continue
             buffered += chunk
             if len(buffered) > max_stored:
-                streaming = web.StreamResponse(
+                streaming = StreamResponse(
                     status=upstream.status,
                     reason=upstream.reason,
                     headers=client_response_headers(upstream.headers, keep_length=True),
@@ -86,38 +85,40 @@ async def relay(request: web.Request, upstream: UpstreamResponse, max_stored: in
             raise
         abort(request)
         return Relayed(streaming, None, exc.kind)
+    body = bytes(buffered) if streaming is None else None
     stored = StoredResponse(
         status=upstream.status,
         headers=storable_response_headers(upstream.headers),
-        body=bytes(buffered) if streaming is None else None,
+        body=body,
         body_size=size,
         body_sha256=digest.hexdigest(),
     )
-    if streaming is not None:
+    if streaming is not None or body is None:
+        assert streaming is not None
         await write_eof_quietly(streaming)
         return Relayed(streaming, stored)
-    response = web.Response(
+    response = Response(
         status=upstream.status,
         reason=upstream.reason,
-        body=stored.body,
+        body=body,
         headers=client_response_headers(upstream.headers, keep_length=False),
     )
     response.headers[OPERATION_HEADER] = op_id
     return Relayed(response, stored)
 
 
-async def write_quietly(response: web.StreamResponse, chunk: bytes) -> None:
+async def write_quietly(response: StreamResponse, chunk: bytes) -> None:
     # The first caller may hang up; the ledger still needs the whole body's hash.
     with contextlib.suppress(ConnectionError):
         await response.write(chunk)
 
 
-async def write_eof_quietly(response: web.StreamResponse) -> None:
+async def write_eof_quietly(response: StreamResponse) -> None:
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
 
 
-def abort(request: web.Request) -> None:
+def abort(request: Request) -> None:
     if request.transport is not None:
         request.transport.close()
 
@@ -127,7 +128,7 @@ class UpstreamTimer(metrics.Timer):
 
     __slots__ = ("_observation",)
 
-    def __init__(self, request: web.Request, route: RouteConfig) -> None:
+    def __init__(self, request: Request, route: RouteConfig) -> None:
         super().__init__(metrics.upstream_seconds(route.name, request.method))
         self._observation = request[OBSERVATION]
 
@@ -144,7 +145,7 @@ def unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
     return UpstreamConnectionLost(f"The upstream connection was lost: {exc.detail}.")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The whole request body, or 413 before anything is recorded."""
     too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
     if request.content_length is not None and request.content_length > limit:

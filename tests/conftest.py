@@ -9,13 +9,28 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from idemproxy.app import build_proxy_app
+from idemproxy.app import ProxyApp, build_proxy_app
 from idemproxy.config import ProxyConfig, StoreConfig, parse_config
 from idemproxy.store import Store, open_store
+from tests.support.proxy_server import ProxyTestServer
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import Upstream
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def aiohttp_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    """pytest-aiohttp's ``aiohttp_client``, which also takes the proxy listener's ``ProxyApp``."""
+
+    async def client(served: Any, **kwargs: Any) -> TestClient[Any, Any]:
+        if isinstance(served, ProxyApp):
+            served = ProxyTestServer(served)
+        return await aiohttp_client(served, **kwargs)
+
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from idemproxy.app import AUTHENTICATOR_KEY, build_proxy_app
+from idemproxy.app import build_proxy_app
 from idemproxy.auth import CHALLENGE, IdentityStore
 from idemproxy.config import ConfigError, ProxyConfig, StoreConfig, parse_config
 from idemproxy.forwarder import Forwarder
@@ -36,6 +36,7 @@ from tests.support.auth import (
     token_hash,
     write_identities,
 )
+from tests.support.proxy_server import proxy_app
 from tests.support.upstream import Upstream
 
 PROBLEM = "application/problem+json"
@@ -398,7 +399,7 @@ async def _rotate(identities_file: Path, old: str, new: str) -> None:
 
 async def test_rotating_a_token_by_reloading(make_auth_proxy: ClientFactory, identities_file: Path) -> None:
     proxy = await make_auth_proxy()
-    store = proxy.app[AUTHENTICATOR_KEY].identities
+    store = proxy_app(proxy).authenticator.identities
     await _rotate(identities_file, PLANNER_TOKEN, "planner-rotated")
     assert (await proxy.get("/items", headers=bearer(PLANNER_TOKEN))).status == 201  # not reloaded yet
     assert store.reload() is True
@@ -408,7 +409,7 @@ async def test_rotating_a_token_by_reloading(make_auth_proxy: ClientFactory, ide
 
 async def test_a_changed_file_is_noticed(make_auth_proxy: ClientFactory, identities_file: Path) -> None:
     proxy = await make_auth_proxy()
-    store = proxy.app[AUTHENTICATOR_KEY].identities
+    store = proxy_app(proxy).authenticator.identities
     assert store.check_file() is False  # unchanged
     await _rotate(identities_file, PLANNER_TOKEN, "planner-rotated")
     os.utime(identities_file, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -419,7 +420,7 @@ async def test_a_changed_file_is_noticed(make_auth_proxy: ClientFactory, identit
 
 async def test_sighup_reloads(make_auth_proxy: ClientFactory, identities_file: Path) -> None:
     proxy = await make_auth_proxy()
-    store = proxy.app[AUTHENTICATOR_KEY].identities
+    store = proxy_app(proxy).authenticator.identities
     await _rotate(identities_file, PLANNER_TOKEN, "planner-rotated")
     store.reloaded.clear()
     os.kill(os.getpid(), signal.SIGHUP)
@@ -440,7 +441,7 @@ async def test_an_invalid_file_keeps_the_identities_in_force(
     make_auth_proxy: ClientFactory, identities_file: Path, broken: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = await make_auth_proxy()
-    store: IdentityStore = proxy.app[AUTHENTICATOR_KEY].identities
+    store: IdentityStore = proxy_app(proxy).authenticator.identities
     await asyncio.to_thread(identities_file.write_text, broken)
     assert store.reload() is False
     assert "identities file rejected" in caplog.text

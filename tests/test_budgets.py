@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
-from idemproxy.app import AUTHENTICATOR_KEY, BUDGETS_KEY, build_proxy_app
+from idemproxy.app import build_proxy_app
 from idemproxy.config import StoreConfig, parse_config
 from idemproxy.fingerprint import operation_id
 from idemproxy.records import Scope, State
@@ -27,6 +27,7 @@ from idemproxy.store import Store, open_store
 from idemproxy.store.base import OpsQuery
 from idemproxy.store.redis import RedisStore
 from tests.support.auth import EXECUTOR2_TOKEN, EXECUTOR_TOKEN, bearer, identities, write_identities
+from tests.support.proxy_server import proxy_app
 from tests.support.upstream import Upstream
 from tests.test_auth import assert_problem
 from tests.test_duplicates import watching
@@ -244,7 +245,7 @@ async def test_a_request_no_budget_applies_to_costs_no_store_call(make_proxy: Pr
 
 async def test_without_budgets_or_auth_the_proxy_has_no_budgets_at_all(make_proxy: ProxyFactory) -> None:
     proxy = await make_proxy()
-    assert BUDGETS_KEY not in proxy.app
+    assert proxy_app(proxy).budgets is None
 
 
 async def test_unrecorded_calls_on_an_optional_key_route_are_charged_too(
@@ -393,7 +394,7 @@ async def test_identity_budgets_change_when_the_identities_file_is_reloaded(
     assert (await post(proxy, "k1", token=EXECUTOR_TOKEN)).status == 201
     await refused(await post(proxy, "k2", token=EXECUTOR_TOKEN))
     with_budgets(tmp_path, executor={"calls": "3/1m"})
-    assert proxy.app[AUTHENTICATOR_KEY].identities.reload()
+    assert proxy_app(proxy).authenticator.identities.reload()
     assert (await post(proxy, "k2", token=EXECUTOR_TOKEN)).status == 201
 
 

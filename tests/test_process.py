@@ -141,14 +141,14 @@ async def test_a_request_the_parser_refuses_is_one_warning_line_not_a_traceback(
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /items HTTP/1.1\r\nHost: x\r\nBad\x01Header: 1\r\n\r\n")
-    answer = await reader.read()  # aiohttp answers 400 and closes
+    answer = await reader.read()  # answered 400 (problem+json), then closed
     writer.close()
 
     [line] = (await read_until(process.stderr, b"refused a request"))[-1:]
     entry = orjson.loads(line)
     assert answer.split(b" ", 2)[1] == b"400"
     assert entry["level"] == "warning"
-    assert entry["logger"] == "aiohttp.server"
+    assert entry["logger"] == "idemproxy.http_server"
     assert "exc" not in entry  # no traceback
     assert "Invalid header token" in entry["error"]
     async with aiohttp.ClientSession() as session, session.get(f"{base}/items") as response:

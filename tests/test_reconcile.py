@@ -12,13 +12,13 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import TestClient
 
-from idemproxy.app import RECONCILER_KEY
 from idemproxy.decisions import COMPLETED as COMPLETED_OUTCOME
 from idemproxy.ledger import Ledger, OperationRequest, Owned
 from idemproxy.records import Evidence, OperationRecord, RetryClass, Scope, State, StoredResponse
 from idemproxy.store import Store, Transition
 from tests.conftest import ProxyFactory
 from tests.support import reconcile_hooks
+from tests.support.proxy_server import proxy_app
 from tests.support.upstream import Upstream
 from tests.test_duplicates import op_id_for, problem_type, snapshot, watching
 
@@ -39,7 +39,7 @@ def kinds(record: OperationRecord) -> list[str]:
 
 async def reconcile_now(client: TestClient[Any, Any], record: OperationRecord) -> OperationRecord | None:
     """What the background reconciler does for a due operation, run once, now."""
-    return await client.app[RECONCILER_KEY].reconcile(record)
+    return await proxy_app(client).reconciler.reconcile(record)
 
 
 async def test_lost_acknowledgment_is_reconciled_from_the_tools_state(

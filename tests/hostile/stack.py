@@ -5,8 +5,8 @@
   JSON body, or a JSON-RPC result to a ``tools/call``.
 - ``canary``: a second server that no route names. It is the target of every
   absolute-form, ``CONNECT`` and ``Host`` trick; it must never see a request.
-- the proxy runs with the listener options ``idemproxy run`` uses
-  (``idemproxy.inbound.server_options``) and short client timeouts, on a real
+- the proxy runs on the listener ``idemproxy run`` uses
+  (``idemproxy.app.serving_proxy``) with short client timeouts, on a real
   Redis ledger.
 """
 
@@ -23,9 +23,8 @@ import orjson
 from aiohttp import web
 
 from idemproxy import metrics
-from idemproxy.app import build_proxy_app
+from idemproxy.app import build_proxy_app, serving_proxy
 from idemproxy.config import ProxyConfig, parse_config
-from idemproxy.inbound import server_options
 from idemproxy.store import Store, open_store
 from idemproxy.store.base import OpsQuery
 from tests.hostile.wire import Reply, exchange, request
@@ -220,7 +219,7 @@ async def hostile_stack(store_url: str, **top: Any) -> AsyncIterator[Stack]:
         try:
             app = build_proxy_app(config, store, run_reconciler=False)
             with access_log() as log:
-                async with serving(app, **server_options(config.client_header_timeout_s)) as proxy_url:
-                    yield Stack(int(proxy_url.rsplit(":", 1)[1]), recorder, canary, store, config, log)
+                async with serving_proxy(app, "127.0.0.1", 0, grace_s=5.0) as listening:
+                    yield Stack(listening.sockets[0].getsockname()[1], recorder, canary, store, config, log)
         finally:
             await store.close()

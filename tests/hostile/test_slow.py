@@ -112,16 +112,18 @@ async def test_a_body_never_finished_gets_408_and_is_closed(
     await stack.assert_serving()
 
 
-async def test_a_chunk_size_that_breaks_mid_body_ends_in_408(stack: Stack) -> None:
-    """Once the handler reads the body, aiohttp's parser stops feeding it on a framing error
-    without failing it: only the body deadline ends such a request."""
+async def test_a_chunk_size_that_breaks_mid_body_ends_in_400(stack: Stack) -> None:
+    """Once the handler reads the body, a framing error fails the body at once: the request is
+    answered ``incomplete-body`` (nothing recorded) and the connection closed."""
     before = await stack.mark()
     async with connection(stack) as broken:
         headers = [("Idempotency-Key", next(_keys)), ("Transfer-Encoding", "chunked"), ("Expect", "100-continue")]
         await broken.send(head("POST", "/items", headers))
         assert (await broken.read_reply()).status == 100  # the handler has the request now
         await broken.send(b"3\r\nabc\r\nzz\r\nabc\r\n0\r\n\r\n")
-        assert_refusal(await broken.read_reply(), {"request-timeout"})
+        refusal = await broken.read_reply()
+        assert_refusal(refusal, {"incomplete-body"})
+        assert refusal.closed
         assert await broken.closed_by_server()
     await stack.assert_untouched_since(before)
     await stack.assert_serving()
