@@ -60,7 +60,7 @@ def mcp_post(message: bytes, *headers: tuple[str, str]) -> bytes:
 
 
 def call(params: Any, request_id: Any = 1) -> bytes:
-    return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
+    return dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params})
 
 
 not_objects: st.SearchStrategy[Any] = st.one_of(json_scalars, st.just([]))
