@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -74,6 +75,8 @@ class Step(Protocol):
 
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+#: How long ``shutdown`` waits for handlers it cancelled to unwind.
+_CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -139,11 +142,13 @@ class RequestBody:
 
     async def read(self) -> bytes:
         """The rest of the body."""
-        while not self._eof:
-            if self._exception is not None:
-                raise self._exception
+        parts: list[bytes] = []
+        while True:
+            if self._buffer or self._exception is not None:
+                parts.append(self.read_nowait())  # drains the buffer (reading resumes), or raises
+            if self._eof:
+                return b"".join(parts)
             await self._wait()
-        return self.read_nowait()
 
     async def _wait(self) -> None:
         assert self._waiter is None, "one reader at a time"
@@ -264,6 +269,8 @@ class Request:
     def get(self, key: web.RequestKey[T], default: None = None) -> T | None: ...
     @overload
     def get(self, key: web.RequestKey[T], default: T) -> T: ...
+    @overload
+    def get(self, key: str, default: Any = None) -> Any: ...
     def get(self, key: Any, default: Any = None) -> Any:
         return self._state.get(key, default)
 
@@ -425,6 +432,8 @@ class _Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._url_size = 0
         self._fields: list[tuple[str, str]] = []
+        self._fields_size = 0
+        self._head_written = False  # of the response in progress
         self._arriving: Request | None = None  # the request whose body is being read
         self._waiting: collections.deque[Request] = collections.deque()  # pipelined, not yet answered
         self._answering: asyncio.Task[None] | None = None
@@ -445,11 +454,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        if self._in_head:
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD:
-                self._refuse(HeaderFieldsTooLarge(f"The request head exceeds {MAX_HEAD} bytes."))
-                return
+        was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -460,10 +465,14 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._stopped:
                 self._refuse(MalformedRequest(f"The request could not be parsed: {exc}."))
+        if was_in_head and self._in_head and not self._stopped:  # bytes httptools holds for an unfinished head
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:
+                self._refuse(HeaderFieldsTooLarge(f"The request head exceeds {MAX_HEAD} bytes."))
         self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        self.server.forget(self)
         self._stopped = True
         self.keep_alive = False
         self._cancel_head_timer()
@@ -490,6 +499,7 @@ class _Connection(asyncio.Protocol):
         self._url = []
         self._url_size = 0
         self._fields = []
+        self._fields_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url_size += len(url)
@@ -504,6 +514,9 @@ class _Connection(asyncio.Protocol):
             raise HeaderFieldsTooLarge(f"A header field exceeds {MAX_LINE} bytes.")
         if len(self._fields) >= MAX_HEADERS:
             raise HeaderFieldsTooLarge(f"The request has more than {MAX_HEADERS} header fields.")
+        self._fields_size += len(name) + len(value) + 4
+        if self._url_size + self._fields_size > MAX_HEAD:
+            raise HeaderFieldsTooLarge(f"The request head exceeds {MAX_HEAD} bytes.")
         self._fields.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -524,8 +537,10 @@ class _Connection(asyncio.Protocol):
             keep_alive=parser.should_keep_alive(),
             connection=self,
         )
+        if parser.should_upgrade() and (request.content_length or "Transfer-Encoding" in headers):
+            raise MalformedRequest("An upgrade offer on a request with a body is not supported.")
         expect = headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
+        if expect is not None and request.version == "1.1" and expect.lower() != "100-continue":
             raise ExpectationFailed(f"Expect: {expect!r} is not supported; only 100-continue is.")
         self._arriving = request
         if self._answering is None:
@@ -549,24 +564,32 @@ class _Connection(asyncio.Protocol):
     # -- answering --------------------------------------------------------------------------
 
     def _answer(self, request: Request) -> None:
-        if not request.content.is_eof() and request.version == "1.1" and request.headers.get("Expect"):
-            self.write(_CONTINUE)
+        self._head_written = False
         self._answering = self.loop.create_task(self._respond(request))
 
     async def _respond(self, request: Request) -> None:
         try:
+            # Decided now, once the chunk that held the head has been parsed to its end.
+            if not request.content.is_eof() and request.version == "1.1" and request.headers.get("Expect"):
+                self.write(_CONTINUE)
             try:
                 response = await self.server.handler(request)
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, ConnectionError) and (self.transport is None or self.transport.is_closing()):
+                    raise  # the caller left and a write failed: not a failure of the proxy
                 log.exception("unhandled error in the proxy listener", extra={"path": request.raw_path})
+                if self._head_written:  # too late for a problem: cut the response short
+                    self.keep_alive = False
+                    self.close()
+                    raise ConnectionResetError("the response was cut short") from None
                 response = problem_reply(InternalError("The proxy failed unexpectedly; see its logs."))
             if not request.content.is_eof():
                 self.keep_alive = False  # the rest of an unread body cannot be told from the next request
-            if isinstance(response, Response):
-                await response.send(request)
-            else:
-                await response.prepare(request)
-                await response.write_eof()
+            try:
+                await self._send(request, response)
+            except ValueError:  # an invalid head from the handler; nothing of it was written
+                log.exception("invalid response head", extra={"path": request.raw_path})
+                await self._send(request, problem_reply(InternalError("The proxy failed unexpectedly; see its logs.")))
         except ConnectionError:
             self.keep_alive = False
         except asyncio.CancelledError:
@@ -577,12 +600,24 @@ class _Connection(asyncio.Protocol):
             self._answering = None
         self._next(request)
 
+    async def _send(self, request: Request, response: StreamResponse) -> None:
+        if isinstance(response, Response):
+            await response.send(request)
+        else:
+            await response.prepare(request)
+            await response.write_eof()
+
     def _next(self, answered: Request) -> None:
         if self._refusal is not None:
             refusal, self._refusal = self._refusal, None
             self._send_refusal(refusal)
             return
-        if not (self.keep_alive and answered.keep_alive) or self.transport is None or self.transport.is_closing():
+        if (
+            not (self.keep_alive and answered.keep_alive)
+            or self.server.closing
+            or self.transport is None
+            or self.transport.is_closing()
+        ):
             self.close()
             return
         if self._waiting:
@@ -625,12 +660,19 @@ class _Connection(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------------------
 
     def response_head(self, request: Request, status: int, reason: str | None, headers: CIMultiDict[str]) -> bytes:
-        if not self.keep_alive or not request.keep_alive or self.server.closing:
+        if (
+            not self.keep_alive
+            or not request.keep_alive
+            or self.server.closing
+            or headers.get("Connection", "").lower() == "close"
+        ):
             self.keep_alive = False
             headers["Connection"] = "close"
         elif request.version == "1.0":
             headers["Connection"] = "keep-alive"
-        return self._head(request.version, status, reason, headers)
+        head = self._head(request.version, status, reason, headers)
+        self._head_written = True
+        return head
 
     @staticmethod
     def _head(version: str, status: int, reason: str | None, headers: CIMultiDict[str]) -> bytes:
@@ -639,12 +681,14 @@ class _Connection(asyncio.Protocol):
                 reason = HTTPStatus(status).phrase
             except ValueError:
                 reason = ""
+        elif "\n" in reason or "\r" in reason:
+            raise ValueError("a line break in the reason phrase")
         lines = [f"HTTP/{version} {status} {reason}\r\n"]
         if "Date" not in headers:
             lines.append(f"Date: {_date.now()}\r\n")
         for name, value in headers.items():
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"a line break in the value of response header {name}")
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name or ":" in name:
+                raise ValueError(f"a line break or colon in response header {name!r}")
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
@@ -720,6 +764,7 @@ class HttpServer:
         self.max_body = max_body
         self.connections: set[_Connection] = set()
         self.closing = False
+        self._all_closed: asyncio.Event | None = None  # set once shutting down and every connection is gone
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -731,19 +776,32 @@ class HttpServer:
     def __call__(self) -> _Connection:
         return _Connection(self)
 
+    def forget(self, connection: _Connection) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
     async def shutdown(self, grace_s: float) -> None:
         """Close idle connections now, let requests in progress finish within ``grace_s``, then cancel them.
         Stop accepting (``Server.close()``) first."""
         self.closing = True
+        self._all_closed = asyncio.Event()
+        if not self.connections:
+            return
         for connection in list(self.connections):
             if connection.idle:
                 connection.close()
+        deadline = self.loop.time() + grace_s
         answering = [c._answering for c in self.connections if c._answering is not None]
         if answering:
             _, late = await asyncio.wait(answering, timeout=grace_s)
             for task in late:
                 task.cancel()
             if late:
-                await asyncio.wait(late)
+                await asyncio.wait(late, timeout=_CANCELLED_WAIT_S)
+        # Answers given: let what the transports still buffer reach the callers, within the grace.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(max(deadline, self.loop.time())):
+                await self._all_closed.wait()
         for connection in list(self.connections):
             connection.abort()

@@ -49,7 +49,7 @@ from idemproxy.config import StoreConfig
 from idemproxy.fingerprint import operation_id
 from idemproxy.records import UNRESOLVED_STATES, OperationRecord, Scope, State
 from idemproxy.store import open_store
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port, restartable_port
 
 ROUTE = "tool"
 CALLER = "anonymous"
@@ -123,11 +123,13 @@ class Deployment:
     def __init__(self, directory: Path, config: ChaosConfig) -> None:
         self.directory = directory
         self.config = config
-        self.redis = RedisServer(directory / "redis")
+        # Proxies and Redis are restarted on their ports mid-campaign, while the campaign's
+        # own connections hold ephemeral ports.
+        self.redis = RedisServer(directory / "redis", port=restartable_port())
         self.tool_port = free_port()
         self.tool_log = directory / "effects.log"
         self.tool: subprocess.Popen[bytes] | None = None
-        self.ports = [(free_port(), free_port()) for _ in range(config.proxies)]
+        self.ports = [(restartable_port(), restartable_port()) for _ in range(config.proxies)]
         self.proxies: list[subprocess.Popen[bytes] | None] = [None] * config.proxies
 
     @property
