@@ -356,19 +356,20 @@ class Response(StreamResponse):
             self.headers["Content-Type"] = content_type
 
     async def send(self, request: Request) -> None:
+        """Write the response (once: later calls do nothing). ``ValueError`` for an invalid
+        head, before anything is written; ``ConnectionResetError`` if the caller left."""
         connection = request._connection
         if connection is None or self._connection is not None:
             return
-        self._connection = connection
-        self._finished = True
         headers = self.headers
         status = self.status
-        if status in _NO_BODY_STATUSES or status < 200:
-            connection.write(connection.response_head(request, status, self.reason, headers))
-            return
-        headers["Content-Length"] = str(len(self.body))
+        with_body = status not in _NO_BODY_STATUSES and status >= 200
+        if with_body:
+            headers["Content-Length"] = str(len(self.body))
         head = connection.response_head(request, status, self.reason, headers)
-        connection.write(head if request.method == "HEAD" else head + self.body)
+        self._connection = connection
+        self._finished = True
+        connection.write(head + self.body if with_body and request.method != "HEAD" else head)
         await connection.drain()
 
 
