@@ -22,6 +22,7 @@ from idemproxy import metrics
 from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
 from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_step
 from idemproxy.budgets import Budgets
+from idemproxy.completed_cache import CompletedCache
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler
@@ -63,7 +64,7 @@ class ProxyApp:
         instance_id = new_instance_id()
         self.forwarder = Forwarder()
         self.reconciler = Reconciler(store, {route.name: route for route in config.routes}, self.forwarder, instance_id)
-        self.ledger = Ledger(store, instance_id, self.reconciler)
+        self.ledger = Ledger(store, instance_id, self.reconciler, CompletedCache())
         # Identities may gain budgets when their file is reloaded, so auth alone keeps budgets on.
         self.budgets = None
         if config.budgets.configured or config.auth is not None:

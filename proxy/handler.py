@@ -157,6 +157,7 @@ class ProxyHandler:
             wait_s=route.wait_s,
             max_attempts=route.max_attempts if budget is None else budget.max_attempts(route.max_attempts),
             stored_request=stored_request,
+            retention_s=route.retention_s,
         )
         observation.op_id = op.op_id
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from idemproxy import metrics
+from idemproxy.completed_cache import CompletedCache
 from idemproxy.decisions import Action, Outcome, decide
 from idemproxy.leases import LeaseKeeper
 from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredRequest, StoredResponse
@@ -57,6 +58,7 @@ class OperationRequest:
     wait_s: float
     max_attempts: int
     stored_request: StoredRequest | None = None  # kept when the route reconciles with it
+    retention_s: float = 0.0  # how long the route keeps a completed record (0: not kept in memory)
 
 
 class OnDemandReconciler(Protocol):
@@ -77,8 +79,10 @@ class Ledger:
         store: Store,
         instance_id: str | None = None,
         reconciler: OnDemandReconciler | None = None,
+        completed: CompletedCache | None = None,
     ) -> None:
         self.store = store
+        self.completed = completed
         self.instance_id = instance_id or new_instance_id()
         self.reconciler = reconciler
         self.leases = LeaseKeeper(store)
@@ -101,6 +105,8 @@ class Ledger:
     async def begin(self, request: OperationRequest) -> Owned | Answered:
         """Reserve ``request``'s operation, or say why it must not be forwarded."""
         now = now_ms()
+        if self.completed is not None and (completed := self.completed.get(request.op_id)) is not None:
+            return Answered(decide(completed, request.fingerprint, now, request.max_attempts), completed)
         record = OperationRecord(
             op_id=request.op_id,
             scope=request.scope,
@@ -149,6 +155,8 @@ class Ledger:
                         return await self.begin(request)
                     existing = current
                     continue
+            if self.completed is not None:
+                self.completed.remember(existing, request.retention_s)
             return Answered(action, existing, waited=deadline is not None, reconciled=reconciled)
 
     async def _take_over(self, request: OperationRequest, released: OperationRecord) -> Owned | OperationRecord:

@@ -138,3 +138,32 @@ async def test_store_lost_between_forward_and_record_never_forwards_twice(
     assert record is not None
     assert record.state is State.PENDING  # kept, not forgotten: its lease expiry makes it UNKNOWN
     assert upstream.count() == 1
+
+
+async def test_duplicates_already_answered_once_are_answered_from_memory_while_the_store_is_down(
+    client_for: Callable[..., Awaitable[Client]], upstream: Upstream, private_redis: RedisServer
+) -> None:
+    """A completed operation cannot change: once an instance has answered a duplicate of
+    it from the store, the next ones get their answer from its memory, the store down or
+    not. What it does not know stays fail-closed."""
+    client = await client_for()
+    first = await client.post("/items", json={"n": 1}, headers=KEY)
+    other = await client_for()  # another instance of the deployment
+    from_store = await other.post("/items", json={"n": 1}, headers=KEY)
+    private_redis.kill()
+
+    from_memory = await other.post("/items", json={"n": 1}, headers=KEY)
+    reused = await other.post("/items", json={"n": 2}, headers=KEY)
+    never_repeated = await client.post("/items", json={"n": 1}, headers=KEY)  # only answered once, first-hand
+    unknown = await other.post("/items", json={"n": 1}, headers={"Idempotency-Key": "op-2"})
+
+    assert first.status == 201
+    assert from_store.headers["Idempotent-Replayed"] == "true"
+    assert from_memory.status == 201
+    assert from_memory.headers["Idempotent-Replayed"] == "true"
+    assert await from_memory.read() == await first.read()
+    assert reused.status == 422  # the same key for another request: refused from memory too
+    assert (await reused.json(content_type=PROBLEM))["type"] == "urn:idemproxy:problem:fingerprint-mismatch"
+    assert never_repeated.status == 503  # its first duplicate needs the store
+    assert unknown.status == 503
+    assert upstream.count() == 1
