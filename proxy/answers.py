@@ -16,7 +16,7 @@ from idemproxy.errors import (
     ProblemError,
     ResponseNotStored,
 )
-from idemproxy.http_server import Response
+from idemproxy.http_messages import Response
 from idemproxy.ledger import Answered
 from idemproxy.observe import Observation
 from idemproxy.records import OperationRecord

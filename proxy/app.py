@@ -26,7 +26,8 @@ from idemproxy.completed_cache import CompletedCache
 from idemproxy.config import ProxyConfig
 from idemproxy.forwarder import Forwarder
 from idemproxy.handler import ProxyHandler
-from idemproxy.http_server import Handler, HttpServer, Step
+from idemproxy.http_messages import Handler, Step
+from idemproxy.http_server import HttpServer
 from idemproxy.inbound import inbound_middleware, inbound_step, server_options
 from idemproxy.ledger import Ledger, new_instance_id
 from idemproxy.observe import observed

@@ -53,8 +53,8 @@ from idemproxy.auth_config import (
     resolve_secret,
 )
 from idemproxy.errors import Forbidden, LedgerUnavailable, Unauthenticated
-from idemproxy.http_server import Handler as ProxyHandler
-from idemproxy.http_server import Request, Step, StreamResponse
+from idemproxy.http_messages import Handler as ProxyHandler
+from idemproxy.http_messages import Request, Step, StreamResponse
 from idemproxy.store.base import Store, StoreUnavailable
 
 if TYPE_CHECKING:

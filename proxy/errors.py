@@ -20,8 +20,9 @@ The tree is deliberately shallow::
     ├── LedgerUnavailable (503), LeaseLost (503)
     └── InternalError (500)
 
-The single place that turns them into HTTP responses is
-``idemproxy.problems.problem_middleware``.
+``idemproxy.problems`` turns them into HTTP responses (``answer_problems`` on
+the proxy listener, ``problem_middleware`` on the admin listener); the proxy
+listener's HTTP server answers its own refusals with ``problem_reply``.
 """
 
 from __future__ import annotations

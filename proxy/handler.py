@@ -30,7 +30,7 @@ from idemproxy.headers import (
     upstream_request_headers,
     with_injected,
 )
-from idemproxy.http_server import Request, Response, StreamResponse
+from idemproxy.http_messages import Request, Response, StreamResponse
 from idemproxy.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.mcp_config import RouteMode
 from idemproxy.observe import OBSERVATION, Observation

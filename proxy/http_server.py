@@ -1,5 +1,7 @@
 """The proxy listener's HTTP/1.1 server: llhttp (``httptools``) parsing under a lean asyncio protocol.
 
+It serves the requests and responses of ``http_messages``.
+
 aiohttp's ``web.Application`` cost about 54 µs of CPU per request before any
 of idemproxy's code ran (bench: a server that only answers, wrk c=64 POST);
 this one costs about 10 µs. The admin listener stays on aiohttp.
@@ -32,18 +34,13 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Protocol, TypeVar, overload
 
 import httptools
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from idemproxy.errors import (
-    PROBLEM_CONTENT_TYPE,
-    BodyTooLarge,
     ExpectationFailed,
     HeaderFieldsTooLarge,
     IncompleteBody,
@@ -51,6 +48,15 @@ from idemproxy.errors import (
     MalformedRequest,
     ProblemError,
     TargetTooLong,
+)
+from idemproxy.http_messages import (
+    BODY_HIGH_WATER,
+    Handler,
+    Request,
+    RequestBody,
+    Response,
+    StreamResponse,
+    problem_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -60,321 +66,10 @@ MAX_LINE = 8190
 MAX_HEADERS = 128
 #: The most a head may take before it is complete (httptools buffers a field until its line ends).
 MAX_HEAD = MAX_LINE * 8
-#: Body bytes buffered before reading pauses, and below which it resumes.
-BODY_HIGH_WATER = 256 * 1024
-BODY_LOW_WATER = 64 * 1024
 
-T = TypeVar("T")
-Handler = Callable[["Request"], Awaitable["StreamResponse"]]
-
-
-class Step(Protocol):
-    """One step of a request pipeline: it calls ``handler`` to go on, or answers itself."""
-
-    def __call__(self, request: Request, handler: Handler) -> Awaitable[StreamResponse]: ...
-
-
-_NO_BODY_STATUSES = frozenset({204, 304})
 #: How long ``shutdown`` waits for handlers it cancelled to unwind.
 _CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class RequestBody:
-    """A request body as it arrives: buffered up to a high-water mark, read once."""
-
-    __slots__ = ("_buffer", "_connection", "_eof", "_exception", "_size", "_waiter")
-
-    def __init__(self, connection: _Connection | None) -> None:
-        self._connection = connection
-        self._buffer: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._eof = connection is None
-        self._exception: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    # -- the reader's side ----------------------------------------------------------------
-
-    def is_eof(self) -> bool:
-        """True once the whole body has arrived (some of it may still be unread)."""
-        return self._eof
-
-    def at_eof(self) -> bool:
-        return self._eof and not self._buffer
-
-    def exception(self) -> BaseException | None:
-        return self._exception
-
-    def set_exception(self, exc: BaseException) -> None:
-        """Fail the reader (a timeout, or the connection lost); what is buffered is dropped."""
-        self._exception = exc
-        self._buffer.clear()
-        self._size = 0
-        self._wake()
-
-    def read_nowait(self) -> bytes:
-        """Everything buffered now."""
-        if self._exception is not None:
-            raise self._exception
-        buffer = self._buffer
-        data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
-        buffer.clear()
-        self._drained()
-        return data
-
-    async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
-        """The body in pieces of at most ``size`` bytes, as they arrive."""
-        while True:
-            while not self._buffer:
-                if self._exception is not None:
-                    raise self._exception
-                if self._eof:
-                    return
-                await self._wait()
-            if self._exception is not None:
-                raise self._exception
-            chunk = self._buffer.popleft()
-            if len(chunk) > size:
-                self._buffer.appendleft(chunk[size:])
-                chunk = chunk[:size]
-            self._drained(len(chunk))
-            yield chunk
-
-    async def read(self) -> bytes:
-        """The rest of the body."""
-        parts: list[bytes] = []
-        while True:
-            if self._buffer or self._exception is not None:
-                parts.append(self.read_nowait())  # drains the buffer (reading resumes), or raises
-            if self._eof:
-                return b"".join(parts)
-            await self._wait()
-
-    async def _wait(self) -> None:
-        assert self._waiter is None, "one reader at a time"
-        connection = self._connection
-        assert connection is not None
-        self._waiter = connection.loop.create_future()
-        connection.body_wanted()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _drained(self, taken: int | None = None) -> None:
-        self._size = 0 if taken is None else self._size - taken
-        if self._connection is not None and self._size < BODY_LOW_WATER:
-            self._connection.body_wanted()
-
-    # -- the connection's side --------------------------------------------------------------
-
-    def feed(self, data: bytes) -> int:
-        if self._exception is None:
-            self._buffer.append(data)
-            self._size += len(data)
-            self._wake()
-        return self._size
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-_EMPTY_BODY = RequestBody(None)
-
-
-class Request:
-    """One request as the handler sees it (the subset of aiohttp's request idemproxy uses)."""
-
-    __slots__ = (
-        "_connection",
-        "_state",
-        "body_exists",
-        "content",
-        "content_length",
-        "headers",
-        "keep_alive",
-        "method",
-        "raw_path",
-        "transport",
-        "version",
-    )
-    scheme = "http"
-
-    def __init__(
-        self,
-        method: str,
-        raw_path: str,
-        version: str,
-        headers: CIMultiDictProxy[str],
-        content: RequestBody,
-        *,
-        keep_alive: bool,
-        connection: _Connection | None = None,
-    ) -> None:
-        self.method = method
-        self.raw_path = raw_path
-        self.version = version
-        self.headers = headers
-        self.content = content
-        self.keep_alive = keep_alive
-        self._connection = connection
-        self.transport = connection.transport if connection is not None else None
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None else None
-        self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
-        self._state: dict[Any, Any] = {}
-
-    @property
-    def path(self) -> str:
-        return self.raw_path.partition("?")[0]
-
-    @property
-    def host(self) -> str:
-        return self.headers.get("Host") or "localhost"
-
-    async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; ``BodyTooLarge`` past ``limit`` bytes (the listener's largest body by default)."""
-        if limit is None:
-            limit = self._connection.server.max_body if self._connection is not None else 0
-        if self.content_length is not None and self.content_length > limit:
-            raise BodyTooLarge(f"The request body exceeds the largest max_body ({limit} bytes).", max_body=limit)
-        body = bytearray()
-        async for chunk in self.content.iter_chunked(64 * 1024):
-            body += chunk
-            if len(body) > limit:
-                raise BodyTooLarge(f"The request body exceeds the largest max_body ({limit} bytes).", max_body=limit)
-        return bytes(body)
-
-    # -- per-request state, keyed like aiohttp's (``web.RequestKey``) ----------------------------
-
-    @overload
-    def __getitem__(self, key: web.RequestKey[T]) -> T: ...
-    @overload
-    def __getitem__(self, key: str) -> Any: ...
-    def __getitem__(self, key: Any) -> Any:
-        return self._state[key]
-
-    def __setitem__(self, key: web.RequestKey[T] | str, value: T) -> None:
-        self._state[key] = value
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._state
-
-    @overload
-    def get(self, key: web.RequestKey[T], default: None = None) -> T | None: ...
-    @overload
-    def get(self, key: web.RequestKey[T], default: T) -> T: ...
-    @overload
-    def get(self, key: str, default: Any = None) -> Any: ...
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._state.get(key, default)
-
-
-class StreamResponse:
-    """A response written as it is produced: ``prepare``, ``write``..., ``write_eof``."""
-
-    __slots__ = ("_chunked", "_connection", "_finished", "_no_body", "headers", "reason", "status")
-
-    def __init__(
-        self,
-        *,
-        status: int = 200,
-        reason: str | None = None,
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-    ) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers: CIMultiDict[str] = CIMultiDict(headers) if headers is not None else CIMultiDict()
-        self._connection: _Connection | None = None
-        self._chunked = False
-        self._no_body = False
-        self._finished = False
-
-    @property
-    def prepared(self) -> bool:
-        return self._connection is not None
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("Content-Type", "application/octet-stream").partition(";")[0].strip()
-
-    async def prepare(self, request: Request) -> None:
-        """Send the head. Without a Content-Length the body is chunked (HTTP/1.1) or ends with the connection."""
-        connection = request._connection
-        if connection is None or self._connection is not None:
-            return
-        self._connection = connection
-        self._no_body = request.method == "HEAD" or self.status in _NO_BODY_STATUSES or self.status < 200
-        if not self._no_body and "Content-Length" not in self.headers:
-            if request.version == "1.1":
-                self._chunked = True
-                self.headers["Transfer-Encoding"] = "chunked"
-            else:
-                connection.keep_alive = False
-        connection.write(connection.response_head(request, self.status, self.reason, self.headers))
-        await connection.drain()
-
-    async def write(self, data: bytes) -> None:
-        connection = self._connection
-        assert connection is not None, "prepare() first"
-        if self._no_body or not data:
-            return
-        connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
-        await connection.drain()
-
-    async def write_eof(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        if self._chunked and self._connection is not None:
-            self._connection.write(b"0\r\n\r\n")
-            await self._connection.drain()
-
-
-class Response(StreamResponse):
-    """A whole response, written in one piece once the handler returns it."""
-
-    __slots__ = ("body",)
-
-    def __init__(
-        self,
-        *,
-        status: int = 200,
-        reason: str | None = None,
-        body: bytes = b"",
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-        content_type: str | None = None,
-    ) -> None:
-        super().__init__(status=status, reason=reason, headers=headers)
-        self.body = body
-        if content_type is not None:
-            self.headers["Content-Type"] = content_type
-
-    async def send(self, request: Request) -> None:
-        """Write the response (once: later calls do nothing). ``ValueError`` for an invalid
-        head, before anything is written; ``ConnectionResetError`` if the caller left."""
-        connection = request._connection
-        if connection is None or self._connection is not None:
-            return
-        headers = self.headers
-        status = self.status
-        with_body = status not in _NO_BODY_STATUSES and status >= 200
-        if with_body:
-            headers["Content-Length"] = str(len(self.body))
-        head = connection.response_head(request, status, self.reason, headers)
-        self._connection = connection
-        self._finished = True
-        connection.write(head + self.body if with_body and request.method != "HEAD" else head)
-        await connection.drain()
-
-
-def problem_reply(exc: ProblemError) -> Response:
-    return Response(status=exc.status, body=exc.to_json(), headers=exc.headers, content_type=PROBLEM_CONTENT_TYPE)
 
 
 #: Fields a request may carry once at most (aiohttp's list): two Hosts, say, would let the
@@ -722,7 +417,7 @@ class _Connection(asyncio.Protocol):
             return
         arriving = self._arriving
         pause = bool(self._waiting) or self._stopped
-        if arriving is not None and arriving.content._size > BODY_HIGH_WATER:
+        if arriving is not None and arriving.content.buffered > BODY_HIGH_WATER:
             pause = True
         if pause != self._reading_paused:
             self._reading_paused = pause
@@ -739,6 +434,10 @@ class _Connection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    @property
+    def max_body(self) -> int:
+        return self.server.max_body
 
     @property
     def idle(self) -> bool:

@@ -38,7 +38,7 @@ from aiohttp.typedefs import Middleware
 from multidict import CIMultiDictProxy
 
 from idemproxy.errors import IncompleteBody, InvalidHeader, RequestTimeout, UnsupportedTransferCoding
-from idemproxy.http_server import Handler, Request, RequestBody, Step, StreamResponse
+from idemproxy.http_messages import Handler, Request, RequestBody, Step, StreamResponse
 
 #: How far along ``__cause__`` links a body-stream failure is looked for.
 _CAUSE_DEPTH = 8

@@ -62,7 +62,7 @@ from idemproxy.fingerprint import validate_key
 from idemproxy.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.handler import ANONYMOUS, ProxyHandler
 from idemproxy.headers import client_response_headers
-from idemproxy.http_server import Request, Response, StreamResponse
+from idemproxy.http_messages import Request, Response, StreamResponse
 from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
     INVALID_REQUEST,

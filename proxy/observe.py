@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from idemproxy import logs, metrics
-from idemproxy.http_server import Handler, Request, StreamResponse
+from idemproxy.http_messages import Handler, Request, StreamResponse
 
 access_log = logging.getLogger("idemproxy.access")
 

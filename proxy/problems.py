@@ -15,7 +15,7 @@ from idemproxy.errors import (
     NoRoute,
     ProblemError,
 )
-from idemproxy.http_server import Handler, Request, StreamResponse, problem_reply
+from idemproxy.http_messages import Handler, Request, StreamResponse, problem_reply
 from idemproxy.observe import OBSERVATION
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from idemproxy.headers import (
     client_response_headers,
     storable_response_headers,
 )
-from idemproxy.http_server import Request, Response, StreamResponse
+from idemproxy.http_messages import Request, Response, StreamResponse
 from idemproxy.observe import OBSERVATION
 from idemproxy.records import StoredResponse
 

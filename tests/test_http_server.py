@@ -22,17 +22,19 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from idemproxy.errors import BodyTooLarge, IncompleteBody, ProblemError
-from idemproxy.http_server import (
+from idemproxy.http_messages import (
     BODY_HIGH_WATER,
     BODY_LOW_WATER,
-    MAX_HEAD,
-    MAX_HEADERS,
-    MAX_LINE,
-    HttpServer,
     Request,
     Response,
     StreamResponse,
     problem_reply,
+)
+from idemproxy.http_server import (
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_LINE,
+    HttpServer,
 )
 
 #: How long any awaited condition (a reply, a close, an event) may take before the test fails.
@@ -265,6 +267,19 @@ class Recorder:
     @property
     def paths(self) -> list[str]:
         return [seen.raw_path for seen in self.seen]
+
+
+@dataclass
+class Held(Recorder):
+    """A ``Recorder`` that signals when a request reaches it and answers only once released."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, request: Request) -> StreamResponse:
+        self.started.set()
+        await self.release.wait()
+        return await super().__call__(request)
 
 
 async def answer_ok(request: Request) -> StreamResponse:
@@ -1170,20 +1185,12 @@ async def test_a_refusal_behind_a_request_in_progress_comes_after_its_answer(ser
 
 
 async def test_a_refusal_behind_a_pipelined_request_drops_it_and_follows_the_answer(serve: Serve) -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-    recorder = Recorder()
-
-    async def handler(request: Request) -> StreamResponse:
-        started.set()
-        await release.wait()
-        return await recorder(request)
-
-    served = await serve(handler)
+    recorder = Held()
+    served = await serve(recorder)
     caller = await served.connect()
     await caller.send(get("/first") + get("/second") + get("/" + "t" * (MAX_LINE + 10)))
-    await wait(started)
-    release.set()
+    await wait(recorder.started)
+    recorder.release.set()
     first = await caller.reply()
     refused = await caller.reply()
 
@@ -1516,21 +1523,13 @@ async def test_a_request_after_connection_close_is_not_read(serve: Serve) -> Non
 
 
 async def test_a_request_sent_after_the_close_answer_is_not_read(serve: Serve) -> None:
-    started = asyncio.Event()
-    release = asyncio.Event()
-    recorder = Recorder()
-
-    async def handler(request: Request) -> StreamResponse:
-        started.set()
-        await release.wait()
-        return await recorder(request)
-
-    served = await serve(handler)
+    recorder = Held()
+    served = await serve(recorder)
     caller = await served.connect()
     await caller.send(get("/first", "Connection: close"))
-    await wait(started)
+    await wait(recorder.started)
     await caller.send(get("/second"))  # while the first is still being answered
-    release.set()
+    recorder.release.set()
     reply = await caller.reply()
 
     assert reply.headers["Connection"] == "close"
