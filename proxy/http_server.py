@@ -67,6 +67,10 @@ MAX_HEADERS = 128
 #: The most a head may take before it is complete (httptools buffers a field until its line ends).
 MAX_HEAD = MAX_LINE * 8
 
+#: How long a connection closed while its caller may still be sending keeps reading (and
+#: dropping) what arrives: closing a socket with unread data resets the connection, and the
+#: reset can destroy the answer before the caller reads it (a 413 to a caller mid-upload).
+LINGER_S = 5.0
 #: How long ``shutdown`` waits for handlers it cancelled to unwind.
 _CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -135,6 +139,7 @@ class _Connection(asyncio.Protocol):
         self._answering: asyncio.Task[None] | None = None
         self._refusal: ProblemError | None = None  # to be sent once the response in progress is written
         self._stopped = False  # no more requests are parsed on this connection
+        self._lingering = False  # answered and ending: what still arrives is dropped
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -314,7 +319,7 @@ class _Connection(asyncio.Protocol):
             or self.transport is None
             or self.transport.is_closing()
         ):
-            self.close()
+            self._end(caller_may_send=not answered.content.is_eof())
             return
         if self._waiting:
             self._answer(self._waiting.popleft())
@@ -346,7 +351,21 @@ class _Connection(asyncio.Protocol):
         response.headers["Connection"] = "close"
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(self._head("1.1", problem.status, None, response.headers) + response.body)
-        self.close()
+        self._end(caller_may_send=True)
+
+    def _end(self, *, caller_may_send: bool) -> None:
+        """Close after the last answer; if the caller may still be sending, linger first: send
+        the end of the stream after the answer and drop what arrives, for ``LINGER_S`` at most."""
+        transport = self.transport
+        if not caller_may_send or transport is None or transport.is_closing() or not transport.can_write_eof():
+            self.close()
+            return
+        self._stop()
+        self._lingering = True
+        transport.write_eof()
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(LINGER_S, self.close)
+        self._update_reading()
 
     def _stop(self) -> None:
         self._stopped = True
@@ -416,7 +435,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         arriving = self._arriving
-        pause = bool(self._waiting) or self._stopped
+        pause = bool(self._waiting) or (self._stopped and not self._lingering)
         if arriving is not None and arriving.content.buffered > BODY_HIGH_WATER:
             pause = True
         if pause != self._reading_paused:
@@ -441,6 +460,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
+        """No request is being answered (a lingering connection is idle)."""
         return self._answering is None
 
     def close(self) -> None:

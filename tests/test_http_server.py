@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from idemproxy import http_server
 from idemproxy.errors import BodyTooLarge, IncompleteBody, ProblemError
 from idemproxy.http_messages import (
     BODY_HIGH_WATER,
@@ -1869,3 +1870,45 @@ async def test_shutdown_starts_no_request_queued_behind_a_stream_in_progress(ser
     assert streamed.body == b"before after"
     assert recorder.paths == []  # the queued request was never handed to a handler
     assert rest == b""
+
+
+async def test_an_early_answer_reaches_a_caller_still_sending_its_body(serve: Serve) -> None:
+    """A 413 before the body: the caller may only read it once its upload is done. The
+    server keeps reading (and dropping) what still comes, so closing does not reset the
+    connection under the answer."""
+    answered = asyncio.Event()
+
+    async def handler(request: Request) -> StreamResponse:
+        answered.set()
+        return Response(status=413, body=b"too large")
+
+    served = await serve(handler)
+    caller = await served.connect()
+    size = 8 * 1024 * 1024
+    await caller.send(get("/", f"Content-Length: {size}", method="POST"))
+    await wait(answered)
+    chunk = b"x" * 65536
+    for _ in range(size // len(chunk)):  # the whole body, sent after the answer went out
+        await caller.send(chunk)
+    reply = await caller.reply()
+
+    assert (reply.status, reply.body) == (413, b"too large")
+    assert reply.headers["Connection"] == "close"
+    assert await caller.rest() == b""
+
+
+async def test_lingering_ends_after_its_bound_for_a_caller_that_never_finishes(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_server, "LINGER_S", 0.05)
+
+    async def handler(request: Request) -> StreamResponse:
+        return Response(status=413, body=b"too large")
+
+    served = await serve(handler)
+    caller = await served.connect()
+    await caller.send(get("/", "Content-Length: 1000000", method="POST") + b"x" * 1000)
+    reply = await caller.reply()
+    assert reply.status == 413
+    assert await caller.rest() == b""  # the end of the stream follows the answer at once
+    await until(lambda: not served.http.connections)  # and the connection is closed, not kept

@@ -169,3 +169,20 @@ async def test_a_body_that_arrives_in_time_in_pieces_is_accepted(stack: Stack) -
     assert reply.status == 201, reply
     assert [seen.body for seen in stack.since(before)] == [body]
     stack.assert_sound_since(before)
+
+
+async def test_a_caller_still_uploading_gets_its_413_not_a_reset(stack: Stack) -> None:
+    """The 413 goes out as soon as the declared length is read; the caller only reads it once
+    its upload is done. The proxy drops the rest of the body meanwhile instead of closing
+    under it (which would reset the connection and lose the answer)."""
+    before = await stack.mark()
+    size = 8 * 1024 * 1024
+    async with connection(stack) as uploading:
+        await uploading.send(head("POST", "/items", [("Idempotency-Key", next(_keys)), ("Content-Length", str(size))]))
+        for _ in range(size // 65536):
+            assert await uploading.send(b"z" * 65536)
+        refusal = await uploading.read_reply()
+        assert_refusal(refusal, {"body-too-large"})
+        assert refusal.closed
+    await stack.assert_untouched_since(before)
+    await stack.assert_serving()
