@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -28,6 +29,10 @@ from idemproxy.decisions import FailureKind
 _BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 #: Buffered response bytes above which the socket stops being read until the consumer catches up.
 _HIGH_WATER: Final = 256 * 1024
+#: A connection is retired this long before the idle timeout its tool announces
+#: (``Keep-Alive: timeout=N``): a request written as the tool closes it would be lost.
+KEEPALIVE_MARGIN_S: Final = 1.0
+_ANNOUNCED_TIMEOUT: Final = re.compile(r"(?:^|[,;\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 class UpstreamFailed(Exception):
@@ -147,7 +152,8 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self.idle_until = 0.0  # while pooled: not taken after this (time.monotonic)
+        self.announced_idle_s: float | None = None  # the tool's idle timeout, less the margin
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
         self._headers_ready: asyncio.Future[None] | None = None
@@ -231,6 +237,9 @@ class _Connection(asyncio.Protocol):
         if length is not None and length.isdigit():
             response.content_length = int(length)
         self._reusable = self._parser.should_keep_alive()
+        announced = headers.get("Keep-Alive")
+        if announced is not None and (timeout := _ANNOUNCED_TIMEOUT.search(announced)) is not None:
+            self.announced_idle_s = float(timeout.group(1)) - KEEPALIVE_MARGIN_S
         if self._headers_ready is not None and not self._headers_ready.done():
             self._headers_ready.set_result(None)
         if self._head_request:  # no body follows, whatever the headers say
@@ -458,10 +467,10 @@ class UpstreamClient:
         idle = self._idle.get(key)
         if not idle:
             return None
-        stale_before = time.monotonic() - self.keepalive_s
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since > stale_before:
+            if not connection.closed and connection.idle_until > now:
                 return connection
             connection.close()
         return None
@@ -470,18 +479,24 @@ class UpstreamClient:
         if self._closed or connection.closed:
             connection.close()
             return
-        connection.idle_since = time.monotonic()
+        idle_s = self.keepalive_s
+        if connection.announced_idle_s is not None:
+            idle_s = min(idle_s, connection.announced_idle_s)
+        if idle_s <= 0:
+            connection.close()
+            return
+        connection.idle_until = time.monotonic() + idle_s
         self._idle.setdefault(connection.origin, []).append(connection)
         if self._sweeper is None:
             self._sweeper = connection.loop.call_later(self.keepalive_s, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle for longer than ``keepalive_s``."""
+        """Close connections idle for longer than ``keepalive_s`` (or than their tool keeps them)."""
         self._sweeper = None
         loop = asyncio.get_running_loop()
-        stale_before = time.monotonic() - self.keepalive_s
+        now = time.monotonic()
         for key, idle in list(self._idle.items()):
-            fresh = [conn for conn in idle if not conn.closed and conn.idle_since > stale_before]
+            fresh = [conn for conn in idle if not conn.closed and conn.idle_until > now]
             for connection in idle:
                 if connection not in fresh:
                     connection.close()

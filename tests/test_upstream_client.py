@@ -22,7 +22,15 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy.decisions import FailureKind
-from idemproxy.upstream_client import Body, NotSent, UpstreamClient, UpstreamFailed, UpstreamResponse, _host_header
+from idemproxy.upstream_client import (
+    KEEPALIVE_MARGIN_S,
+    Body,
+    NotSent,
+    UpstreamClient,
+    UpstreamFailed,
+    UpstreamResponse,
+    _host_header,
+)
 from tests.support.upstream import Upstream
 
 CONNECT_S = 2.0
@@ -393,6 +401,48 @@ async def test_a_connection_idle_past_keepalive_is_not_taken_from_the_pool(serve
     assert (response.status, body) == (200, b"ok")
     assert server.served() == [(1, "/first"), (2, "/second")]
     await server.until(lambda: 1 in server.finished)
+
+
+def announcing(timeout: str) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nKeep-Alive: %s\r\nContent-Length: 2\r\n\r\nok" % timeout.encode()
+
+
+@pytest.mark.parametrize(
+    ("announced", "reused"),
+    [
+        pytest.param("timeout=5, max=100", True, id="five-seconds"),
+        pytest.param("max=100, Timeout = 30", True, id="any-order-and-case"),
+        pytest.param("timeout=1", False, id="within-the-margin"),
+        pytest.param("timeout=0", False, id="none"),
+        pytest.param("max=100", True, id="no-timeout"),
+    ],
+)
+async def test_a_connection_is_pooled_only_while_its_tool_announces_it_keeps_it(
+    serve: Serve, announced: str, reused: bool
+) -> None:
+    client = UpstreamClient()
+    try:
+        server = await serve(answering(announcing(announced)))
+        await fetch(client, server.url, target="/first")
+        response, body = await fetch(client, server.url, target="/second")
+    finally:
+        await client.close()
+    assert (response.status, body) == (200, b"ok")
+    assert server.served() == [(1, "/first"), (1 if reused else 2, "/second")]
+
+
+async def test_a_connection_idle_past_its_tools_announced_timeout_is_not_taken(serve: Serve) -> None:
+    client = UpstreamClient(keepalive_s=30)
+    try:
+        server = await serve(answering(announcing(f"timeout={KEEPALIVE_MARGIN_S + 0.02}")))
+        await fetch(client, server.url, target="/first")
+        # Blocks the loop on purpose: time passes, but the sweeper cannot run before the next send.
+        time.sleep(0.03)  # noqa: ASYNC251
+        response, body = await fetch(client, server.url, target="/second")
+    finally:
+        await client.close()
+    assert (response.status, body) == (200, b"ok")
+    assert server.served() == [(1, "/first"), (2, "/second")]
 
 
 # -- request framing --------------------------------------------------------------------------
