@@ -218,12 +218,18 @@ class Request:
         if limit is None:
             limit = self._connection.max_body if self._connection is not None else 0
         if self.content_length is not None and self.content_length > limit:
-            raise BodyTooLarge(f"The request body exceeds the largest max_body ({limit} bytes).", max_body=limit)
+            raise _too_large(limit)
+        content = self.content
+        if content.is_eof():  # commonly all of it has arrived with the head: no iteration
+            whole = content.read_nowait()
+            if len(whole) > limit:
+                raise _too_large(limit)
+            return whole
         body = bytearray()
-        async for chunk in self.content.iter_chunked(64 * 1024):
+        async for chunk in content.iter_chunked(64 * 1024):
             body += chunk
             if len(body) > limit:
-                raise BodyTooLarge(f"The request body exceeds the largest max_body ({limit} bytes).", max_body=limit)
+                raise _too_large(limit)
         return bytes(body)
 
     # -- per-request state, keyed like aiohttp's (``web.RequestKey``) ----------------------------
@@ -249,6 +255,10 @@ class Request:
     def get(self, key: str, default: Any = None) -> Any: ...
     def get(self, key: Any, default: Any = None) -> Any:
         return self._state.get(key, default)
+
+
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body exceeds the largest max_body ({limit} bytes).", max_body=limit)
 
 
 class StreamResponse:

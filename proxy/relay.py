@@ -147,23 +147,13 @@ def unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole request body, or 413 before anything is recorded."""
-    too_large = BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
     if READ_BODY in request:  # authentication read it to check a signature
         read = request[READ_BODY]
-        if len(read) > limit:
-            raise too_large
-        return read
-    content = request.content
-    if content.is_eof():  # commonly all of it has arrived with the headers: no iteration
-        whole = content.read_nowait()
-        if len(whole) > limit:
-            raise too_large
-        return whole
-    body = bytearray()
-    async for chunk in content.iter_chunked(CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+        if len(read) <= limit:
+            return read
+    else:
+        try:
+            return await request.read(limit)
+        except BodyTooLarge:
+            pass
+    raise BodyTooLarge(f"The request body exceeds this route's max_body of {limit} bytes.", max_body=limit)

@@ -180,6 +180,15 @@ class Served:
         await caller.send(data)
         return await caller.reply(method=method)
 
+    async def leave_mid_request(self, started: asyncio.Event) -> None:
+        """A caller asks for ``/left`` and hangs up once its handler ``started``; returns when
+        the server has seen it go."""
+        caller = await self.connect()
+        await caller.send(get("/left"))
+        await wait(started)
+        caller.close()
+        await until(lambda: not self.http.connections)
+
 
 Serve = Callable[..., Awaitable[Served]]
 
@@ -1642,11 +1651,7 @@ async def test_a_handler_whose_caller_left_runs_to_its_end(serve: Serve) -> None
         return response
 
     served = await serve(handler)
-    caller = await served.connect()
-    await caller.send(get("/left"))
-    await wait(started)
-    caller.close()
-    await until(lambda: not served.http.connections)  # the server saw the caller go
+    await served.leave_mid_request(started)
     release.set()
     await wait(finished)
 
@@ -1674,11 +1679,7 @@ async def test_a_write_error_the_handler_lets_through_after_the_caller_left_is_n
         return response
 
     served = await serve(handler)
-    caller = await served.connect()
-    await caller.send(get("/left"))
-    await wait(started)
-    caller.close()
-    await until(lambda: not served.http.connections)
+    await served.leave_mid_request(started)
     with caplog.at_level("INFO", logger="idemproxy.http_server"):
         release.set()
         await wait(finished)
@@ -1716,11 +1717,7 @@ async def test_a_response_returned_after_the_caller_left_is_tolerated(
         return Response(body=b"x" * 100_000)
 
     served = await serve(handler)
-    caller = await served.connect()
-    await caller.send(get("/left"))
-    await wait(started)
-    caller.close()
-    await until(lambda: not served.http.connections)
+    await served.leave_mid_request(started)
     with caplog.at_level("INFO", logger="idemproxy.http_server"):
         release.set()
         await wait(returned)

@@ -388,21 +388,6 @@ async def test_an_idle_connection_is_closed_after_keepalive(serve: Serve) -> Non
     assert server.served() == [(1, "/first"), (2, "/second")]
 
 
-async def test_a_connection_idle_past_keepalive_is_not_taken_from_the_pool(serve: Serve) -> None:
-    client = UpstreamClient(keepalive_s=0.02)
-    try:
-        server = await serve(answering(OK))
-        await fetch(client, server.url, target="/first")
-        # Blocks the loop on purpose: time passes, but the sweeper cannot run before the next send.
-        time.sleep(0.03)  # noqa: ASYNC251
-        response, body = await fetch(client, server.url, target="/second")
-    finally:
-        await client.close()
-    assert (response.status, body) == (200, b"ok")
-    assert server.served() == [(1, "/first"), (2, "/second")]
-    await server.until(lambda: 1 in server.finished)
-
-
 def announcing(timeout: str) -> bytes:
     return b"HTTP/1.1 200 OK\r\nKeep-Alive: %s\r\nContent-Length: 2\r\n\r\nok" % timeout.encode()
 
@@ -431,10 +416,19 @@ async def test_a_connection_is_pooled_only_while_its_tool_announces_it_keeps_it(
     assert server.served() == [(1, "/first"), (1 if reused else 2, "/second")]
 
 
-async def test_a_connection_idle_past_its_tools_announced_timeout_is_not_taken(serve: Serve) -> None:
-    client = UpstreamClient(keepalive_s=30)
+@pytest.mark.parametrize(
+    ("keepalive_s", "answer"),
+    [
+        pytest.param(0.02, OK, id="our-keepalive"),
+        pytest.param(30.0, announcing(f"timeout={KEEPALIVE_MARGIN_S + 0.02}"), id="announced-by-the-tool"),
+    ],
+)
+async def test_a_connection_idle_past_keepalive_is_not_taken_from_the_pool(
+    serve: Serve, keepalive_s: float, answer: bytes
+) -> None:
+    client = UpstreamClient(keepalive_s=keepalive_s)
     try:
-        server = await serve(answering(announcing(f"timeout={KEEPALIVE_MARGIN_S + 0.02}")))
+        server = await serve(answering(answer))
         await fetch(client, server.url, target="/first")
         # Blocks the loop on purpose: time passes, but the sweeper cannot run before the next send.
         time.sleep(0.03)  # noqa: ASYNC251
@@ -443,6 +437,7 @@ async def test_a_connection_idle_past_its_tools_announced_timeout_is_not_taken(s
         await client.close()
     assert (response.status, body) == (200, b"ok")
     assert server.served() == [(1, "/first"), (2, "/second")]
+    await server.until(lambda: 1 in server.finished)
 
 
 # -- request framing --------------------------------------------------------------------------
