@@ -15,21 +15,28 @@
 # environment and starts the result; keep those steps plain shell.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The build stage runs on the full image of the same Python and Debian release:
+# it has the C compiler that mypyc needs to compile the hot path (setup.py).
+ARG BUILD_IMAGE=python:3.11-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY adapters ./adapters
-# Dependencies come as wheels only (--only-binary), so nothing is compiled and
-# this stage needs no compiler; pip itself is removed from the environment the
-# final stage copies.
-RUN python -m venv /opt/idemproxy \
-    && /opt/idemproxy/bin/pip install --only-binary=:all: . \
+# Dependencies come as wheels only (--only-binary). mypyc type-checks against
+# them, so the wheel is built in a venv that has them (and mypy), without build
+# isolation; the venv the final stage copies gets that wheel and no installer.
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --only-binary=:all: ".[compile]" \
+    && IDEMPROXY_COMPILE=1 /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /opt/wheels . \
+    && python -m venv /opt/idemproxy \
+    && /opt/idemproxy/bin/pip install --only-binary=:all: /opt/wheels/idemproxy-*.whl \
     && /opt/idemproxy/bin/pip uninstall --yes pip setuptools \
+    && /opt/idemproxy/bin/python -m idemproxy.build_info --require-compiled \
     && /opt/idemproxy/bin/python -c "import idemproxy.cli, aiohttp, hiredis, msgpack, orjson, redis, uvloop, yaml"
 
 FROM ${PYTHON_IMAGE}

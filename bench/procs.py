@@ -277,9 +277,9 @@ def start_naive(children: Children, upstream_port: int) -> tuple[Child, int]:
     return child, port
 
 
-def idemproxy_supports_workers() -> bool:
+def idemproxy_supports_workers(python: str) -> bool:
     help_text = subprocess.run(
-        [sys.executable, "-m", "idemproxy", "run", "--help"],
+        [python, "-m", "idemproxy", "run", "--help"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -289,12 +289,22 @@ def idemproxy_supports_workers() -> bool:
     return WORKERS_FLAG in help_text
 
 
+def idemproxy_build(python: str) -> str:
+    """``python``'s idemproxy build: pure Python or compiled (``idemproxy.build_info``)."""
+    done = subprocess.run(
+        [python, "-m", "idemproxy.build_info"], capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"{python} cannot run idemproxy: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip().partition(": ")[2]
+
+
 def start_idemproxy(
-    children: Children, name: str, upstream_port: int, store_url: str, workers: int = 1
+    children: Children, name: str, python: str, upstream_port: int, store_url: str, workers: int = 1
 ) -> tuple[Child, int]:
     port, admin_port = free_port(), free_port()
     argv = [
-        sys.executable, "-m", "idemproxy", "run",
+        python, "-m", "idemproxy", "run",
         "--upstream", f"http://{LOOPBACK}:{upstream_port}",
         "--listen", f"{LOOPBACK}:{port}",
         "--admin-listen", f"{LOOPBACK}:{admin_port}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import secrets
 import shutil
@@ -64,6 +65,8 @@ class Settings:
     wrk_threads: int
     #: Where py-spy profiles of idemproxy runs go (``--profile``), or None.
     profile_dir: Path | None = None
+    #: The interpreter whose idemproxy is measured; ``pure`` scenarios use this one's.
+    idemproxy_python: str = sys.executable
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {
@@ -105,6 +108,7 @@ class Bench:
         return self._measure_idemproxy(run)
 
     def _measure_idemproxy(self, run: Run) -> Measurement:
+        python = sys.executable if run.pure else self.settings.idemproxy_python
         if run.workers != 1 and not self._supports_workers():
             return Measurement(run, missing=f"not available yet: `idemproxy run` has no {procs.WORKERS_FLAG} flag")
         name = f"idemproxy-{run.scenario}-c{run.concurrency}"
@@ -119,7 +123,7 @@ class Bench:
             store_url = f"sqlite:///{store_dir / 'ledger.db'}"
         try:
             with self._child(
-                *procs.start_idemproxy(self.children, name, self.upstream_port, store_url, run.workers)
+                *procs.start_idemproxy(self.children, name, python, self.upstream_port, store_url, run.workers)
             ) as (proxy, port):
                 url = f"http://{LOOPBACK}:{port}"
                 notes: list[str] = []
@@ -224,7 +228,7 @@ class Bench:
 
     def _supports_workers(self) -> bool:
         if self._workers_supported is None:
-            self._workers_supported = procs.idemproxy_supports_workers()
+            self._workers_supported = procs.idemproxy_supports_workers(self.settings.idemproxy_python)
         return self._workers_supported
 
 
@@ -277,10 +281,21 @@ def _parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="py-spy every idemproxy run (stacks written next to FILE)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with configs and logs")
+    parser.add_argument(
+        "--idemproxy-python",
+        default=sys.executable,
+        metavar="PYTHON",
+        help="the interpreter whose idemproxy is measured (`make bench`: the compiled build's); "
+        "forward-redis-pure always runs this interpreter's own",
+    )
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    # Absolute, not resolved: a venv's python is a symlink that must stay the venv's.
+    args.idemproxy_python = os.path.abspath(args.idemproxy_python)
+    if not os.access(args.idemproxy_python, os.X_OK):
+        raise SystemExit(f"bench: --idemproxy-python {args.idemproxy_python} is not an executable")
     if args.quick:
         return Settings(
             duration_s=args.duration or 1,
@@ -289,6 +304,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             preload=50_000,
             wrk_threads=args.wrk_threads,
             profile_dir=args.out.parent if args.profile else None,
+            idemproxy_python=args.idemproxy_python,
         )
     duration = args.duration or 20
     return Settings(
@@ -298,6 +314,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         preload=None,
         wrk_threads=args.wrk_threads,
         profile_dir=args.out.parent if args.profile else None,
+        idemproxy_python=args.idemproxy_python,
     )
 
 
@@ -341,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(run.store is StoreKind.REDIS for run in runs):
         tools["redis-server"] = procs.find_binary("redis-server")
     machine = machine_info(tools)
+    machine["idemproxy build"] = procs.idemproxy_build(settings.idemproxy_python)
+    if any(run.pure for run in runs):
+        machine["forward-redis-pure build"] = procs.idemproxy_build(sys.executable)
     estimate = _estimate_s(runs, settings)
     budget = int(estimate * 1.5 + 120)
     _say(f"bench: {len(runs)} runs, about {estimate / 60:.1f} min (hard limit {budget / 60:.0f} min)")

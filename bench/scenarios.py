@@ -66,6 +66,8 @@ class Scenario:
     workers: int = 1
     #: Completed records written to the ledger before measuring (0: empty ledger).
     preloaded: int = 0
+    #: Run the pure-Python build (the bench's own interpreter) instead of the one under test.
+    pure: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -80,6 +82,15 @@ SCENARIOS = (
         (1, 8, 64),
         "forward path: a fresh key per request, Redis ledger (AOF everysec), 1 worker",
         StoreKind.REDIS,
+    ),
+    Scenario(
+        "forward-redis-pure",
+        Subject.IDEMPROXY,
+        Mode.FRESH,
+        (1, 64),
+        "forward path as above, run by the pure-Python build (no mypyc-compiled modules)",
+        StoreKind.REDIS,
+        pure=True,
     ),
     Scenario(
         "forward-redis-1m",
@@ -151,6 +162,7 @@ class Run:
     store: StoreKind = StoreKind.NONE
     workers: int = 1
     preloaded: int = 0
+    pure: bool = False
 
     @property
     def label(self) -> str:
@@ -177,7 +189,7 @@ def plan(scenarios: list[Scenario], baselines: list[Subject]) -> list[Run]:
         mode = Mode.GET if shape == "GET" else Mode.FRESH
         runs += [Run(subject.value, subject, mode, concurrency) for subject in baselines]
         runs += [
-            Run(s.name, s.subject, s.mode, concurrency, s.store, s.workers, s.preloaded)
+            Run(s.name, s.subject, s.mode, concurrency, s.store, s.workers, s.preloaded, s.pure)
             for s in scenarios
             if concurrency in s.concurrencies and s.mode.shape == shape
         ]

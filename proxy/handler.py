@@ -212,10 +212,10 @@ class ProxyHandler:
                     guard=lambda: self.ledger.leases.still_held(op_id),
                 ) as upstream:
                     reply = await read(upstream)
-        except UpstreamFailed as exc:
-            metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
-            return await self.record_failure(route, owned, exc.kind, exc.detail)
-        except NotSent as exc:
+        except UpstreamFailed as failed:
+            metrics.UPSTREAM_FAILURES.labels(route.name, failed.kind.value).inc()
+            return await self.record_failure(route, owned, failed.kind, failed.detail)
+        except NotSent as not_sent:  # named apart: mypyc gives a name one type per function
             # Paused or stalled past the lease: a reconciler may own the operation now.
             # Nothing was sent, so release it if it is still ours.
             await self.finish(owned, Outcome(State.RELEASED, RetryClass.NOT_SENT), None, route, {"failure": "not-sent"})
@@ -224,13 +224,15 @@ class ProxyHandler:
                 "sent. Retry with the same key.",
                 headers={"Retry-After": "1"},
                 operation=op_id,
-            ) from exc
-        except asyncio.CancelledError:
+            ) from not_sent
+        except asyncio.CancelledError as cancelled:
             # The proxy is shutting down mid-request: nobody knows what the tool did.
             await asyncio.shield(
                 self.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, {"failure": "aborted"})
             )
-            raise
+            # Re-raised by name: after an ``await`` in an ``except`` block, mypyc's bare
+            # ``raise`` re-raises a CancelledError it no longer holds a reference to.
+            raise cancelled
         recording = self.finish(owned, reply.outcome, reply.stored, route, reply.detail)
         await (asyncio.shield(recording) if shield_record else recording)
         return reply.response

@@ -101,23 +101,26 @@ class RequestBody:
         self._drained()
         return data
 
-    async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
+    def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
         """The body in pieces of at most ``size`` bytes, as they arrive."""
-        while True:
-            while not self._buffer:
-                if self._exception is not None:
-                    raise self._exception
-                if self._eof:
-                    return
-                await self._wait()
+        return _Pieces(self, size)
+
+    async def next_piece(self, size: int) -> bytes | None:
+        """The next at most ``size`` bytes as they arrive; ``None`` at the end."""
+        while not self._buffer:
             if self._exception is not None:
                 raise self._exception
-            chunk = self._buffer.popleft()
-            if len(chunk) > size:
-                self._buffer.appendleft(chunk[size:])
-                chunk = chunk[:size]
-            self._drained(len(chunk))
-            yield chunk
+            if self._eof:
+                return None
+            await self._wait()
+        if self._exception is not None:
+            raise self._exception
+        chunk = self._buffer.popleft()
+        if len(chunk) > size:
+            self._buffer.appendleft(chunk[size:])
+            chunk = chunk[:size]
+        self._drained(len(chunk))
+        return chunk
 
     async def read(self) -> bytes:
         """The rest of the body."""
@@ -161,6 +164,23 @@ class RequestBody:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class _Pieces:
+    """``RequestBody.iter_chunked``: a class, not an async generator, which mypyc cannot compile."""
+
+    def __init__(self, body: RequestBody, size: int) -> None:
+        self._body = body
+        self._size = size
+
+    def __aiter__(self) -> _Pieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self._body.next_piece(self._size)
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
 
 
 class Request:

@@ -160,8 +160,8 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._stop()  # the rest is another protocol, which the proxy does not speak
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+        except httptools.HttpParserCallbackError as failed_callback:  # named apart: see handler.forward_owned
+            cause = failed_callback.__context__
             self._refuse(cause if isinstance(cause, ProblemError) else MalformedRequest(str(cause)))
         except httptools.HttpParserError as exc:
             if not self._stopped:
@@ -332,7 +332,9 @@ class _Connection(asyncio.Protocol):
         One warning line, no traceback: a caller sending garbage must not flood the logs with errors."""
         log.warning("refused a request the HTTP parser could not read", extra={"error": problem.detail})
         arriving = self._arriving
-        being_answered = arriving is not None and arriving not in self._waiting and not arriving.content.is_eof()
+        # Not ``arriving not in self._waiting``: mypyc compiles that into ``arriving.__contains__(self._waiting)``.
+        waiting = any(request is arriving for request in self._waiting)
+        being_answered = arriving is not None and not waiting and not arriving.content.is_eof()
         self._stop()
         if being_answered:
             assert arriving is not None

@@ -248,7 +248,7 @@ class Ledger:
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
                 with metrics.ledger_timer("record"):
-                    current = await self.store.transition(transition)
+                    current: OperationRecord | None = await self.store.transition(transition)
                 if current is not None:
                     return await self._late_outcome(owned, new, current, detail, now, retention_s)
                 return current

@@ -120,7 +120,7 @@ class OperationRecord:
         cost: it runs on every request). Unknown field names raise ``TypeError``."""
         if not changes.keys() <= _RECORD_FIELDS:
             raise TypeError(f"OperationRecord has no field(s) {sorted(changes.keys() - _RECORD_FIELDS)}")
-        new = object.__new__(OperationRecord)
+        new = OperationRecord.__new__(OperationRecord)  # compiled (mypyc) classes refuse object.__new__
         for name in _RECORD_FIELD_ORDER:
             object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
         return new

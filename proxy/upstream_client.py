@@ -91,8 +91,12 @@ class UpstreamResponse:
         parts = [chunk async for chunk in self.chunks()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (whatever is buffered at each step, joined)."""
+        return _Chunks(self)
+
+    async def next_chunk(self) -> bytes | None:
+        """What arrived since the last call, joined, once there is something; ``None`` at the end."""
         while True:
             if self._chunks:
                 chunks = self._chunks
@@ -100,12 +104,11 @@ class UpstreamResponse:
                 chunks.clear()
                 self._buffered = 0
                 self._connection.consumed()
-                yield chunk
-                continue
+                return chunk
             if self._error is not None:
                 raise self._error
             if self._done:
-                return
+                return None
             self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
@@ -141,6 +144,22 @@ class UpstreamResponse:
 
 
 _NO_HEADERS: Final[CIMultiDictProxy[str]] = CIMultiDictProxy(CIMultiDict())
+
+
+class _Chunks:
+    """``UpstreamResponse.chunks``: a class, not an async generator, which mypyc cannot compile."""
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._response.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
 
 class _Connection(asyncio.Protocol):
@@ -515,9 +534,9 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(connect_s):
                 await loop.create_connection(lambda: connection, host, port, ssl=tls)
-        except TimeoutError as exc:
+        except TimeoutError as timed_out:  # named apart: see handler.forward_owned
             connection.close()
-            raise UpstreamFailed(FailureKind.CONNECT, f"connecting to {host}:{port} timed out") from exc
+            raise UpstreamFailed(FailureKind.CONNECT, f"connecting to {host}:{port} timed out") from timed_out
         except (OSError, ssl.SSLError) as exc:  # refused, unreachable, unresolvable, TLS handshake
             connection.close()
             raise UpstreamFailed(FailureKind.CONNECT, f"cannot connect to {host}:{port}: {exc}") from exc

@@ -4,6 +4,7 @@
 #   bootstrap.sh redis             make redis-server available on PATH
 #   bootstrap.sh bench-tools       make nginx and wrk available on PATH (for `make bench`)
 #   bootstrap.sh monitoring        make prometheus and promtool available on PATH (for the monitoring tests)
+#   bootstrap.sh compiler PYTHON   a C compiler and PYTHON's headers (for the mypyc-compiled build)
 set -eu
 
 as_root() {
@@ -81,8 +82,26 @@ deploy-tools)
         exit 1
     }
     ;;
+compiler)
+    python=$2
+    has_headers() {
+        "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+    }
+    missing=""
+    command -v cc >/dev/null 2>&1 || missing="$missing gcc"
+    if ! has_headers; then
+        version=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        missing="$missing python$version-dev"
+    fi
+    [ -z "$missing" ] && exit 0
+    # shellcheck disable=SC2086  # one word per package
+    apt_install $missing && command -v cc >/dev/null 2>&1 && has_headers || {
+        echo "bootstrap: the compiled build needs a C compiler and Python headers; install$missing and retry" >&2
+        exit 1
+    }
+    ;;
 *)
-    echo "usage: bootstrap.sh venv PYTHON DIR | redis | bench-tools | monitoring" >&2
+    echo "usage: bootstrap.sh venv PYTHON DIR | redis | bench-tools | monitoring | deploy-tools | compiler PYTHON" >&2
     exit 2
     ;;
 esac

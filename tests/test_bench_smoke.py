@@ -125,6 +125,13 @@ def test_plan_measures_baselines_next_to_each_scenario() -> None:
     assert {run.scenario for run in runs if not run.is_baseline} == {s.name for s in SCENARIOS}
 
 
+def test_only_the_pure_scenario_runs_the_pure_build() -> None:
+    runs = plan(list(SCENARIOS), [])
+
+    assert {run.scenario for run in runs if run.pure} == {"forward-redis-pure"}
+    assert {run.concurrency for run in runs if run.pure} == {1, 64}
+
+
 def _parse_resp(data: bytes) -> list[list[bytes]]:
     commands, at = [], 0
     while at < len(data):

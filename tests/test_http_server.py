@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import pytest
@@ -645,9 +645,8 @@ async def test_read_takes_what_is_left_after_iter_chunked(serve: Serve) -> None:
     seen: list[bytes] = []
 
     async def handler(request: Request) -> StreamResponse:
-        chunks = cast(AsyncGenerator[bytes, None], request.content.iter_chunked(4))
+        chunks = request.content.iter_chunked(4)
         seen.append(await anext(chunks))
-        await chunks.aclose()
         seen.append(await request.content.read())
         return Response()
 
@@ -756,12 +755,10 @@ async def test_reading_pauses_above_high_water_and_resumes_below_low_water(serve
         assert transport is not None
         await until(lambda: not transport.is_reading())  # the handler has not read: the buffer filled up
         taken: list[bytes] = []
-        chunks = cast(AsyncGenerator[bytes, None], request.content.iter_chunked(16 * 1024))
-        async for chunk in chunks:  # no await suspends while the buffer holds data: nothing new arrives
-            taken.append(chunk)
+        async for chunk in request.content.iter_chunked(16 * 1024):
+            taken.append(chunk)  # no await suspends while the buffer holds data: nothing new arrives
             if transport.is_reading():
                 break
-        await chunks.aclose()
         rest = request.content.read_nowait()  # what was still buffered when reading resumed
         seen.update(taken=sum(map(len, taken)), last=len(taken[-1]), rest=len(rest))
         remainder = [chunk async for chunk in request.content.iter_chunked(1 << 20)]

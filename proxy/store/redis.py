@@ -48,11 +48,8 @@ from idemproxy.store.base import (
     matches,
 )
 from idemproxy.store.redis_clients import Client, NodeClient, open_clients
-from idemproxy.store.redis_mux import (
-    RedisConnectionError,
-    RedisMux,
-    RedisReplyError,
-)
+from idemproxy.store.redis_errors import RedisConnectionError, RedisReplyError
+from idemproxy.store.redis_mux import RedisMux
 from idemproxy.store.redis_pubsub import ChangeFeed
 from idemproxy.store.redis_schema import (
     CHARGE,

@@ -26,16 +26,10 @@ from typing import Any, cast
 
 import hiredis
 
+from idemproxy.store.redis_errors import RedisConnectionError, RedisReplyError
+
 Arg = str | bytes | int | float
 _BACKOFF_S = (0.02, 0.05, 0.1)
-
-
-class RedisReplyError(Exception):
-    """Redis answered a command with an error reply."""
-
-
-class RedisConnectionError(ConnectionError):
-    """The connection failed before the reply arrived; the command may or may not have run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +159,8 @@ class RedisMux:
                 if connection is None or not connection.usable:
                     connection = await self._connect()
                 return await connection.send(args)
-            except RedisReplyError as exc:
-                if not str(exc).startswith("READONLY") or attempt == self._retries:
+            except RedisReplyError as error_reply:  # named apart: see handler.forward_owned
+                if not str(error_reply).startswith("READONLY") or attempt == self._retries:
                     raise
                 self.reconnect()  # a demoted master (Sentinel failover): find the new one
             except (OSError, TimeoutError) as exc:

@@ -10,14 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from idemproxy.store.redis_mux import (
-    Endpoint,
-    Login,
-    RedisConnectionError,
-    RedisMux,
-    RedisReplyError,
-    locate_fixed,
-)
+from idemproxy.store.redis_errors import RedisConnectionError, RedisReplyError
+from idemproxy.store.redis_mux import Endpoint, Login, RedisMux, locate_fixed
 from tests.support.redis_server import RedisServer
 
 ECHO = "return ARGV[1]"
