@@ -58,14 +58,22 @@ _DERIVED_DIGEST_MAX = 1024
 _DIGEST_BYTES = 32
 
 
+# One packer per format, reused: ``msgpack.packb`` builds a Packer (and its buffer) per call.
+# Nothing awaits while one is in use, and the records are packed on the event loop's thread.
+_TEXT_PACKER = msgpack.Packer(use_bin_type=False)
+_BINARY_PACKER = msgpack.Packer(use_bin_type=True)
+_HEAD_PACKER = msgpack.Packer(use_bin_type=False, autoreset=False)
+
+
 def pack(record: OperationRecord, evidence: bytes) -> bytes:
     """The whole value for ``record`` whose evidence is ``evidence`` (``pack_evidence`` output, concatenated)."""
-    return pack_head(record) + cast(bytes, msgpack.packb(evidence, use_bin_type=False))
+    return pack_head(record) + cast(bytes, _TEXT_PACKER.pack(evidence))
 
 
 def pack_head(record: OperationRecord) -> bytes:
     """The value for ``record`` up to its evidence: a script completes it with the packed evidence."""
-    packer = msgpack.Packer(use_bin_type=False, autoreset=False)
+    packer = _HEAD_PACKER
+    packer.reset()
     packer.pack_array_header(len(FIELDS))
     response = record.response
     request = record.request
@@ -148,7 +156,7 @@ def _pack_meta(record: OperationRecord) -> bytes:
         extras["request_headers"] = _flat(record.request.headers)
     if extras:
         meta.append(extras)
-    return cast(bytes, msgpack.packb(meta, use_bin_type=True))
+    return cast(bytes, _BINARY_PACKER.pack(meta))
 
 
 def _pack_response(response: StoredResponse) -> list[Any]:
