@@ -25,7 +25,7 @@ from idemproxy.convert import boolean, kind, positive_duration, positive_int, st
 from idemproxy.key_paths import Problems
 from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
-from idemproxy.store.redis_urls import is_topology_url, parse_topology_url
+from idemproxy.store.redis_urls import is_redis_url, is_topology_url, parse_topology_url
 from idemproxy.units import parse_duration, parse_size
 
 DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
@@ -242,7 +242,7 @@ class _Reader(Problems):
                     )
                     routes = (route,) if route is not None else ()
 
-        if store.min_replicas_ack and not store.url.startswith(("redis", "rediss")):
+        if store.min_replicas_ack and not is_redis_url(store.url):
             # Checked after the overrides: the URL may come from --store or IDEMPROXY_STORE.
             with self.at("store"):
                 self.fail("min_replicas_ack", f"needs a Redis store; {store.url.partition(':')[0]} has no replicas")
@@ -431,7 +431,7 @@ def _log_level(value: Any) -> str:
 def _store_url(value: Any) -> str:
     expected = (
         "redis://HOST[:PORT][/DB], rediss://..., redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB], "
-        "redis+cluster://HOST:PORT[,HOST:PORT...] or sqlite:///PATH"
+        "redis+cluster://HOST:PORT[,HOST:PORT...], unix://[[USER]:PASSWORD@]/SOCKET_PATH[?db=DB] or sqlite:///PATH"
     )
     if not isinstance(value, str):
         raise ValueError(f"expected a URL ({expected}), got {kind(value)}")
@@ -441,9 +441,23 @@ def _store_url(value: Any) -> str:
     url = URL(value)
     if url.scheme in ("redis", "rediss") and url.host:
         return value
+    if url.scheme == "unix":
+        return _unix_store_url(url, value, expected)
     if url.scheme == "sqlite" and value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
         return value
     raise ValueError(f"expected {expected}, got {value!r}")
+
+
+def _unix_store_url(url: URL, value: str, expected: str) -> str:
+    # redis-py would ignore a host silently and connect to the socket anyway: refuse it.
+    if url.host:
+        raise ValueError(f"a unix:// URL names a socket path, not a host ({url.host!r}): expected {expected}")
+    if url.path in ("", "/"):
+        raise ValueError("a unix:// URL needs the socket's absolute path, e.g. unix:///run/redis/redis.sock")
+    db = url.query.get("db", "0")
+    if not db.isdigit():
+        raise ValueError(f"db must be a database number, got {db!r}")
+    return value
 
 
 def _key_prefix(value: Any) -> str:

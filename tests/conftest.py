@@ -51,11 +51,25 @@ def sqlite_url(directory: Path) -> str:
     return f"sqlite:///{directory / 'ledger.db'}"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture
+def redis_unix_url(redis_server: RedisServer) -> str:
+    """The session's Redis by its Unix socket (``unix://``), flushed."""
+    redis_server.flush()
+    return redis_server.unix_url
+
+
+def store_url_for(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of the store ``request.param`` names: sqlite, redis or redis-unix."""
     if request.param == "sqlite":
         return sqlite_url(tmp_path)
+    if request.param == "redis-unix":
+        return str(request.getfixturevalue("redis_unix_url"))
     return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return store_url_for(request, tmp_path)
 
 
 @pytest.fixture

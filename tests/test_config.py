@@ -201,6 +201,8 @@ def test_route_name_derived_from_prefix(prefix: str, name: str) -> None:
         pytest.param("rediss://r:6380", "rediss://r:6380", id="string-shorthand-rediss"),
         pytest.param("sqlite:////var/lib/idem.db", "sqlite:////var/lib/idem.db", id="sqlite-absolute"),
         pytest.param({"url": "sqlite:///rel/idem.db"}, "sqlite:///rel/idem.db", id="mapping"),
+        pytest.param("unix:///run/redis/redis.sock", "unix:///run/redis/redis.sock", id="unix-socket"),
+        pytest.param("unix://u:pw@/run/redis.sock?db=2", "unix://u:pw@/run/redis.sock?db=2", id="unix-auth-db"),
     ],
 )
 def test_store_url_forms(store: Any, url: str) -> None:
@@ -689,6 +691,9 @@ INVALID = [
     pytest.param({"store": "redis://", **doc()}, "store.url", "redis://HOST", id="store-redis-no-host"),
     pytest.param({"store": "sqlite:///", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-no-path"),
     pytest.param({"store": "sqlite://ledger.db", **doc()}, "store.url", "sqlite:///PATH", id="store-sqlite-2-slashes"),
+    pytest.param({"store": "unix://", **doc()}, "store.url", "socket's absolute path", id="store-unix-no-path"),
+    pytest.param({"store": "unix://redis.sock", **doc()}, "store.url", "not a host ('redis.sock", id="store-unix-host"),
+    pytest.param({"store": "unix:///r.sock?db=one", **doc()}, "store.url", "db must be a database", id="store-unix-db"),
     pytest.param(
         {"store": {"key_prefix": "has space"}, **doc()},
         "store.key_prefix",

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import redis
 
 from tests.support.redis_server import free_port
 from tests.support.upstream import Upstream
@@ -32,21 +33,35 @@ async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float
                 return lines
 
 
-@pytest.fixture
-async def proxy_process(upstream: Upstream, tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def spawn_proxy(
+    upstream_url: str, *store_args: str, cwd: Path | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``idemproxy run`` in front of ``upstream_url``, once it says it listens; and its base URL."""
     listen, admin = free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "idemproxy", "run",
-        "--upstream", upstream.url,
+        "--upstream", upstream_url,
         "--listen", f"127.0.0.1:{listen}",
         "--admin-listen", f"127.0.0.1:{admin}",
-        "--store", f"sqlite:///{tmp_path / 'ledger.db'}",
+        *store_args,
         stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
     )  # fmt: skip
     assert process.stderr is not None
-    startup = await read_until(process.stderr, b"idemproxy listening")
+    try:
+        startup = await read_until(process.stderr, b"idemproxy listening")
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
     assert orjson.loads(startup[-1])["listen"] == f"127.0.0.1:{listen}"
-    yield process, f"http://127.0.0.1:{listen}"
+    return process, f"http://127.0.0.1:{listen}"
+
+
+@pytest.fixture
+async def proxy_process(upstream: Upstream, tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    process, base = await spawn_proxy(upstream.url, "--store", f"sqlite:///{tmp_path / 'ledger.db'}")
+    yield process, base
     if process.returncode is None:
         process.kill()
         await process.wait()
@@ -74,27 +89,34 @@ async def test_run_replays_across_a_restart_of_the_process(upstream: Upstream, t
     """The embedded store is durable: a new process answers a duplicate from the file."""
     bodies = []
     for _ in range(2):
-        listen, admin = free_port(), free_port()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "idemproxy", "run",
-            "--upstream", upstream.url,
-            "--listen", f"127.0.0.1:{listen}",
-            "--admin-listen", f"127.0.0.1:{admin}",
-            stderr=asyncio.subprocess.PIPE,
-            cwd=tmp_path,  # the default store: ./.idemproxy/ledger.db
-        )  # fmt: skip
-        assert process.stderr is not None
-        await read_until(process.stderr, b"idemproxy listening")
+        # the default store: ./.idemproxy/ledger.db
+        process, base = await spawn_proxy(upstream.url, cwd=tmp_path)
         async with aiohttp.ClientSession() as session:
-            response = await session.post(
-                f"http://127.0.0.1:{listen}/items", json={"n": 1}, headers={"Idempotency-Key": "k"}
-            )
+            response = await session.post(f"{base}/items", json={"n": 1}, headers={"Idempotency-Key": "k"})
             bodies.append((response.status, await response.read()))
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 20) == 0
     assert bodies[0] == bodies[1]
     assert upstream.count() == 1
     assert (tmp_path / ".idemproxy" / "ledger.db").exists()
+
+
+async def test_run_on_redis_by_its_unix_socket_replays_a_duplicate(upstream: Upstream, redis_unix_url: str) -> None:
+    process, base = await spawn_proxy(upstream.url, "--store", redis_unix_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for _ in range(2):
+                response = await session.post(f"{base}/items", json={"n": 1}, headers={"Idempotency-Key": "k"})
+                answers.append((response.status, await response.read(), response.headers.get("Idempotent-Replayed")))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert answers[0][:2] == answers[1][:2]
+    assert [replayed for *_, replayed in answers] == [None, "true"]
+    assert upstream.count() == 1
+    with redis.Redis.from_url(redis_unix_url) as ledger:
+        assert len(ledger.keys("idem:*:op:*")) == 1, "the record is in the Redis behind the socket"
 
 
 async def test_make_run_demo_starts_both_prints_a_curl_line_and_stops_on_ctrl_c(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """The store contract: one suite, run against the SQLite and the Redis ledger.
 
 Every test here goes through the ``store`` fixture, which is parametrized over
-both backends. Where the contract is about what lies under the store (expiry,
-the due index), ``Inspector`` reads the backend directly: a separate Redis
-client, or the stdlib ``sqlite3`` on the store's file.
+both backends (Redis twice: over TCP and over its Unix socket). Where the
+contract is about what lies under the store (expiry, the due index),
+``Inspector`` reads the backend directly: a separate Redis client, or the
+stdlib ``sqlite3`` on the store's file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,9 +28,16 @@ from idemproxy.store import RecordMissing, Store, Transition, open_store
 from idemproxy.store.base import Counter, Full
 from idemproxy.store.redis import RedisStore
 from idemproxy.store.sqlite import SqliteStore
+from tests.conftest import store_url_for
 
 LEASE_MS = 60_000
 WAKE_TIMEOUT_S = 5.0
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-unix"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return store_url_for(request, tmp_path)
+
 
 # -- building records and transitions -------------------------------------------------------
 
@@ -783,3 +792,9 @@ async def test_unreserve_wakes_watchers_through_another_redis_store(redis_url: s
             assert await writer.unreserve(first.op_id, first.owner, 1)
             await asyncio.wait_for(changed.wait(), WAKE_TIMEOUT_S)
         assert await watcher.get(first.op_id) is None
+
+
+def test_the_sqlite_store_refuses_a_url_of_another_kind() -> None:
+    """A URL meant for Redis must never become a SQLite file named after it."""
+    with pytest.raises(ValueError, match="expected sqlite:///PATH"):
+        SqliteStore.from_url("unix:///run/redis.sock")

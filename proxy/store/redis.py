@@ -131,7 +131,8 @@ class RedisStore(Store):
         min_replicas_ack: int = 0,
         replica_ack_timeout_s: float = 1.0,
     ) -> RedisStore:
-        """A store for ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://`` (``redis_urls``)."""
+        """A store for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+        ``redis+cluster://`` (``redis_urls``)."""
         clients = open_clients(url, socket_timeout_s=socket_timeout_s, max_connections=max_connections)
         return cls(
             clients.client,

@@ -8,8 +8,9 @@
 ``rediss+sentinel://`` and ``rediss+cluster://`` use TLS. The host list names
 sentinels (default port 26379) or cluster nodes to discover the cluster from
 (default port 6379); the credentials authenticate to the Redis servers holding
-the data. Plain ``redis://`` and ``rediss://`` URLs are not parsed here:
-redis-py reads them itself.
+the data. Plain ``redis://``, ``rediss://`` and ``unix://`` URLs are not
+parsed here: redis-py reads them itself (``is_redis_url`` says which URLs name
+a Redis store at all).
 
 Messages never repeat a password.
 """
@@ -20,6 +21,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote
 
+PLAIN_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_PORT = 26379
@@ -60,6 +62,11 @@ class ClusterUrl:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis store (any topology, TCP or a Unix socket)."""
+    return url.partition("://")[0].lower() in PLAIN_SCHEMES or is_topology_url(url)
 
 
 def is_topology_url(url: str) -> bool:

@@ -89,6 +89,8 @@ class SqliteStore(Store):
 
     @classmethod
     def from_url(cls, url: str) -> SqliteStore:
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ValueError(f"expected sqlite:///PATH, got {url!r}")
         return cls(url.removeprefix("sqlite:///"))
 
     async def start(self) -> None:

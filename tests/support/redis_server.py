@@ -38,7 +38,8 @@ def restartable_port() -> int:
 
 
 class RedisServer:
-    """One redis-server with AOF on (fsync every write), in its own directory."""
+    """One redis-server with AOF on (fsync every write), in its own directory,
+    listening on a loopback port and on a Unix socket."""
 
     def __init__(self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
@@ -60,6 +61,14 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def unix_socket(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.unix_socket}"
+
     def start(self) -> None:
         self.process = subprocess.Popen(
             [
@@ -72,6 +81,8 @@ class RedisServer:
                 "--save", "",
                 "--protected-mode", "no",
                 "--logfile", str(self.directory / "redis.log"),
+                "--unixsocket", str(self.unix_socket),
+                "--unixsocketperm", "700",
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
