@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from bench import ledger_fill, procs, report
+from bench.idle import CannotKeepAwake, cpus_kept_awake, describe_idle
 from bench.loadgen import LoadResult, run_wrk
 from bench.procs import LOOPBACK, BenchError, Child, Children
 from bench.profile import Profiler, find_py_spy
@@ -96,6 +97,13 @@ class Bench:
         self.upstream, self.upstream_port = procs.start_upstream(self.children, UPSTREAM_BODY)
 
     def measure(self, run: Run) -> Measurement:
+        try:
+            with cpus_kept_awake() if run.awake else contextlib.nullcontext():
+                return self._measure(run)
+        except CannotKeepAwake as exc:
+            return Measurement(run, missing=f"not available: {exc}")
+
+    def _measure(self, run: Run) -> Measurement:
         if run.subject is Subject.DIRECT:
             assert self.upstream is not None
             return self._load(run, self.upstream, self.upstream_port)
@@ -358,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(run.store is StoreKind.REDIS for run in runs):
         tools["redis-server"] = procs.find_binary("redis-server")
     machine = machine_info(tools)
+    machine["idle"] = describe_idle()
     machine["idemproxy build"] = procs.idemproxy_build(settings.idemproxy_python)
     if any(run.pure for run in runs):
         machine["forward-redis-pure build"] = procs.idemproxy_build(sys.executable)

@@ -68,6 +68,8 @@ class Scenario:
     preloaded: int = 0
     #: Run the pure-Python build (the bench's own interpreter) instead of the one under test.
     pure: bool = False
+    #: Keep the CPUs out of idle while measuring (``bench.idle``); its baselines run the same way.
+    awake: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -91,6 +93,16 @@ SCENARIOS = (
         "forward path as above, run by the pure-Python build (no mypyc-compiled modules)",
         StoreKind.REDIS,
         pure=True,
+    ),
+    Scenario(
+        "forward-redis-awake",
+        Subject.IDEMPROXY,
+        Mode.FRESH,
+        (1,),
+        "forward path as forward-redis, with the CPUs kept out of idle (cpu_dma_latency 0) for it and its "
+        "baselines: the latency without the machine's cost of waking an idle CPU",
+        StoreKind.REDIS,
+        awake=True,
     ),
     Scenario(
         "forward-redis-1m",
@@ -163,12 +175,13 @@ class Run:
     workers: int = 1
     preloaded: int = 0
     pure: bool = False
+    awake: bool = False
 
     @property
     def label(self) -> str:
         if self.subject is Subject.IDEMPROXY:
             return self.scenario
-        return f"{self.scenario} {self.mode.shape}"
+        return f"{self.scenario} {self.mode.shape}" + (" awake" if self.awake else "")
 
     @property
     def is_baseline(self) -> bool:
@@ -181,16 +194,16 @@ def plan(scenarios: list[Scenario], baselines: list[Subject]) -> list[Run]:
 
     Without scenarios, the baselines run at every concurrency the full suite uses.
     """
-    points = {(c, s.mode.shape) for s in scenarios for c in s.concurrencies} or {
-        (c, "POST") for s in SCENARIOS for c in s.concurrencies
+    points = {(c, s.mode.shape, s.awake) for s in scenarios for c in s.concurrencies} or {
+        (c, "POST", s.awake) for s in SCENARIOS for c in s.concurrencies
     }
     runs: list[Run] = []
-    for concurrency, shape in sorted(points, key=lambda point: (point[0], point[1] != "POST")):
+    for concurrency, shape, awake in sorted(points, key=lambda point: (point[0], point[1] != "POST", point[2])):
         mode = Mode.GET if shape == "GET" else Mode.FRESH
-        runs += [Run(subject.value, subject, mode, concurrency) for subject in baselines]
+        runs += [Run(subject.value, subject, mode, concurrency, awake=awake) for subject in baselines]
         runs += [
-            Run(s.name, s.subject, s.mode, concurrency, s.store, s.workers, s.preloaded, s.pure)
+            Run(s.name, s.subject, s.mode, concurrency, s.store, s.workers, s.preloaded, s.pure, s.awake)
             for s in scenarios
-            if concurrency in s.concurrencies and s.mode.shape == shape
+            if concurrency in s.concurrencies and s.mode.shape == shape and s.awake == awake
         ]
     return runs

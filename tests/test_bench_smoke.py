@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bench.idle import CannotKeepAwake, cpus_kept_awake, describe_idle
 from bench.ledger_fill import _encode_chunk, record_key
 from bench.loadgen import LoadResult
 from bench.naive_proxy import build_app
@@ -123,6 +126,60 @@ def test_plan_measures_baselines_next_to_each_scenario() -> None:
     assert [run.subject for run in get_runs] == [*BASELINES, Subject.IDEMPROXY]
     assert [run.concurrency for run in runs] == sorted(run.concurrency for run in runs)
     assert {run.scenario for run in runs if not run.is_baseline} == {s.name for s in SCENARIOS}
+
+
+def test_awake_runs_are_compared_only_with_baselines_measured_awake() -> None:
+    runs = plan(list(SCENARIOS), list(BASELINES))
+    awake_at_1 = [run for run in runs if run.awake]
+    assert [run.subject for run in awake_at_1] == [*BASELINES, Subject.IDEMPROXY]
+    assert {run.concurrency for run in awake_at_1} == {1}
+    assert awake_at_1[-1].scenario == "forward-redis-awake"
+    assert awake_at_1[2].label == "naive POST awake"
+
+    naive = Run("naive", Subject.NAIVE, Mode.FRESH, 1)
+    naive_awake = Run("naive", Subject.NAIVE, Mode.FRESH, 1, awake=True)
+    forward = Run("forward-redis", Subject.IDEMPROXY, Mode.FRESH, 1, StoreKind.REDIS)
+    forward_awake = Run("forward-redis-awake", Subject.IDEMPROXY, Mode.FRESH, 1, StoreKind.REDIS, awake=True)
+    results = [
+        _measured(naive, 3000, 0.30),
+        _measured(forward, 1500, 0.60),
+        _measured(naive_awake, 5000, 0.20),
+        _measured(forward_awake, 3500, 0.28),
+    ]
+    judged = {target.text.split(":")[0]: target for target in targets(results, None)}
+    assert judged["concurrency 1"].value.startswith("2.00x")
+    assert judged["concurrency 1"].met is False
+    awake = judged["concurrency 1 with the CPUs kept out of idle (both proxies)"]
+    assert awake.value.startswith("1.40x")
+    assert awake.met is True
+
+
+def test_cpus_are_kept_awake_exactly_while_held(tmp_path: Path) -> None:
+    device = tmp_path / "cpu_dma_latency"
+    device.touch()
+    open_before = set(os.listdir("/proc/self/fd"))
+    with cpus_kept_awake(device):
+        assert device.read_bytes() == b"\x00\x00\x00\x00"  # a latency bound of 0 µs
+        assert len(set(os.listdir("/proc/self/fd")) - open_before) == 1
+    assert set(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_keeping_the_cpus_awake_without_the_device_says_why(tmp_path: Path) -> None:
+    with (
+        pytest.raises(CannotKeepAwake, match=r"cannot keep the CPUs out of idle: .*missing: No such file"),
+        cpus_kept_awake(tmp_path / "missing"),
+    ):
+        raise AssertionError("entered without the device")
+
+
+def test_the_idle_regime_is_described(tmp_path: Path) -> None:
+    cpuidle, poll_ns = tmp_path / "cpuidle", tmp_path / "guest_halt_poll_ns"
+    cpuidle.mkdir()
+    (cpuidle / "current_driver").write_text("haltpoll\n")
+    (cpuidle / "current_governor_ro").write_text("haltpoll\n")
+    poll_ns.write_text("0\n")
+    assert describe_idle(cpuidle, poll_ns) == "cpuidle haltpoll (haltpoll), guest halt polling 0 ns"
+    assert describe_idle(tmp_path / "absent", tmp_path / "absent") == "cpuidle none"
 
 
 def test_only_the_pure_scenario_runs_the_pure_build() -> None:
