@@ -23,13 +23,22 @@ log = logging.getLogger(__name__)
 _MIN_TICK_S = 0.05
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Held:
     fence: int
     owner: str
     lease_s: float
     renew_at: float  # monotonic
     until_ms: int  # wall clock: the lease the store last confirmed
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, fence: int, owner: str, lease_s: float, renew_at: float, until_ms: int
+    ) -> None:
+        self.fence = fence
+        self.owner = owner
+        self.lease_s = lease_s
+        self.renew_at = renew_at
+        self.until_ms = until_ms
 
 
 class LeaseKeeper:

@@ -30,11 +30,14 @@ log = logging.getLogger(__name__)
 _FINISH_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Owned:
     """The caller owns ``record`` (PENDING, fresh lease) and must forward, then ``finish``."""
 
     record: OperationRecord
+
+    def __init__(self, record: OperationRecord) -> None:  # compiled by mypyc, unlike a generated one
+        object.__setattr__(self, "record", record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,7 @@ class Answered:
     reconciled: bool = False  # reconciliation ran for this request
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class OperationRequest:
     op_id: str
     scope: Scope
@@ -59,6 +62,30 @@ class OperationRequest:
     max_attempts: int
     stored_request: StoredRequest | None = None  # kept when the route reconciles with it
     retention_s: float = 0.0  # how long the route keeps a completed record (0: not kept in memory)
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self,
+        op_id: str,
+        scope: Scope,
+        fingerprint: str,
+        method: str,
+        target: str,
+        lease_s: float,
+        wait_s: float,
+        max_attempts: int,
+        stored_request: StoredRequest | None = None,
+        retention_s: float = 0.0,
+    ) -> None:
+        object.__setattr__(self, "op_id", op_id)
+        object.__setattr__(self, "scope", scope)
+        object.__setattr__(self, "fingerprint", fingerprint)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "lease_s", lease_s)
+        object.__setattr__(self, "wait_s", wait_s)
+        object.__setattr__(self, "max_attempts", max_attempts)
+        object.__setattr__(self, "stored_request", stored_request)
+        object.__setattr__(self, "retention_s", retention_s)
 
 
 class OnDemandReconciler(Protocol):

@@ -20,7 +20,7 @@ from idemproxy.http_messages import Handler, Request, StreamResponse
 access_log = logging.getLogger("idemproxy.access")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Observation:
     route: str = "-"
     decision: str | None = None
@@ -30,6 +30,16 @@ class Observation:
     key: str | None = None
     upstream_s: float = 0.0
     side_effecting: bool = False
+
+    def __init__(self, route: str = "-") -> None:  # compiled by mypyc, unlike a generated one
+        self.route = route
+        self.decision = None
+        self.op_id = None
+        self.attempt = None
+        self.task = None
+        self.key = None
+        self.upstream_s = 0.0
+        self.side_effecting = False
 
 
 OBSERVATION = web.RequestKey("observation", Observation)

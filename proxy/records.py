@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+# The classes built on every request define ``__init__`` themselves (``init=False``):
+# mypyc compiles it, while the one ``dataclass`` generates stays interpreted and
+# costs ~14x more. ``tests/test_build_info.py`` checks each assigns its fields.
+
 
 class State(StrEnum):
     PENDING = "PENDING"
@@ -37,7 +41,7 @@ class RetryClass(StrEnum):
     NOT_SENT = "not-sent"  # the owner's lease ran out before it sent anything
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Scope:
     """Who asked, through which route, under which key; part of the operation id."""
 
@@ -46,14 +50,29 @@ class Scope:
     key: str
     task: str | None = None
 
+    def __init__(self, caller: str, route: str, key: str, task: str | None = None) -> None:
+        object.__setattr__(self, "caller", caller)
+        object.__setattr__(self, "route", route)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "task", task)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class StoredResponse:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes | None  # None when the body exceeded the route's storage limit
     body_size: int
     body_sha256: str
+
+    def __init__(
+        self, status: int, headers: tuple[tuple[str, str], ...], body: bytes | None, body_size: int, body_sha256: str
+    ) -> None:
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "body_size", body_size)
+        object.__setattr__(self, "body_sha256", body_sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +84,18 @@ class StoredRequest:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Evidence:
     """One observed fact about an operation, appended and never rewritten."""
 
     at_ms: int
     kind: str
     detail: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, at_ms: int, kind: str, detail: dict[str, Any] | None = None) -> None:
+        object.__setattr__(self, "at_ms", at_ms)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "detail", {} if detail is None else detail)
 
     def to_dict(self) -> dict[str, Any]:
         return {"at_ms": self.at_ms, "kind": self.kind, **self.detail}
@@ -82,7 +106,7 @@ class Evidence:
         return cls(at_ms=int(data.pop("at_ms")), kind=str(data.pop("kind")), detail=data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class OperationRecord:
     op_id: str
     scope: Scope
@@ -108,6 +132,50 @@ class OperationRecord:
     request: StoredRequest | None = None
     evidence: tuple[Evidence, ...] = ()
 
+    def __init__(
+        self,
+        op_id: str,
+        scope: Scope,
+        state: State,
+        fence: int,
+        fingerprint: str,
+        attempt: int,
+        owner: str,
+        lease_until_ms: int,
+        method: str,
+        target: str,
+        created_ms: int,
+        updated_ms: int,
+        retry_class: RetryClass | None = None,
+        response: StoredResponse | None = None,
+        reconciled: bool = False,
+        probes: int = 0,
+        next_probe_ms: int = 0,
+        attempt_ms: int = 0,
+        request: StoredRequest | None = None,
+        evidence: tuple[Evidence, ...] = (),
+    ) -> None:
+        object.__setattr__(self, "op_id", op_id)
+        object.__setattr__(self, "scope", scope)
+        object.__setattr__(self, "state", state)
+        object.__setattr__(self, "fence", fence)
+        object.__setattr__(self, "fingerprint", fingerprint)
+        object.__setattr__(self, "attempt", attempt)
+        object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "lease_until_ms", lease_until_ms)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "created_ms", created_ms)
+        object.__setattr__(self, "updated_ms", updated_ms)
+        object.__setattr__(self, "retry_class", retry_class)
+        object.__setattr__(self, "response", response)
+        object.__setattr__(self, "reconciled", reconciled)
+        object.__setattr__(self, "probes", probes)
+        object.__setattr__(self, "next_probe_ms", next_probe_ms)
+        object.__setattr__(self, "attempt_ms", attempt_ms)
+        object.__setattr__(self, "request", request)
+        object.__setattr__(self, "evidence", evidence)
+
     def lease_alive(self, now_ms: int) -> bool:
         return self.state is State.PENDING and self.lease_until_ms > now_ms
 
@@ -116,15 +184,33 @@ class OperationRecord:
         return self.state is State.UNKNOWN and self.lease_until_ms > now_ms
 
     def evolve(self, **changes: Any) -> OperationRecord:
-        """A copy with ``changes`` (what ``dataclasses.replace`` does, at a third of its
+        """A copy with ``changes`` (what ``dataclasses.replace`` does, at a fraction of its
         cost: it runs on every request). Unknown field names raise ``TypeError``."""
         if not changes.keys() <= _RECORD_FIELDS:
             raise TypeError(f"OperationRecord has no field(s) {sorted(changes.keys() - _RECORD_FIELDS)}")
-        new = OperationRecord.__new__(OperationRecord)  # compiled (mypyc) classes refuse object.__new__
-        for name in _RECORD_FIELD_ORDER:
-            object.__setattr__(new, name, changes[name] if name in changes else getattr(self, name))
-        return new
+        get = changes.get
+        return OperationRecord(
+            get("op_id", self.op_id),
+            get("scope", self.scope),
+            get("state", self.state),
+            get("fence", self.fence),
+            get("fingerprint", self.fingerprint),
+            get("attempt", self.attempt),
+            get("owner", self.owner),
+            get("lease_until_ms", self.lease_until_ms),
+            get("method", self.method),
+            get("target", self.target),
+            get("created_ms", self.created_ms),
+            get("updated_ms", self.updated_ms),
+            get("retry_class", self.retry_class),
+            get("response", self.response),
+            get("reconciled", self.reconciled),
+            get("probes", self.probes),
+            get("next_probe_ms", self.next_probe_ms),
+            get("attempt_ms", self.attempt_ms),
+            get("request", self.request),
+            get("evidence", self.evidence),
+        )
 
 
-_RECORD_FIELD_ORDER = tuple(field.name for field in dataclasses.fields(OperationRecord))
-_RECORD_FIELDS = frozenset(_RECORD_FIELD_ORDER)
+_RECORD_FIELDS = frozenset(field.name for field in dataclasses.fields(OperationRecord))

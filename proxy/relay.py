@@ -32,7 +32,7 @@ from idemproxy.records import StoredResponse
 CHUNK = 64 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Reply:
     """The tool's answer to a forwarded attempt, read: what the caller gets and what is recorded."""
 
@@ -41,15 +41,30 @@ class Reply:
     stored: StoredResponse | None  # kept for replay when the outcome is COMPLETED
     detail: dict[str, object]  # evidence
 
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, response: StreamResponse, outcome: Outcome, stored: StoredResponse | None, detail: dict[str, object]
+    ) -> None:
+        self.response = response
+        self.outcome = outcome
+        self.stored = stored
+        self.detail = detail
+
 
 ReadReply = Callable[[UpstreamResponse], Awaitable[Reply]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Relayed:
     response: StreamResponse
     stored: StoredResponse | None  # None when the body was interrupted
     failed: FailureKind | None = None
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, response: StreamResponse, stored: StoredResponse | None, failed: FailureKind | None = None
+    ) -> None:
+        self.response = response
+        self.stored = stored
+        self.failed = failed
 
 
 async def relay(request: Request, upstream: UpstreamResponse, max_stored: int, op_id: str) -> Relayed:

@@ -19,10 +19,14 @@ from idemproxy.errors import AbsoluteFormRefused, InvalidTarget, MethodNotAllowe
 _DANGEROUS_ESCAPE = re.compile(r"%(?:2[eEfF]|5[cC]|[01][0-9a-fA-F]|7[fF])")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Target:
     path: str  # raw (still percent-encoded) path
     query: str  # raw query string, without '?'
+
+    def __init__(self, path: str, query: str) -> None:  # compiled by mypyc, unlike a generated one
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "query", query)
 
     @property
     def raw(self) -> str:

@@ -4,6 +4,7 @@ really runs the suite against the compiled one."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.machinery
 import os
 import subprocess
@@ -108,3 +109,93 @@ def test_compiled_source_is_found() -> None:
 
     assert {"handler", "http_server", "store/redis_mux"} <= sources.keys()
     assert all(_functions(module) for module in sources.values())
+
+
+# -- dataclasses with an __init__ of their own (compiled, unlike the generated one) ----------------
+
+
+def _own_init_dataclasses() -> list[tuple[str, ast.ClassDef]]:
+    found = []
+    for path in sorted((REPO / "proxy").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(decorator, ast.Call)
+                and ast.unparse(decorator.func) == "dataclass"
+                and any(k.arg == "init" and ast.unparse(k.value) == "False" for k in decorator.keywords)
+                for decorator in node.decorator_list
+            ):
+                found.append((f"{path.relative_to(REPO)}:{node.name}", node))
+    return found
+
+
+def _assigned_in(init: ast.FunctionDef) -> list[str]:
+    names = []
+    for node in ast.walk(init):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "object.__setattr__":
+            names.append(ast.literal_eval(node.args[1]))
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.attr for t in targets if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"]
+    return names
+
+
+def test_every_hand_written_dataclass_init_sets_each_field_once_with_the_declared_defaults() -> None:
+    """``init=False`` dataclasses write ``__init__`` themselves (mypyc compiles it; the generated
+    one stays interpreted): it must stay in step with the fields as they change."""
+    checked, found = 0, []
+    for name, cls in _own_init_dataclasses():
+        fields = {
+            node.target.id: node.value
+            for node in cls.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        }
+        init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        assigned = _assigned_in(init)
+        if sorted(assigned) != sorted(fields):
+            found.append(f"{name}: sets {assigned}, fields are {list(fields)}")
+        params = init.args.args[1:]
+        with_defaults = [p.arg for p in params][len(params) - len(init.args.defaults) :]
+        defaults = dict(zip(with_defaults, init.args.defaults, strict=True))
+        if [p.arg for p in params] != [field for field in fields if field in {p.arg for p in params}]:
+            found.append(f"{name}: parameters {[p.arg for p in params]} are not in field order")
+        for param, default in defaults.items():
+            declared = fields.get(param)
+            if (
+                declared is not None
+                and not ast.unparse(declared).startswith("field(")
+                and (ast.unparse(declared) != ast.unparse(default))
+            ):
+                found.append(f"{name}: {param} defaults to {ast.unparse(default)}, declared {ast.unparse(declared)}")
+        checked += 1
+    assert found == []
+    assert checked >= 9  # the classes built on every request
+
+
+def test_hand_written_dataclass_inits_behave_as_generated_ones() -> None:
+    from idemproxy.records import Evidence, OperationRecord, RetryClass, Scope, State, StoredRequest, StoredResponse
+
+    scope = Scope("agent-1", "tickets", "k-1")
+    assert scope == Scope(caller="agent-1", route="tickets", key="k-1", task=None)
+    assert repr(scope) == "Scope(caller='agent-1', route='tickets', key='k-1', task=None)"
+    assert Evidence(1, "sent").detail == {}
+    assert Evidence(1, "sent").detail is not Evidence(1, "sent").detail  # a fresh dict each, as default_factory
+    fields = ("fp", 1, "me", 5, "POST", "/t", 1, 2)
+    record = OperationRecord("op", scope, State.PENDING, 1, *fields)
+    assert (record.retry_class, record.response, record.evidence, record.attempt_ms) == (None, None, (), 0)
+    assert record.evolve(fence=2) == OperationRecord("op", scope, State.PENDING, 2, *fields)
+
+    # evolve names every field itself: each one must reach the copy, and only that one.
+    first = OperationRecord(
+        "op", scope, State.PENDING, 1, "fp", 1, "me", 5, "POST", "/t", 1, 2, RetryClass.READ_TIMEOUT,
+        StoredResponse(201, (("a", "b"),), b"x", 1, "sha"), False, 1, 3, 4, StoredRequest((), b"q"),
+        (Evidence(1, "sent"),),
+    )  # fmt: skip
+    second = OperationRecord(
+        "op2", Scope("agent-2", "r", "k"), State.UNKNOWN, 2, "fp2", 2, "you", 6, "PUT", "/u", 7, 8,
+        RetryClass.CONNECTION_LOST, None, True, 9, 10, 11, None, (),
+    )  # fmt: skip
+    for name in (field.name for field in dataclasses.fields(OperationRecord)):
+        assert first.evolve(**{name: getattr(second, name)}) == dataclasses.replace(
+            first, **{name: getattr(second, name)}
+        )
+    assert first.evolve() == first
