@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", metavar="URL", help="single upstream for sidecar use (route '/')")
     run.add_argument("--listen", metavar="HOST:PORT", help="proxy listener (default 127.0.0.1:8080)")
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (default 127.0.0.1:8081)")
-    run.add_argument("--store", metavar="URL", help="redis://..., rediss://... or sqlite:///PATH")
+    run.add_argument(
+        "--store",
+        metavar="URL",
+        help="redis://..., rediss://..., unix:///SOCKET, redis+sentinel://..., redis+cluster://... or sqlite:///PATH",
+    )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     run.add_argument("--workers", type=_positive, default=1, metavar="N", help="worker processes (default 1)")
     run.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
