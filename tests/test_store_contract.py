@@ -23,9 +23,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from idemproxy.config import StoreConfig
-from idemproxy.records import Evidence, OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, RetryClass, Scope, State, StoredResponse
 from idemproxy.store import RecordMissing, Store, Transition, open_store
-from idemproxy.store.base import Counter, Full
+from idemproxy.store.base import Counter, Full, OpsQuery
 from idemproxy.store.redis import RedisStore
 from idemproxy.store.sqlite import SqliteStore
 from tests.conftest import store_url_for
@@ -534,6 +534,36 @@ async def test_due_index_holds_pending_records_only(store: Store, inspector: Ins
 
     assert await store.transition(move(outcome(first, state), fence=1)) is None
     assert await inspector.due_ms(first.op_id) is None
+
+
+async def test_an_unresolved_record_is_counted_and_listed_in_its_state_only(store: Store) -> None:
+    async def assert_indexed_as(op_id: str, state: State | None) -> None:
+        counts = await store.count_unresolved()
+        assert counts == {indexed: int(indexed is state) for indexed in UNRESOLVED_STATES}
+        for indexed in UNRESOLVED_STATES:
+            listed = [record.op_id for record in await store.query(OpsQuery(state=indexed))]
+            assert listed == ([op_id] if indexed is state else [])
+
+    first = await reserve_new(store)
+    await assert_indexed_as(first.op_id, State.PENDING)
+    # Every move an unresolved record makes, the same-state ones included (a new owner
+    # takes over an expired lease; the reconciler claims an UNKNOWN record).
+    taken = take_over(first, "instance-b:1")
+    unknown = outcome(taken, State.UNKNOWN, retry_class=RetryClass.READ_TIMEOUT)
+    claimed = unknown.evolve(fence=unknown.fence + 1, owner="reconciler:1", updated_ms=now_ms())
+    escalated = outcome(claimed, State.NEEDS_ATTENTION, retry_class=RetryClass.READ_TIMEOUT)
+    resolved = outcome(escalated, State.COMPLETED, response=make_response(b"found"))
+    steps = [
+        (move(taken, fence=1), State.PENDING),
+        (move(unknown, fence=2), State.UNKNOWN),
+        (move(claimed, fence=2, states={State.UNKNOWN}), State.UNKNOWN),
+        (move(escalated, fence=3, states={State.UNKNOWN}), State.NEEDS_ATTENTION),
+        (move(resolved, fence=3, states={State.NEEDS_ATTENTION}, kind="resolved", ttl_s=60), None),
+    ]
+
+    for transition, indexed_as in steps:
+        assert await store.transition(transition) is None
+        await assert_indexed_as(first.op_id, indexed_as)
 
 
 async def test_a_taken_over_record_is_due_at_its_new_lease(store: Store, inspector: Inspector) -> None:
