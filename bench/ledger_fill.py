@@ -128,6 +128,34 @@ def preload_redis(port: int, template_key: str, key_prefix: str, count: int) -> 
         client.close()
 
 
+@dataclass(frozen=True, slots=True)
+class KeyTable:
+    """How many keys Redis holds, and what its key tables (keys and expiries) take."""
+
+    keys: int
+    table_bytes: int
+
+    @classmethod
+    def of(cls, port: int) -> KeyTable:
+        """Read from the Redis on ``port``; a table that is being rehashed counts both halves."""
+        client = redis.Redis(host=LOOPBACK, port=port)
+        try:
+            stats = client.memory_stats()
+            database = stats.get("db.0") or {}
+            tables = int(database.get("overhead.hashtable.main", 0)) + int(
+                database.get("overhead.hashtable.expires", 0)
+            )
+            return cls(int(client.dbsize()), tables)
+        finally:
+            client.close()
+
+    def change_to(self, after: KeyTable) -> str:
+        return (
+            f"Redis keys {self.keys:,} → {after.keys:,}, key tables "
+            f"{self.table_bytes / 1e6:.0f} → {after.table_bytes / 1e6:.0f} MB"
+        )
+
+
 def flush_to_disk(directory: Path) -> float:
     """fsync every file under ``directory``; returns the seconds it took."""
     started = time.monotonic()

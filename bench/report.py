@@ -195,13 +195,15 @@ def targets(results: Sequence[Measurement], ledger: LedgerMemory | None) -> list
     ):
         single = _find(results, scenario, 1)
         compare(text, single, baseline(results, single.run, Subject.NAIVE) if single else None, _p50, "<=1.5")
-    compare(
-        "forward path with the ledger preloaded vs empty ledger (c=64): throughput",
-        _find(results, "forward-redis-1m", 64),
-        _find(results, "forward-redis", 64),
-        _rps,
-        ">=0.95",
-    )
+    empty = _find(results, "forward-redis", 64)
+    for scenario, text in (
+        ("forward-redis-1m-settled", "forward path with the ledger preloaded vs empty ledger (c=64): throughput"),
+        (
+            "forward-redis-1m",
+            "the same, in the first window after the preload, while Redis doubles its key table: throughput",
+        ),
+    ):
+        compare(text, _find(results, scenario, 64), empty, _rps, ">=0.95")
     if ledger is not None:
         found.append(
             Target(

@@ -7,6 +7,7 @@ concurrency) pair is one ``Run``. Adding a scenario is adding one line to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -186,6 +187,11 @@ class Run:
     @property
     def is_baseline(self) -> bool:
         return self.subject is not Subject.IDEMPROXY
+
+
+def settled(run: Run) -> Run:
+    """The second window of a preloaded run, once Redis's key table stopped growing."""
+    return dataclasses.replace(run, scenario=f"{run.scenario}-settled")
 
 
 def plan(scenarios: list[Scenario], baselines: list[Subject]) -> list[Run]:

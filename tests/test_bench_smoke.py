@@ -18,7 +18,7 @@ from bench.naive_proxy import build_app
 from bench.report import table, targets
 from bench.results import LedgerMemory, Measurement
 from bench.run import _problem
-from bench.scenarios import BASELINES, SCENARIOS, Mode, Run, StoreKind, Subject, plan
+from bench.scenarios import BASELINES, SCENARIOS, Mode, Run, StoreKind, Subject, plan, settled
 from bench.sysinfo import cpu_seconds, peak_rss_mb
 from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredResponse
 from idemproxy.store import redis_record
@@ -101,11 +101,14 @@ def test_targets_are_judged_on_ratios_and_say_what_was_not_measured() -> None:
     forward = Run("forward-redis", Subject.IDEMPROXY, Mode.FRESH, 64, StoreKind.REDIS)
     replay = Run("replay-redis", Subject.IDEMPROXY, Mode.REPLAY, 64, StoreKind.REDIS)
     two = Run("forward-redis-2w", Subject.IDEMPROXY, Mode.FRESH, 64, StoreKind.REDIS, workers=2)
+    preloaded = Run("forward-redis-1m", Subject.IDEMPROXY, Mode.FRESH, 64, StoreKind.REDIS, preloaded=1_000_000)
     results = [
         _measured(naive, 1000, 10.0),
         _measured(forward, 1100, 12.0),
         _measured(replay, 1200, 8.0),
         Measurement(two, missing="not available yet"),
+        _measured(preloaded, 1000, 12.0),
+        _measured(settled(preloaded), 1060, 12.0),
     ]
     ledger = LedgerMemory(
         records=10, seconds=1.0, bytes_per_record=900.0, body_bytes=100, memory_usage_of_real_record=0
@@ -116,6 +119,9 @@ def test_targets_are_judged_on_ratios_and_say_what_was_not_measured() -> None:
     assert judged["2 workers vs 1 worker (forward path, Redis, c=64)"].met is None
     assert judged["2 workers vs 1 worker (forward path, Redis, c=64)"].value == "not available yet"
     assert judged["Redis memory per completed record, excluding the stored body"].met is True
+    # The preloaded ledger is judged on its settled window (1060/1100), and its first window is shown too.
+    assert judged["forward path with the ledger preloaded vs empty ledger (c=64)"].met is True
+    assert judged["the same, in the first window after the preload, while Redis doubles its key table"].met is False
 
 
 def test_plan_measures_baselines_next_to_each_scenario() -> None:
