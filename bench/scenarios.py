@@ -7,8 +7,7 @@ concurrency) pair is one ``Run``. Adding a scenario is adding one line to
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 #: The request every POST workload sends (fixed, so replays match the fingerprint).
@@ -191,7 +190,7 @@ class Run:
 
 def settled(run: Run) -> Run:
     """The second window of a preloaded run, once Redis's key table stopped growing."""
-    return dataclasses.replace(run, scenario=f"{run.scenario}-settled")
+    return replace(run, scenario=f"{run.scenario}-settled")
 
 
 def plan(scenarios: list[Scenario], baselines: list[Subject]) -> list[Run]:
