@@ -24,22 +24,37 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
+COPY requirements/image-build.txt requirements/runtime.txt ./requirements/
 COPY proxy ./proxy
 COPY adapters ./adapters
-# Dependencies come as wheels only (--only-binary). mypyc type-checks against
-# them, so the wheel is built in a venv that has them (and mypy), without build
-# isolation; the venv the final stage copies gets that wheel and no installer.
+# Every dependency comes from the lock (requirements/, `make lock`): pinned, each
+# file checked against its hash, wheels only. mypyc type-checks against them, so
+# the wheel is built in a venv that has them (and mypy), without build isolation;
+# the venv the final stage copies gets the runtime lock, that wheel and no installer.
 RUN python -m venv /opt/build \
-    && /opt/build/bin/pip install --only-binary=:all: ".[compile]" \
+    && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements/image-build.txt \
     && IDEMPROXY_COMPILE=1 /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /opt/wheels . \
     && python -m venv /opt/idemproxy \
-    && /opt/idemproxy/bin/pip install --only-binary=:all: /opt/wheels/idemproxy-*.whl \
+    && /opt/idemproxy/bin/pip install --require-hashes --only-binary=:all: -r requirements/runtime.txt \
+    && /opt/idemproxy/bin/pip install --no-deps /opt/wheels/idemproxy-*.whl \
     && /opt/idemproxy/bin/pip uninstall --yes pip setuptools \
     && /opt/idemproxy/bin/python -m idemproxy.build_info --require-compiled \
     && /opt/idemproxy/bin/python -c "import idemproxy.cli, aiohttp, hiredis, msgpack, orjson, redis, uvloop, yaml"
 
 FROM ${PYTHON_IMAGE}
+ARG PYTHON_IMAGE
+# The release this image is built from: pyproject.toml's version (tests/release checks it).
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="idemproxy" \
+      org.opencontainers.image.description="Idempotent tool-proxy sidecar: at most one side effect per operation id for AI agent tool calls" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/idemproxy/idemproxy" \
+      org.opencontainers.image.url="https://github.com/idemproxy/idemproxy" \
+      org.opencontainers.image.documentation="https://github.com/idemproxy/idemproxy/tree/main/docs" \
+      org.opencontainers.image.vendor="The idemproxy authors" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 ENV PATH=/opt/idemproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -2,42 +2,45 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Reinstall when dependencies or the set of modules change (the editable install
+# Every install comes from the locks in requirements/ (make lock regenerates them).
+LOCK   := requirements/dev.txt
+# Reinstall when the lock or the set of modules change (the editable install
 # is a link tree, so static checkers see the mapped package names).
-STAMP  := $(VENV)/.installed-$(shell { cat pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell { cat $(LOCK) pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
 # The mypyc-compiled build (what the image ships) in a venv of its own; rebuilt
 # whenever any source changes, since the compiled modules shadow the .py files.
 COMPILED_VENV ?= .venv-compiled
 CBIN   := $(COMPILED_VENV)/bin
-CSTAMP := $(COMPILED_VENV)/.installed-$(shell { cat pyproject.toml setup.py; find proxy adapters -name '*.py' | sort | xargs cat; } | cksum | cut -d' ' -f1)
+CSTAMP := $(COMPILED_VENV)/.installed-$(shell { cat $(LOCK) pyproject.toml setup.py; find proxy adapters -name '*.py' | sort | xargs cat; } | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint format clean chaos bench helm-sync compiled test-compiled
+.PHONY: help setup run test lint audit format clean chaos bench helm-sync compiled test-compiled lock dist
 
 help:
 	@echo "make run    - start the example ticket tool and idemproxy in front of it (Ctrl-C stops both)"
 	@echo "make test   - run the whole test suite (installs redis-server when missing)"
 	@echo "make test-compiled - the whole suite against the mypyc-compiled build (the one the image ships)"
-	@echo "make lint   - ruff and mypy"
+	@echo "make lint   - ruff, mypy, the locks' freshness and a vulnerability audit of the locks"
+	@echo "make lock   - regenerate requirements/*.txt at the newest versions pyproject.toml allows"
+	@echo "make dist   - the sdist and wheels in dist/ (the compiled wheel too where a C compiler is present)"
 	@echo "make chaos  - a long chaos campaign (OPERATIONS=10000) with faults and the invariant checker"
 	@echo "make bench  - benchmark idemproxy against nginx and a naive proxy (BENCH_ARGS=--quick for a smoke run)"
 
 $(STAMP):
 	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(VENV)"
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,lint,autogen,camel]' --config-settings editable_mode=strict
+	@sh scripts/bootstrap.sh sync "$(VENV)" $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 setup: $(STAMP)
 
-# Dependencies (and mypy, which brings mypyc) come from a plain install first: the
-# compiled build runs without build isolation, because mypyc type-checks against them.
+# Dependencies (and mypy, which brings mypyc) come from the lock first: the compiled
+# build runs without build isolation, because mypyc type-checks against them.
 $(CSTAMP):
 	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(COMPILED_VENV)"
 	@sh scripts/bootstrap.sh compiler "$(CBIN)/python"
-	$(CBIN)/python -m pip install --quiet --upgrade pip 'setuptools>=68' wheel
-	$(CBIN)/python -m pip install --quiet '.[test,lint,autogen,camel]'
+	@sh scripts/bootstrap.sh sync "$(COMPILED_VENV)" $(LOCK)
 	IDEMPROXY_COMPILE=1 $(CBIN)/python -m pip install --quiet --no-build-isolation --no-deps --force-reinstall .
 	$(CBIN)/python -m idemproxy.build_info --require-compiled
 	@rm -f $(COMPILED_VENV)/.installed-*
@@ -74,13 +77,35 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.harness --operations $(or $(OPERATIONS),10000)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy adapters tests examples bench
-	$(BIN)/ruff format --check proxy adapters tests examples bench
+	$(BIN)/ruff check proxy adapters tests examples bench scripts
+	$(BIN)/ruff format --check proxy adapters tests examples bench scripts
 	$(BIN)/mypy
+	$(BIN)/python scripts/locks.py check
+	$(BIN)/python scripts/audit.py requirements/*.txt
+
+audit: $(STAMP)
+	$(BIN)/python scripts/audit.py --strict requirements/*.txt
+
+# The newest versions the ranges in pyproject.toml allow, for every install set.
+lock:
+	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(VENV)"
+	@sh scripts/bootstrap.sh uv "$(VENV)"
+	$(PYTHON) scripts/locks.py compile --upgrade $(VENV)/.uv/bin/uv
+
+# Built from the lock's build backend (no isolation), then checked; the mypyc-compiled
+# platform wheel where a C compiler and Python's headers are present.
+dist: $(STAMP)
+	rm -rf dist build/compiled
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	@if sh scripts/bootstrap.sh has-compiler $(BIN)/python; then \
+		IDEMPROXY_COMPILE=1 $(BIN)/python -m build --no-isolation --wheel --outdir dist . ; \
+	else echo "dist: no C compiler or Python headers here: the pure wheel only"; fi
+	$(BIN)/python -m twine check --strict dist/*
+	@ls -l dist
 
 format: $(STAMP)
-	$(BIN)/ruff format proxy adapters tests examples bench
-	$(BIN)/ruff check --fix proxy adapters tests examples bench
+	$(BIN)/ruff format proxy adapters tests examples bench scripts
+	$(BIN)/ruff check --fix proxy adapters tests examples bench scripts
 
 clean:
-	rm -rf $(VENV) $(COMPILED_VENV) build .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(COMPILED_VENV) build dist .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -25,7 +25,7 @@ from idemproxy.convert import boolean, kind, positive_duration, positive_int, st
 from idemproxy.key_paths import Problems
 from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
-from idemproxy.store.redis_urls import is_redis_url, is_topology_url, parse_topology_url
+from idemproxy.store.redis_urls import is_redis_url, is_topology_url, missing_redis_client, parse_topology_url
 from idemproxy.units import parse_duration, parse_size
 
 DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
@@ -435,6 +435,8 @@ def _store_url(value: Any) -> str:
     )
     if not isinstance(value, str):
         raise ValueError(f"expected a URL ({expected}), got {kind(value)}")
+    if is_redis_url(value) and (missing := missing_redis_client()):
+        raise ValueError(missing)
     if is_topology_url(value):
         parse_topology_url(value)  # its ValueError names what is wrong
         return value

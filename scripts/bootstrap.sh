@@ -1,10 +1,13 @@
 #!/bin/sh
 # Installs what `make` needs and a fresh Debian/Ubuntu machine may lack:
 #   bootstrap.sh venv PYTHON DIR   create a virtual environment (python3-venv if missing)
+#   bootstrap.sh uv DIR            the locked uv (requirements/uv.txt) in DIR/.uv, for the venv DIR
+#   bootstrap.sh sync DIR LOCK     make the venv DIR hold exactly what LOCK pins, hashes checked
 #   bootstrap.sh redis             make redis-server available on PATH
 #   bootstrap.sh bench-tools       make nginx and wrk available on PATH (for `make bench`)
 #   bootstrap.sh monitoring        make prometheus and promtool available on PATH (for the monitoring tests)
 #   bootstrap.sh compiler PYTHON   a C compiler and PYTHON's headers (for the mypyc-compiled build)
+#   bootstrap.sh has-compiler PYTHON  exit 0 when both are present (installs nothing)
 set -eu
 
 as_root() {
@@ -19,6 +22,10 @@ apt_install() {
     echo "bootstrap: installing $* with apt-get" >&2
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+has_headers() {
+    "$1" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
 }
 
 case "${1:-}" in
@@ -38,6 +45,23 @@ venv)
         }
         "$python" -m venv "$dir"
     fi
+    ;;
+uv)
+    dir=$2
+    # Kept beside the venv's packages, not among them: a sync leaves it alone.
+    if [ -x "$dir/.uv/bin/uv" ] && cmp -s requirements/uv.txt "$dir/.uv/uv.txt"; then exit 0; fi
+    rm -rf "$dir/.uv"
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+        --only-binary=:all: --target "$dir/.uv" -r requirements/uv.txt
+    cp requirements/uv.txt "$dir/.uv/uv.txt"
+    ;;
+sync)
+    dir=$2 lock=$3
+    sh "$0" uv "$dir"
+    # Exactly the lock (what it does not pin is removed), every file checked against its hash;
+    # a source distribution is built with the build backend pinned in build-system.txt.
+    "$dir/.uv/bin/uv" pip sync --quiet --python "$dir/bin/python" --require-hashes \
+        --build-constraints requirements/build-system.txt "$lock"
     ;;
 redis)
     command -v redis-server >/dev/null 2>&1 && exit 0
@@ -82,26 +106,27 @@ deploy-tools)
         exit 1
     }
     ;;
+has-compiler)
+    # Exit 0 when a C compiler and PYTHON's headers are present; installs nothing.
+    command -v cc >/dev/null 2>&1 && has_headers "$2"
+    ;;
 compiler)
     python=$2
-    has_headers() {
-        "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
-    }
     missing=""
     command -v cc >/dev/null 2>&1 || missing="$missing gcc"
-    if ! has_headers; then
+    if ! has_headers "$python"; then
         version=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
         missing="$missing python$version-dev"
     fi
     [ -z "$missing" ] && exit 0
     # shellcheck disable=SC2086  # one word per package
-    apt_install $missing && command -v cc >/dev/null 2>&1 && has_headers || {
+    apt_install $missing && command -v cc >/dev/null 2>&1 && has_headers "$python" || {
         echo "bootstrap: the compiled build needs a C compiler and Python headers; install$missing and retry" >&2
         exit 1
     }
     ;;
 *)
-    echo "usage: bootstrap.sh venv PYTHON DIR | redis | bench-tools | monitoring | deploy-tools | compiler PYTHON" >&2
+    echo "usage: bootstrap.sh venv PYTHON DIR | uv DIR | sync DIR LOCK | redis | bench-tools | monitoring | deploy-tools | compiler PYTHON | has-compiler PYTHON" >&2
     exit 2
     ;;
 esac

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from idemproxy.store.base import RecordMissing, Store, StoreError, StoreUnavailable, Transition
-from idemproxy.store.redis_urls import is_redis_url
+from idemproxy.store.redis_urls import is_redis_url, missing_redis_client
 
 if TYPE_CHECKING:  # the config module imports this package's URL parser
     from idemproxy.config import StoreConfig
@@ -16,6 +16,8 @@ __all__ = ["RecordMissing", "Store", "StoreError", "StoreUnavailable", "Transiti
 def open_store(config: StoreConfig) -> Store:
     """The store for ``config.url`` (not yet started)."""
     if is_redis_url(config.url):
+        if missing := missing_redis_client():
+            raise StoreError(missing)
         from idemproxy.store.redis import RedisStore
 
         return RedisStore.from_url(

@@ -53,7 +53,7 @@ class _Sentinel(Sentinel):
     sentinel in the list and drop another, with its open connections."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(*args, **kwargs)
         self._lookup = asyncio.Lock()
 
     async def discover_master(self, service_name: str) -> Any:

@@ -116,7 +116,7 @@ class ChangeFeed:
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
         if self._node_connection is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._node_connection.aclose()

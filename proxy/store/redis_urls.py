@@ -17,6 +17,7 @@ Messages never repeat a password.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote
@@ -67,6 +68,21 @@ class ClusterUrl:
 def is_redis_url(url: str) -> bool:
     """Whether ``url`` names a Redis store (any topology, TCP or a Unix socket)."""
     return url.partition("://")[0].lower() in PLAIN_SCHEMES or is_topology_url(url)
+
+
+#: What ``pip install`` needs for a Redis store: the embedded SQLite store runs without it.
+REDIS_EXTRA = "idemproxy[redis]"
+
+
+def missing_redis_client() -> str | None:
+    """A one-line problem when the Redis client packages (the ``redis`` extra) are not installed."""
+    missing = [module for module in ("redis", "hiredis") if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return (
+        f"a Redis store needs the Redis client ({' and '.join(missing)} not installed): "
+        f"pip install '{REDIS_EXTRA}', or use the embedded store (sqlite:///PATH)"
+    )
 
 
 def is_topology_url(url: str) -> bool:
