@@ -2,15 +2,19 @@
 # idemproxy container image.
 #
 #   docker build -t idemproxy .
-#   docker run --rm -p 8080:8080 -p 8081:8081 -e IDEMPROXY_UPSTREAM=http://tool:9000 \
+#   docker run --rm -p 8080:8080 -p 8082:8082 -e IDEMPROXY_UPSTREAM=http://tool:9000 \
 #       -e IDEMPROXY_STORE=redis://redis:6379/0 idemproxy
-#   docker run --rm -p 8080:8080 -p 8081:8081 -v "$PWD/idemproxy.yaml:/etc/idemproxy/config.yaml:ro" \
+#   docker run --rm -p 8080:8080 -p 8082:8082 -v "$PWD/idemproxy.yaml:/etc/idemproxy/config.yaml:ro" \
 #       idemproxy --config /etc/idemproxy/config.yaml --workers 2
 #
 # Configuration: a file (--config) and IDEMPROXY_* variables, which win over the
-# file. The image sets IDEMPROXY_LISTEN and IDEMPROXY_ADMIN_LISTEN to 0.0.0.0 so
-# the ports can be published; without a store setting the ledger is SQLite under
-# /var/lib/idemproxy (mount a volume there to keep it).
+# file. The image publishes the proxy (8080) and the metrics listener (8082:
+# /metrics, /healthz, /readyz and nothing else) on 0.0.0.0. The admin listener
+# (8081, the operations API) stays on loopback: `docker exec` or a port-forward
+# reaches it. To publish it, set IDEMPROXY_ADMIN_LISTEN=0.0.0.0:8081 and configure
+# `auth` (the proxy refuses to start with an exposed admin listener and no auth).
+# Without a store setting the ledger is SQLite under /var/lib/idemproxy (mount a
+# volume there to keep it).
 # tests/deploy/test_image.py runs the build stage's RUN steps in a clean virtual
 # environment and starts the result; keep those steps plain shell.
 
@@ -59,7 +63,8 @@ ENV PATH=/opt/idemproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     IDEMPROXY_LISTEN=0.0.0.0:8080 \
-    IDEMPROXY_ADMIN_LISTEN=0.0.0.0:8081
+    IDEMPROXY_ADMIN_LISTEN=127.0.0.1:8081 \
+    IDEMPROXY_METRICS_LISTEN=0.0.0.0:8082
 # The base image's own pip, setuptools and wheel are installers, not runtime
 # dependencies: removed (where the base has them), so the final image holds no
 # tool to build or fetch code.
@@ -73,10 +78,10 @@ RUN if python -m pip --version >/dev/null 2>&1; then \
 COPY --from=build /opt/idemproxy /opt/idemproxy
 USER 10001:10001
 WORKDIR /var/lib/idemproxy
-EXPOSE 8080 8081
-# Liveness of the admin listener, on the port IDEMPROXY_ADMIN_LISTEN names.
+EXPOSE 8080 8082
+# Liveness, from the metrics listener on the port IDEMPROXY_METRICS_LISTEN names.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IDEMPROXY_ADMIN_LISTEN', ':8081').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('IDEMPROXY_METRICS_LISTEN', ':8082').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 # idemproxy is PID 1 (exec form, no shell): it handles SIGTERM itself, stops
 # accepting connections, lets in-flight requests finish for `shutdown_grace`
 # (10 s by default) and exits. Give `docker stop -t` / the pod's grace period more.

@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 
 from idemproxy import metrics
-from idemproxy.auth import IDENTITY, OpsAccess
+from idemproxy.auth import IDENTITY, ExpectHandler, OpsAccess
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import next_step
 from idemproxy.errors import (
@@ -271,17 +271,25 @@ def _response_view(response: StoredResponse | None) -> dict[str, Any] | None:
         return None
     view: dict[str, Any] = {
         "status": response.status,
-        "headers": dict(response.headers),
+        # Header bytes that are not UTF-8 are kept exactly (as lone surrogates); shown escaped.
+        "headers": {_shown(name): _shown(value) for name, value in response.headers},
         "size": response.body_size,
         "sha256": response.body_sha256,
         "stored": response.body is not None,
     }
+    if response.not_stored_reason is not None:
+        view["not_stored_reason"] = response.not_stored_reason
     if response.body is not None and len(response.body) <= _INLINE_BODY:
         try:
             view["body"] = response.body.decode()
         except UnicodeDecodeError:
             view["body_base64"] = base64.b64encode(response.body).decode()
     return view
+
+
+def _shown(text: str) -> str:
+    """``text`` as JSON can carry it: bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _parse_query(params: Mapping[str, str]) -> OpsQuery:
@@ -354,10 +362,11 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(openapi_document())
 
 
-def admin_routes(app: web.Application) -> None:
+def admin_routes(app: web.Application, expect: ExpectHandler) -> None:
+    """``expect``: each route's ``Expect: 100-continue`` step (credentials before the body)."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/_idem/openapi.json", openapi)
-    app.router.add_get("/_idem/ops", list_operations)
-    app.router.add_get("/_idem/ops/{op_id}", show_operation)
-    app.router.add_post("/_idem/ops/{op_id}/resolve", resolve_operation)
+    app.router.add_get("/_idem/openapi.json", openapi, expect_handler=expect)
+    app.router.add_get("/_idem/ops", list_operations, expect_handler=expect)
+    app.router.add_get("/_idem/ops/{op_id}", show_operation, expect_handler=expect)
+    app.router.add_post("/_idem/ops/{op_id}/resolve", resolve_operation, expect_handler=expect)

@@ -89,9 +89,12 @@ def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) ->
             )
         case Action.NOT_STORED:
             stored = record.response
+            if stored is not None and stored.not_stored_reason is not None:
+                why = f"could not be stored ({stored.not_stored_reason}; its evidence says why)"
+            else:
+                why = "body exceeded the route's max_stored_response and was not kept"
             return ResponseNotStored(
-                "The operation completed, but its response body exceeded the route's "
-                "max_stored_response and was not kept; it will not be forwarded again.",
+                f"The operation completed, but its response {why}; it will not be forwarded again.",
                 original_status=stored.status if stored else None,
                 body_size=stored.body_size if stored else None,
                 body_sha256=stored.body_sha256 if stored else None,

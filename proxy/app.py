@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from idemproxy import metrics
-from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes
-from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, proxy_auth_step
+from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes, healthz, readyz
+from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, admin_expect_handler, proxy_auth_step
 from idemproxy.budgets import Budgets
 from idemproxy.completed_cache import CompletedCache
 from idemproxy.config import ProxyConfig
@@ -156,7 +156,7 @@ def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
     app[STORE_KEY] = store
     app[ROUTES_KEY] = {route.name: route for route in config.routes}
     app[RESOLVER_KEY] = f"{new_instance_id()}:operator"
-    admin_routes(app)
+    admin_routes(app, admin_expect_handler(authenticator))
     app.router.add_get("/metrics", metrics_endpoint)
 
     async def unresolved_gauge_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -166,6 +166,16 @@ def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
         await asyncio.gather(task, return_exceptions=True)
 
     app.cleanup_ctx.append(unresolved_gauge_ctx)
+    return app
+
+
+def build_metrics_app(store: Store, config: ProxyConfig) -> web.Application:
+    """The metrics listener: what Prometheus and the kubelet need, and nothing of the operations API."""
+    app = web.Application(middlewares=[problem_middleware, inbound_middleware(config.client_body_timeout_s)])
+    app[STORE_KEY] = store
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app
 
 
@@ -219,21 +229,25 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
         proxy = build_proxy_app(config, store)
         grace_s = config.shutdown_grace_s
         async with serving_proxy(proxy, config.listen.host, config.listen.port, grace_s=grace_s, reuse_port=reuse_port):
-            admin = web.AppRunner(
-                build_admin_app(store, config),
-                shutdown_timeout=grace_s,
-                access_log=None,
-                **server_options(config.client_header_timeout_s),
-            )
-            await admin.setup()
+            apps = [(build_admin_app(store, config), config.admin_listen)]
+            if config.metrics_listen is not None:
+                apps.append((build_metrics_app(store, config), config.metrics_listen))
+            runners = []
             try:
-                address = config.admin_listen
-                await web.TCPSite(admin, address.host, address.port, reuse_address=True, reuse_port=reuse_port).start()
+                for app, address in apps:
+                    runner = web.AppRunner(
+                        app, shutdown_timeout=grace_s, access_log=None, **server_options(config.client_header_timeout_s)
+                    )
+                    await runner.setup()
+                    runners.append(runner)
+                    site = web.TCPSite(runner, address.host, address.port, reuse_address=True, reuse_port=reuse_port)
+                    await site.start()
                 log.info(
                     "idemproxy listening",
                     extra={
                         "listen": str(config.listen),
                         "admin": str(config.admin_listen),
+                        "metrics": str(config.metrics_listen) if config.metrics_listen else None,
                         "store": redacted(config.store.url),
                     },
                 )
@@ -243,7 +257,8 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None, *, reus
                 await _until_signalled()
                 log.info("shutting down: draining in-flight requests", extra={"grace_s": grace_s})
             finally:
-                await admin.cleanup()
+                for runner in reversed(runners):
+                    await runner.cleanup()
     finally:
         await store.close()
 

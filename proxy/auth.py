@@ -21,6 +21,14 @@ A request proves an identity in one of two ways:
   accepted once: the store remembers it (across instances) until it would be
   stale anyway.
 
+Everything but the signature itself is checked from the head, before the body
+is read: a caller refused for its credentials is never invited (``100
+Continue``) to send its body. Credentials are untrusted text: a value that is
+not what its scheme allows (a signature that is not 64 hex digits, a token or
+key id with characters beyond ASCII) is a bad credential, a ``401``, never an
+error of the proxy (``hmac.compare_digest`` raises ``TypeError`` on a str that
+is not ASCII).
+
 Secrets are referenced as ``env:NAME`` or ``file:PATH``, never written in the
 main configuration; the configuration itself is read by ``idemproxy.auth_config``.
 """
@@ -32,13 +40,14 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.typedefs import Handler, Middleware
 
 from idemproxy.auth_config import (
@@ -52,9 +61,10 @@ from idemproxy.auth_config import (
     parse_auth,
     resolve_secret,
 )
-from idemproxy.errors import Forbidden, LedgerUnavailable, Unauthenticated
+from idemproxy.errors import ExpectationFailed, Forbidden, LedgerUnavailable, ProblemError, Unauthenticated
 from idemproxy.http_messages import Handler as ProxyHandler
 from idemproxy.http_messages import Request, Step, StreamResponse
+from idemproxy.problems import problem_response
 from idemproxy.store.base import Store, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -91,6 +101,12 @@ CREDENTIAL_HEADERS = frozenset(
 )
 CHALLENGE = 'Bearer realm="idemproxy", IDEM-HMAC-SHA256 realm="idemproxy"'
 EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
+#: An ``X-Idem-Signature``: hex SHA256, in either case. ``[0-9a-fA-F]`` is ASCII only, unlike
+#: ``str.isalnum`` or ``\w``; checked before ``lower()``, which maps "\u212a" (Kelvin) to "k".
+_SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+
+#: aiohttp's per-route ``Expect`` step: a response refuses the request, ``None`` lets it in.
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 #: The body, when authentication had to read it to check a signature.
 READ_BODY = web.RequestKey("read_body", bytes)
@@ -178,7 +194,9 @@ class IdentityStore:
 
     def by_token(self, token: str) -> Identity | None:
         self._maybe_check()
-        presented = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+        # The bytes as sent: bytes that are not UTF-8 arrive as lone surrogates (listeners refuse
+        # such headers before authentication; this never raises on one that gets here anyway).
+        presented = "sha256:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         found: Identity | None = None
         for stored, identity in self._lookup.tokens:  # every hash is compared: no early exit
             if hmac.compare_digest(stored, presented) and found is None:
@@ -220,8 +238,10 @@ def _reload_all() -> None:
 
 
 def string_to_sign(method: str, target: str, timestamp: str, key: str, body: bytes) -> bytes:
-    """What an HMAC signature covers; ``target`` is the path with its query, as sent."""
-    return "\n".join((method.upper(), target, timestamp, key, hashlib.sha256(body).hexdigest())).encode()
+    """What an HMAC signature covers; ``target`` is the path with its query, as sent (bytes that are
+    not UTF-8, which the listeners refuse anyway, would be covered as sent, never raise)."""
+    line = "\n".join((method.upper(), target, timestamp, key, hashlib.sha256(body).hexdigest()))
+    return line.encode("utf-8", "surrogateescape")
 
 
 def sign(secret: bytes, method: str, target: str, timestamp: str, key: str, body: bytes) -> str:
@@ -245,6 +265,13 @@ class Authenticator:
         headers = request.headers
         if SIGNATURE_HEADER in headers or KEY_ID_HEADER in headers:
             return await self._hmac(request)
+        return self.by_head(headers)
+
+    def by_head(self, headers: Mapping[str, str]) -> Identity:
+        """The identity the head's credentials claim, checked as far as the head allows: a bearer
+        token completely; an HMAC signature up to the body it covers. Raises ``Unauthenticated``."""
+        if SIGNATURE_HEADER in headers or KEY_ID_HEADER in headers:
+            return self._hmac_head(headers)[0]
         scheme, _, token = headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             identity = self.identities.by_token(token.strip())
@@ -255,35 +282,18 @@ class Authenticator:
 
     async def _hmac(self, request: web.Request | Request) -> Identity:
         headers = request.headers
-        key_id = headers.get(KEY_ID_HEADER, "")
-        timestamp = headers.get(TIMESTAMP_HEADER, "")
-        signature = headers.get(SIGNATURE_HEADER, "").lower()
-        if not (key_id and timestamp and signature):
-            raise _unauthenticated(f"HMAC needs {KEY_ID_HEADER}, {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}.")
-        # ASCII digits, and few of them: str.isdigit() also takes "²", and int() of thousands of
-        # digits raises (or overflows a float when compared with the clock).
-        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-            raise _unauthenticated(f"{TIMESTAMP_HEADER} must be whole unix seconds.")
-        age = self._clock() - int(timestamp)
-        if abs(age) > self.max_skew_s:
-            raise _unauthenticated(
-                f"{TIMESTAMP_HEADER} is {abs(age):.0f}s off the proxy's clock; "
-                f"at most {self.max_skew_s:g}s is accepted."
-            )
-        found = self.identities.by_key_id(key_id)
-        # The body is read even for an unknown key id, so timing does not tell which key ids exist.
+        identity, secret = self._hmac_head(headers)
+        timestamp = headers[TIMESTAMP_HEADER]
         body = await request.read() if request.body_exists else b""
         request[READ_BODY] = body
-        if found is None:
-            raise _unauthenticated("The signature is not valid.")
-        identity, secret = found
+        signature = headers[SIGNATURE_HEADER].lower()  # ASCII: compare_digest takes it, and the store key is canonical
         expected = sign(secret, request.method, request.raw_path, timestamp, headers.get(self.key_header, ""), body)
         if not hmac.compare_digest(expected, signature):
             raise _unauthenticated("The signature is not valid.")
         # Remember it until it would be refused as stale anyway.
         ttl_s = max(1.0, int(timestamp) + self.max_skew_s - self._clock() + 1)
         try:
-            fresh = await self.store.remember_once(f"hmac:{key_id}:{signature}", ttl_s)
+            fresh = await self.store.remember_once(f"hmac:{headers[KEY_ID_HEADER]}:{signature}", ttl_s)
         except StoreUnavailable as exc:
             raise LedgerUnavailable(
                 "The store that remembers used signatures is unreachable, so the request was refused.",
@@ -292,6 +302,33 @@ class Authenticator:
         if not fresh:
             raise _unauthenticated("This signature was already used; sign each request afresh.")
         return identity
+
+    def _hmac_head(self, headers: Mapping[str, str]) -> tuple[Identity, bytes]:
+        """The signing identity and its secret, once everything but the signature over the body checks."""
+        key_id = headers.get(KEY_ID_HEADER, "")
+        timestamp = headers.get(TIMESTAMP_HEADER, "")
+        sent = headers.get(SIGNATURE_HEADER, "")
+        if not (key_id and timestamp and sent):
+            raise _unauthenticated(f"HMAC needs {KEY_ID_HEADER}, {TIMESTAMP_HEADER} and {SIGNATURE_HEADER}.")
+        # ASCII digits, and few of them: str.isdigit() also takes "²", and int() of thousands of
+        # digits raises (or overflows a float when compared with the clock).
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            raise _unauthenticated(f"{TIMESTAMP_HEADER} must be whole unix seconds.")
+        if not _SIGNATURE.fullmatch(sent):
+            raise _unauthenticated(f"{SIGNATURE_HEADER} must be the 64 hex digits of an HMAC-SHA256.")
+        age = self._clock() - int(timestamp)
+        if abs(age) > self.max_skew_s:
+            raise _unauthenticated(
+                f"{TIMESTAMP_HEADER} is {abs(age):.0f}s off the proxy's clock; "
+                f"at most {self.max_skew_s:g}s is accepted."
+            )
+        # Refused before the body is read, so the caller is not invited to send it. That an
+        # answer comes sooner for an unknown key id than for a wrong signature tells a caller
+        # which key ids exist: they name keys, like user names, and are not secrets.
+        found = self.identities.by_key_id(key_id)
+        if found is None:
+            raise _unauthenticated("The signature is not valid.")
+        return found
 
 
 def _unauthenticated(detail: str) -> Unauthenticated:
@@ -326,11 +363,36 @@ def admin_auth_middleware(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/_idem/"):
-            identity = await authenticator.authenticate(request)
-            if identity.ops is OpsAccess.NONE:
-                raise Forbidden(f"Identity {identity.name!r} has no access to the operations API.")
+            identity = _with_ops_access(await authenticator.authenticate(request))
             request[IDENTITY] = identity
         response: web.StreamResponse = await handler(request)
         return response
 
     return auth_middleware
+
+
+def admin_expect_handler(authenticator: Authenticator | None) -> ExpectHandler:
+    """aiohttp's ``Expect: 100-continue`` step for the admin listener: the head's credentials
+    are checked first, and a caller they refuse gets its 401/403 instead of an invitation to
+    send its body (aiohttp's default handler invites everyone, before any middleware runs)."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return problem_response(ExpectationFailed(f"Expect: {request.headers.get('Expect')!r} is not supported."))
+        if authenticator is not None and request.path.startswith("/_idem/"):
+            try:
+                _with_ops_access(authenticator.by_head(request.headers))
+            except ProblemError as refused:
+                return problem_response(refused)
+        if request.version == HttpVersion11:  # as aiohttp's own: HTTP/1.0 has no interim answers
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+        return None
+
+    return expect
+
+
+def _with_ops_access(identity: Identity) -> Identity:
+    if identity.ops is OpsAccess.NONE:
+        raise Forbidden(f"Identity {identity.name!r} has no access to the operations API.")
+    return identity

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from idemproxy import __version__
-from idemproxy.config import ConfigError, Overrides, ProxyConfig, load_config
+from idemproxy.config import ConfigError, DeriveScope, KeyMode, Overrides, ProxyConfig, load_config
 from idemproxy.logs import configure_logging
 from idemproxy.ops_cli import add_ops_commands, run_ops
 from idemproxy.supervisor import WORKER_FLAG
@@ -34,7 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", metavar="FILE", help="YAML configuration file")
     run.add_argument("--upstream", metavar="URL", help="single upstream for sidecar use (route '/')")
     run.add_argument("--listen", metavar="HOST:PORT", help="proxy listener (default 127.0.0.1:8080)")
-    run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener (default 127.0.0.1:8081)")
+    run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="admin listener: the operations API, health and metrics (default 127.0.0.1:8081; "
+        "a non-loopback address needs 'auth')",
+    )
+    run.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="a listener with /metrics, /healthz and /readyz only, for Prometheus and the kubelet (default: off)",
+    )
     run.add_argument(
         "--store",
         metavar="URL",
@@ -57,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = Overrides(
         listen=args.listen,
         admin_listen=args.admin_listen,
+        metrics_listen=args.metrics_listen,
         store=args.store,
         upstream=args.upstream,
         log_level=args.log_level,
@@ -84,6 +95,7 @@ def _worker_args(args: argparse.Namespace) -> list[str]:
         ("--upstream", args.upstream),
         ("--listen", args.listen),
         ("--admin-listen", args.admin_listen),
+        ("--metrics-listen", args.metrics_listen),
         ("--store", args.store),
         ("--log-level", args.log_level),
     ):
@@ -104,6 +116,15 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     routes = ", ".join(f"{route.name} ({route.prefix} -> {route.upstream})" for route in config.routes)
     print(f"{args.file}: OK: {len(config.routes)} route(s): {routes}")
+    task = config.headers.task
+    for route in config.routes:
+        if route.key_mode is not KeyMode.DERIVE:
+            continue
+        if route.derive_scope is DeriveScope.TASK:
+            scope = f"keys derived per {task}; a call without a key or {task} is refused (400 missing-task)"
+        else:
+            scope = f"without {task}, a caller's identical calls are one operation, across runs (opted in)"
+        print(f"  route {route.name}: key_mode derive, derive_scope {route.derive_scope.value}: {scope}")
     return 0
 
 

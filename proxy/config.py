@@ -8,6 +8,7 @@ value and what was expected; an invalid configuration never starts a proxy.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -42,6 +43,13 @@ class KeyMode(StrEnum):
     OPTIONAL = "optional"  # without a key the call passes through unrecorded
 
 
+class DeriveScope(StrEnum):
+    """What a derived key (``key_mode: derive``) is scoped by, besides caller and request."""
+
+    TASK = "task"  # the task header: a call without one is refused (400 missing-task)
+    CALLER = "caller"  # the caller alone when no task is sent: identical calls across runs are one operation
+
+
 class FailureMode(StrEnum):
     FAIL_CLOSED = "fail_closed"  # ledger down: refuse side-effecting calls with 503
     FAIL_OPEN = "fail_open"  # ledger down: forward without a record (explicit opt-in)
@@ -65,6 +73,17 @@ class HostPort:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def is_loopback(self) -> bool:
+        """Only this host can connect: a loopback address, or ``localhost``. Any other
+        name may resolve to an address that other machines reach."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
@@ -74,6 +93,7 @@ class RouteConfig:
     strip_prefix: bool = False
     side_effect_methods: frozenset[str] = DEFAULT_SIDE_EFFECT_METHODS
     key_mode: KeyMode = KeyMode.REQUIRE
+    derive_scope: DeriveScope = DeriveScope.TASK
     retention_s: float = 86400.0
     wait_s: float = 10.0
     connect_timeout_s: float = 5.0
@@ -120,6 +140,9 @@ class ProxyConfig:
     routes: tuple[RouteConfig, ...]
     listen: HostPort = HostPort("127.0.0.1", 8080)
     admin_listen: HostPort = HostPort("127.0.0.1", 8081)
+    #: /metrics, /healthz and /readyz alone, for Prometheus and the kubelet; None: off
+    #: (the admin listener serves them too).
+    metrics_listen: HostPort | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
     headers: HeaderNames = field(default_factory=HeaderNames)
     log_level: str = "info"
@@ -140,6 +163,7 @@ class Overrides:
 
     listen: str | None = None
     admin_listen: str | None = None
+    metrics_listen: str | None = None
     store: str | None = None
     upstream: str | None = None
     log_level: str | None = None
@@ -149,6 +173,7 @@ class Overrides:
         return cls(
             listen=environ.get(_ENV_PREFIX + "LISTEN"),
             admin_listen=environ.get(_ENV_PREFIX + "ADMIN_LISTEN"),
+            metrics_listen=environ.get(_ENV_PREFIX + "METRICS_LISTEN"),
             store=environ.get(_ENV_PREFIX + "STORE"),
             upstream=environ.get(_ENV_PREFIX + "UPSTREAM"),
             log_level=environ.get(_ENV_PREFIX + "LOG_LEVEL"),
@@ -159,6 +184,7 @@ class Overrides:
         return Overrides(
             listen=self.listen or lower.listen,
             admin_listen=self.admin_listen or lower.admin_listen,
+            metrics_listen=self.metrics_listen or lower.metrics_listen,
             store=self.store or lower.store,
             upstream=self.upstream or lower.upstream,
             log_level=self.log_level or lower.log_level,
@@ -211,6 +237,7 @@ class _Reader(Problems):
         defaults = ProxyConfig(routes=())
         listen = self.value(data, "listen", defaults.listen, _host_port)
         admin_listen = self.value(data, "admin_listen", defaults.admin_listen, _host_port)
+        metrics_listen = self.value(data, "metrics_listen", defaults.metrics_listen, _host_port)
         log_level = self.value(data, "log_level", defaults.log_level, _log_level)
         grace = self.value(data, "shutdown_grace", defaults.shutdown_grace_s, parse_duration)
         log_keys = self.value(data, "log_keys", defaults.log_keys, boolean)
@@ -227,6 +254,10 @@ class _Reader(Problems):
             if overrides.admin_listen:
                 admin_listen = self.value(
                     {"admin_listen": overrides.admin_listen}, "admin_listen", admin_listen, _host_port
+                )
+            if overrides.metrics_listen:
+                metrics_listen = self.value(
+                    {"metrics_listen": overrides.metrics_listen}, "metrics_listen", metrics_listen, _host_port
                 )
             if overrides.log_level:
                 log_level = self.value({"log_level": overrides.log_level}, "log_level", log_level, _log_level)
@@ -250,12 +281,17 @@ class _Reader(Problems):
             self.fail("routes", "no routes configured; add 'routes' to the file or pass --upstream URL")
         if listen == admin_listen and not self.problems:
             self.fail("admin_listen", f"must differ from listen ({listen})")
+        if metrics_listen is not None and metrics_listen in (listen, admin_listen) and not self.problems:
+            self.fail("metrics_listen", f"must differ from listen ({listen}) and admin_listen ({admin_listen})")
         auth = self.auth(data["auth"], routes) if "auth" in data else None
+        if "auth" not in data and not admin_listen.is_loopback:
+            self.fail("admin_listen", _exposed_admin_problem(admin_listen))
         budgets = self.budgets(data["budgets"]) if "budgets" in data else BudgetConfig()
         return ProxyConfig(
             routes=routes,
             listen=listen,
             admin_listen=admin_listen,
+            metrics_listen=metrics_listen,
             store=store,
             headers=headers,
             log_level=log_level,
@@ -392,6 +428,7 @@ _TOP_KEYS = frozenset(
     {
         "listen",
         "admin_listen",
+        "metrics_listen",
         "store",
         "headers",
         "routes",
@@ -426,6 +463,15 @@ def _log_level(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in _LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {kind(value)}")
     return value.lower()
+
+
+def _exposed_admin_problem(admin_listen: HostPort) -> str:
+    return (
+        f"{admin_listen} is not a loopback address, and without 'auth' the operations API "
+        "(/_idem/ops: stored answers, resolving operations) would answer anyone who can reach it: "
+        "bind admin_listen to 127.0.0.1, or configure 'auth' with an identity that has 'ops: admin' "
+        "(docs: Identities); serve health and metrics to the kubelet and Prometheus on metrics_listen"
+    )
 
 
 def _store_url(value: Any) -> str:
@@ -493,7 +539,7 @@ def _methods(value: Any) -> frozenset[str]:
     return frozenset(methods)
 
 
-def _enum(enum: type[KeyMode] | type[FailureMode]) -> Callable[[Any], Any]:
+def _enum(enum: type[KeyMode] | type[DeriveScope] | type[FailureMode]) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
         try:
             return enum(value)
@@ -560,6 +606,7 @@ _ROUTE_POLICY: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "strip_prefix": ("strip_prefix", boolean),
     "side_effect_methods": ("side_effect_methods", _methods),
     "key_mode": ("key_mode", _enum(KeyMode)),
+    "derive_scope": ("derive_scope", _enum(DeriveScope)),
     "retention": ("retention_s", positive_duration),
     "wait": ("wait_s", parse_duration),
     "connect_timeout": ("connect_timeout_s", positive_duration),

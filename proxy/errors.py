@@ -3,16 +3,17 @@
 The tree is deliberately shallow::
 
     ProblemError                      one problem+json ``type`` per subclass
-    ├── BadRequest (400)              MissingKey, InvalidKey, InvalidTarget, AbsoluteFormRefused,
-    │                                 InvalidResolution, InvalidQuery, IncompleteBody,
-    │                                 UnsupportedTransferCoding, InvalidHeader, MalformedRequest
+    ├── BadRequest (400)              MissingKey, MissingTask, InvalidKey, AmbiguousHeader,
+    │                                 InvalidTarget, AbsoluteFormRefused, InvalidResolution,
+    │                                 InvalidQuery, IncompleteBody, UnsupportedTransferCoding,
+    │                                 InvalidHeader, MalformedRequest
     ├── Unauthenticated (401), Forbidden (403)
     ├── NoRoute (404), OperationNotFound (404)
     ├── InvalidTransition (409)
     ├── MethodNotAllowed (405)
     ├── RequestTimeout (408)          also a TimeoutError
     ├── BodyTooLarge (413), TargetTooLong (414), ExpectationFailed (417),
-    │   HeaderFieldsTooLarge (431)
+    │   HeaderFieldsTooLarge (431), HttpVersionNotSupported (505)
     ├── FingerprintMismatch (422)
     ├── Conflict (409)                InFlight, OutcomeUnknown, NeedsAttention, ResponseNotStored
     ├── AttemptsExhausted (429), BudgetExceeded (429)
@@ -85,9 +86,24 @@ class MissingKey(BadRequest):
     title = "Idempotency key required"
 
 
+class MissingTask(BadRequest):
+    """A ``key_mode: derive`` route scoped by task got a call with neither a key nor a task."""
+
+    slug = "missing-task"
+    title = "Task header required to derive the operation key"
+
+
 class InvalidKey(BadRequest):
     slug = "invalid-idempotency-key"
     title = "Invalid idempotency key"
+
+
+class AmbiguousHeader(BadRequest):
+    """The key, caller or task header sent twice, or named in ``Connection``: the proxy
+    and the tool would each see a different value."""
+
+    slug = "ambiguous-header"
+    title = "Ambiguous idempotency header"
 
 
 class InvalidTarget(BadRequest):
@@ -222,6 +238,15 @@ class HeaderFieldsTooLarge(ProblemError):
     decision = "rejected"
 
 
+class HttpVersionNotSupported(ProblemError):
+    """The request line names an HTTP major version other than 1; the connection is closed after the answer."""
+
+    status = 505
+    slug = "http-version-not-supported"
+    title = "HTTP version not supported"
+    decision = "rejected"
+
+
 class FingerprintMismatch(ProblemError):
     status = 422
     slug = "fingerprint-mismatch"
@@ -255,7 +280,7 @@ class NeedsAttention(Conflict):
 
 class ResponseNotStored(Conflict):
     slug = "response-not-stored"
-    title = "Operation completed, but its response was too large to store"
+    title = "Operation completed, but its response was not stored"
     decision = "not_stored"
 
 

@@ -11,13 +11,16 @@ from idemproxy import metrics
 from idemproxy.answers import answer
 from idemproxy.auth import CREDENTIAL_HEADERS, IDENTITY, READ_BODY
 from idemproxy.budgets import Budgets
-from idemproxy.config import FailureMode, HeaderNames, KeyMode, RouteConfig
+from idemproxy.config import DeriveScope, FailureMode, HeaderNames, KeyMode, RouteConfig
 from idemproxy.decisions import FailureKind, Outcome, classify_failure, classify_status
 from idemproxy.errors import (
     BodyTooLarge,
+    InvalidKey,
     LeaseLost,
     LedgerUnavailable,
     MissingKey,
+    MissingTask,
+    OutcomeUnknown,
     UpstreamConnectionLost,
     UpstreamError,
     UpstreamTimeout,
@@ -27,6 +30,7 @@ from idemproxy.fingerprint import derive_key, fingerprint, operation_id, validat
 from idemproxy.forwarder import Forwarder, NotSent, UpstreamFailed, UpstreamResponse
 from idemproxy.headers import (
     client_response_headers,
+    refuse_ambiguous,
     upstream_request_headers,
     with_injected,
 )
@@ -38,6 +42,7 @@ from idemproxy.records import OperationRecord, RetryClass, Scope, State, StoredR
 from idemproxy.relay import CHUNK, ReadReply, Reply, UpstreamTimer, abort, read_body, relay, unrecorded_failure
 from idemproxy.routes import RouteTable, Target, parse_target, upstream_target
 from idemproxy.store import StoreUnavailable
+from idemproxy.store.base import RecordNotStorable
 from idemproxy.upstream_client import Body
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,8 @@ class ProxyHandler:
         self.forwarder = forwarder
         self.names = header_names
         self.budgets = budgets
+        #: The headers the ledger reads, which the tool must read alike (``refuse_ambiguous``).
+        self.own_headers = (header_names.key, header_names.caller, header_names.task)
 
     async def handle(self, request: Request) -> StreamResponse:
         target = parse_target(request.method, request.raw_path)
@@ -73,6 +80,7 @@ class ProxyHandler:
             from idemproxy.mcp import handle_mcp  # idemproxy.mcp builds on this module
 
             return await handle_mcp(self, request, route, target)
+        refuse_ambiguous(request.headers, self.own_headers)
         if not route.is_side_effecting(request.method):
             observation.decision = "passthrough"
             return await self.passthrough(request, route, target)
@@ -99,9 +107,10 @@ class ProxyHandler:
                 await self.charge_unrecorded(request, route, caller, task)
                 observation.decision = "unrecorded"
                 return await self.forward_unrecorded(request, route, target, body)
+            self.check_derivable(route, task)
             key = derive_key(caller, task, request_fp)
         else:
-            validate_key(key)
+            accept_key(key)
         scope = Scope(caller=caller, route=route.name, key=key, task=task)
         begun, upstream_headers = await self.begin_operation(
             request, route, target, body, observation, scope, request_fp
@@ -142,7 +151,7 @@ class ProxyHandler:
         upstream_headers = None  # built only when needed: a replay forwards nothing
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
-            upstream_headers = self.upstream_headers(request)
+            upstream_headers = self.upstream_headers(request, scope.key)  # a resend sends the same key
             stored_request = StoredRequest(headers=tuple(upstream_headers.items()), body=body)
         budget = None
         if self.budgets is not None:
@@ -173,11 +182,29 @@ class ProxyHandler:
                 "Retry with the same key.",
                 headers={"Retry-After": "1"},
             ) from exc
+        except RecordNotStorable as too_large:
+            # Nothing was written or forwarded: the request is more than the ledger can hold.
+            raise BodyTooLarge(
+                f"The request cannot be recorded in the ledger ({too_large}); it was not forwarded."
+            ) from too_large
         if budget is not None:
             begun = await budget.admit(self.ledger, begun, route)  # BudgetExceeded when spent
         if not isinstance(begun, Owned):
             return begun, _NO_HEADERS
-        return begun, upstream_headers if upstream_headers is not None else self.upstream_headers(request)
+        return begun, upstream_headers if upstream_headers is not None else self.upstream_headers(request, scope.key)
+
+    def check_derivable(self, route: RouteConfig, task: str | None) -> None:
+        """A derived key needs the task header unless the route opts into caller scope: without
+        a task, identical calls from different runs would be one operation, and the later
+        run would get the earlier one's answer."""
+        if not task and route.derive_scope is DeriveScope.TASK:
+            raise MissingTask(
+                f"Route {route.name!r} derives operation keys per task, and this call carries neither an "
+                f"{self.names.key} nor an {self.names.task} header. Send {self.names.task} naming the run "
+                f"(or an {self.names.key}); without it, identical calls from different runs would be one "
+                "operation.",
+                header=self.names.task,
+            )
 
     async def charge_unrecorded(self, request: Request, route: RouteConfig, caller: str, task: str | None) -> None:
         """Budgets count a side-effecting call forwarded without a record too."""
@@ -233,6 +260,18 @@ class ProxyHandler:
             # Re-raised by name: after an ``await`` in an ``except`` block, mypyc's bare
             # ``raise`` re-raises a CancelledError it no longer holds a reference to.
             raise cancelled
+        except Exception as broken:
+            # A bug once the request may have been sent: the tool may have acted, so the outcome
+            # is unknown, to be reconciled; never left PENDING under a lease this process renews.
+            log.exception("forwarding failed unexpectedly; the outcome is unknown", extra={"op": op_id})
+            detail: dict[str, object] = {"failure": "internal-error", "error": f"{type(broken).__name__}: {broken}"}
+            await self.finish(owned, Outcome(State.UNKNOWN, RetryClass.ABORTED), None, route, detail)
+            raise OutcomeUnknown(
+                "The request may have been sent, but its answer could not be relayed; whether it took "
+                "effect is unknown until reconciliation establishes it. Retry later with the same key.",
+                headers={"Retry-After": "1"},
+                operation=op_id,
+            ) from broken
         recording = self.finish(owned, reply.outcome, reply.stored, route, reply.detail)
         await (asyncio.shield(recording) if shield_record else recording)
         return reply.response
@@ -342,13 +381,31 @@ class ProxyHandler:
                 abort(request)  # a truncated body must not look complete
             return response
 
-    def upstream_headers(self, request: Request) -> CIMultiDict[str]:
+    def upstream_headers(self, request: Request, key: str | None = None) -> CIMultiDict[str]:
+        """What the tool receives: the caller's end-to-end headers, except that the caller
+        header names the identity authentication established (when it is on), and the key
+        header carries ``key``, the key the ledger recorded (when given)."""
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) else None
-        drop = CREDENTIAL_HEADERS if IDENTITY in request else ()
-        return upstream_request_headers(
+        identity = request.get(IDENTITY)
+        drop = CREDENTIAL_HEADERS if identity is not None else ()
+        headers = upstream_request_headers(
             request.headers, client_ip=client_ip, scheme=request.scheme, host=request.host, drop=drop
         )
+        if identity is not None:
+            headers[self.names.caller] = identity.name  # replaces whatever the client claimed
+        if key is not None:
+            headers[self.names.key] = key
+        return headers
+
+
+def accept_key(key: str) -> str:
+    """A key sent by the caller, checked: ``validate_key``, and never a dot segment, which a
+    probe URL or a tool could read as a path step."""
+    validate_key(key)
+    if key in (".", ".."):
+        raise InvalidKey(f"The idempotency key may not be {key!r}: a tool could read it as a path step.")
+    return key
 
 
 def _http_reply(request: Request, route: RouteConfig, op_id: str) -> ReadReply:

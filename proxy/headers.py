@@ -7,6 +7,8 @@ from functools import cache
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from idemproxy.errors import AmbiguousHeader
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -47,6 +49,28 @@ def _end_to_end(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> list
     if "Connection" in headers:
         dropped = dropped | _connection_listed(headers)
     return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+
+
+def refuse_ambiguous(headers: CIMultiDictProxy[str], own: tuple[str, ...]) -> None:
+    """Refuse a request whose idemproxy headers (``own``: the key, caller and task header
+    names) the tool could read otherwise than the proxy: one sent twice (the ledger reads
+    the first, the tool may read another), or one named in ``Connection`` (dropped on the
+    way as hop-by-hop, after the ledger recorded it)."""
+    if "Connection" in headers:
+        listed = _connection_listed(headers)
+        for name in own:
+            if name.lower() in listed:
+                raise AmbiguousHeader(
+                    f"The Connection header names {name}, which would remove it on the way to the tool while "
+                    f"idemproxy records it; {', '.join(own)} are end-to-end headers: send them without naming "
+                    "them in Connection."
+                )
+    for name in own:
+        if len(headers.getall(name, ())) > 1:
+            raise AmbiguousHeader(
+                f"The request carries {name} more than once; idemproxy and the tool could each read a "
+                "different one. Send it once."
+            )
 
 
 def upstream_request_headers(

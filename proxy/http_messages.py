@@ -44,6 +44,8 @@ class Wire(Protocol):
 
     def body_wanted(self) -> None: ...
 
+    def send_continue(self) -> None: ...
+
     def response_head(self, request: Request, status: int, reason: str | None, headers: CIMultiDict[str]) -> bytes: ...
 
     def write(self, data: bytes) -> None: ...
@@ -55,17 +57,23 @@ NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class RequestBody:
-    """A request body as it arrives: buffered up to a high-water mark, read once."""
+    """A request body as it arrives: buffered up to a high-water mark, read once.
 
-    __slots__ = ("_buffer", "_connection", "_eof", "_exception", "_size", "_waiter")
+    A body whose caller holds it back until invited (``expects_continue``: ``Expect:
+    100-continue``) is asked for when a reader first waits for it, and not before: a request
+    answered without reading its body (a 401, say) never invites it. Nor is a caller that
+    started sending anyway (RFC 9110 §10.1.1)."""
 
-    def __init__(self, connection: Wire | None) -> None:
+    __slots__ = ("_buffer", "_connection", "_continue", "_eof", "_exception", "_size", "_waiter")
+
+    def __init__(self, connection: Wire | None, *, expects_continue: bool = False) -> None:
         self._connection = connection
         self._buffer: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._eof = connection is None
         self._exception: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._continue = expects_continue
 
     # -- the reader's side ----------------------------------------------------------------
 
@@ -136,6 +144,9 @@ class RequestBody:
         assert self._waiter is None, "one reader at a time"
         connection = self._connection
         assert connection is not None
+        if self._continue:
+            self._continue = False
+            connection.send_continue()
         self._waiter = connection.loop.create_future()
         connection.body_wanted()
         try:
@@ -151,6 +162,7 @@ class RequestBody:
     # -- the connection's side --------------------------------------------------------------
 
     def feed(self, data: bytes) -> int:
+        self._continue = False  # the caller is sending without waiting to be invited
         if self._exception is None:
             self._buffer.append(data)
             self._size += len(data)

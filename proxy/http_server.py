@@ -13,6 +13,10 @@ What it guarantees:
   obsolete line folding, non-token names) are refused with a problem+json
   ``400`` and the connection is closed: nothing after a framing error is
   read as a request.
+- **HTTP/1.x only, as RFC 9112 frames it** (``check_head``): another major
+  version gets ``505``; HTTP/0.9, ``Transfer-Encoding`` in HTTP/1.0, and an
+  HTTP/1.1 request without exactly one well-formed ``Host`` get ``400``; the
+  connection is closed after the answer, like after any framing refusal.
 - **Bounded heads.** A target or header line over ``MAX_LINE`` bytes gets
   ``414``/``431``, more than ``MAX_HEADERS`` fields ``431``; a head must be
   complete within ``header_timeout_s`` of the connection opening or of the
@@ -25,6 +29,10 @@ What it guarantees:
   ``shutdown`` cancels, after its grace period.
 - **Backpressure both ways.** A body the handler does not read fast enough
   pauses reading; a caller that does not read its answer pauses the writer.
+- **``100 Continue`` only when the body is wanted.** A caller that holds its
+  body back (``Expect: 100-continue``) is invited to send it when the handler
+  first waits for it, so whatever refuses a request from its head alone
+  (authentication, scopes, routing) answers before the caller sends a byte.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -43,6 +52,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from idemproxy.errors import (
     ExpectationFailed,
     HeaderFieldsTooLarge,
+    HttpVersionNotSupported,
     IncompleteBody,
     InternalError,
     MalformedRequest,
@@ -76,6 +86,11 @@ _CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+#: RFC 9112 §4, ``reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )``, without obs-text: a
+#: status line is ASCII, and whatever reads it (a terminal, a log) sees no control character.
+_REASON = re.compile(r"[\t\x20-\x7e]*")
+
+
 #: Fields a request may carry once at most (aiohttp's list): two Hosts, say, would let the
 #: proxy and the tool each believe a different one.
 _SINGLETON_FIELDS = (
@@ -96,6 +111,76 @@ def _refuse_duplicate_singletons(headers: CIMultiDictProxy[str]) -> None:
     for name in _SINGLETON_FIELDS:
         if len(headers.getall(name, ())) > 1:
             raise MalformedRequest(f"The request has more than one {name} header.")
+
+
+#: RFC 9110 §7.2, ``Host = uri-host [ ":" port ]``, with ``uri-host`` as RFC 3986 §3.2.2 has
+#: it: an IP literal in brackets, or a reg-name (an IPv4 address is one) of unreserved and
+#: sub-delims characters and percent-encoded octets. No userinfo, path or white space.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+#: Host values found valid (a sidecar's callers send one or two): the match costs more than
+#: the rest of ``check_head``. Emptied when full, so a caller churning values cannot grow it.
+_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS_MAX = 64
+
+
+def _valid_host(host: str) -> bool:
+    if host in _VALID_HOSTS:
+        return True
+    if _HOST.fullmatch(host) is None:
+        return False
+    if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
+    return True
+
+
+def check_head(version: str, headers: CIMultiDictProxy[str]) -> None:
+    """Refuse a request head RFC 9112 does not let a server answer as sent; llhttp checks the rest.
+
+    - A major version other than 1 gets ``505`` (RFC 9110 §15.6.6). llhttp refuses every
+      version but 0.9, 1.0, 1.1 and 2.0 itself; ``unsupported_version`` turns those into
+      ``505`` too. ``HTTP/1.2`` stays a ``400``: stricter than RFC 9110 §2.5 and nginx,
+      which serve it as HTTP/1.1, and no client sends it.
+    - HTTP/0.9 (a request line without a version, which llhttp reports as 0.9) gets ``400``:
+      its answer would have no status line or headers at all. nginx still serves it.
+    - ``Transfer-Encoding`` in HTTP/1.0 gets ``400`` (RFC 9112 §6.1: the framing must be
+      taken as faulty). The RFC also allows reading the message and then closing; refusing
+      is what nginx does (``client sent HTTP/1.0 request with "Transfer-Encoding" header``),
+      and it never dechunks a body that an HTTP/1.0 hop in front may have framed otherwise.
+    - ``Host`` (RFC 9112 §3.2): an HTTP/1.1 request without one, or with a value that is not
+      ``host[:port]``, gets ``400`` (more than one is refused with the other fields a request
+      may carry once, ``_SINGLETON_FIELDS``). HTTP/1.0 may omit it, as in nginx.
+      An empty ``Host`` is accepted, where nginx refuses it: RFC 9112 §3.2 allows it (a
+      target URI without an authority), and ``Host`` chooses nothing here (routes match
+      the path alone), so the empty value harms nothing.
+    """
+    if version != "1.1":
+        major = version.partition(".")[0]
+        if major == "0":
+            raise MalformedRequest("HTTP/0.9 requests (a request line without a version) are not supported.")
+        if major != "1":
+            raise HttpVersionNotSupported(f"HTTP/{version} is not supported; idemproxy speaks HTTP/1.1.")
+        if "Transfer-Encoding" in headers:
+            raise MalformedRequest(
+                f"Transfer-Encoding is not allowed in an HTTP/{version} request (RFC 9112 §6.1); "
+                "send Content-Length, or HTTP/1.1."
+            )
+    host = headers.get("Host")
+    if host is None:
+        if version != "1.0":
+            raise MalformedRequest("An HTTP/1.1 request must carry a Host header (RFC 9112 §3.2).")
+    elif not _valid_host(host):
+        raise MalformedRequest("The Host header is not a host with an optional port (RFC 9112 §3.2).")
+
+
+def unsupported_version(version: str) -> HttpVersionNotSupported | None:
+    """``505`` for a version llhttp parsed, then refused (or reported 2.0 and failed on later):
+    a major version of 2 or more. Anything else it refused is a malformed request, ``HTTP/10.0``
+    too: two digits are not HTTP-version syntax (RFC 9112 §2.3), where nginx answers ``505``."""
+    major = version.partition(".")[0]
+    if major.isdigit() and int(major) >= 2:
+        return HttpVersionNotSupported(f"HTTP/{version} is not supported; idemproxy speaks HTTP/1.1.")
+    return None
 
 
 class _Date:
@@ -159,13 +244,21 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._stop()  # the rest is another protocol, which the proxy does not speak
+            # The HTTP/2 connection preface (``PRI * HTTP/2.0``) is the one upgrade llhttp
+            # pauses on before a head is complete: nobody would ever answer it.
+            unsupported = unsupported_version(self._parser.get_http_version())
+            if unsupported is not None:
+                self._refuse(unsupported)
+            else:
+                self._stop()  # the rest is another protocol, which the proxy does not speak
         except httptools.HttpParserCallbackError as failed_callback:  # named apart: see handler.forward_owned
             cause = failed_callback.__context__
             self._refuse(cause if isinstance(cause, ProblemError) else MalformedRequest(str(cause)))
         except httptools.HttpParserError as exc:
             if not self._stopped:
-                self._refuse(MalformedRequest(f"The request could not be parsed: {exc}."))
+                # The version is this request's once parsed (and 1.x from an earlier one before).
+                unsupported = unsupported_version(self._parser.get_http_version())
+                self._refuse(unsupported or MalformedRequest(f"The request could not be parsed: {exc}."))
         if was_in_head and self._in_head and not self._stopped:  # bytes httptools holds for an unfinished head
             self._head_size += len(data)
             if self._head_size > MAX_HEAD:
@@ -228,21 +321,26 @@ class _Connection(asyncio.Protocol):
         headers = CIMultiDictProxy(CIMultiDict(self._fields))
         if len(self._fields) != len({name.lower() for name, _ in self._fields}):
             _refuse_duplicate_singletons(headers)
+        version = parser.get_http_version()
+        check_head(version, headers)
+        expect = headers.get("Expect")
+        expects_continue = False
+        if expect is not None and version == "1.1":  # HTTP/1.0 expectations are ignored (RFC 9110 §10.1.1)
+            if expect.lower() != "100-continue":
+                raise ExpectationFailed(f"Expect: {expect!r} is not supported; only 100-continue is.")
+            expects_continue = True
         raw_path = (self._url[0] if len(self._url) == 1 else b"".join(self._url)).decode("utf-8", "surrogateescape")
         request = Request(
             parser.get_method().decode("ascii"),
             raw_path,
-            parser.get_http_version(),
+            version,
             headers,
-            RequestBody(self),
+            RequestBody(self, expects_continue=expects_continue),
             keep_alive=parser.should_keep_alive(),
             connection=self,
         )
         if parser.should_upgrade() and (request.content_length or "Transfer-Encoding" in headers):
             raise MalformedRequest("An upgrade offer on a request with a body is not supported.")
-        expect = headers.get("Expect")
-        if expect is not None and request.version == "1.1" and expect.lower() != "100-continue":
-            raise ExpectationFailed(f"Expect: {expect!r} is not supported; only 100-continue is.")
         self._arriving = request
         if self._answering is None:
             self._answer(request)
@@ -270,9 +368,6 @@ class _Connection(asyncio.Protocol):
 
     async def _respond(self, request: Request) -> None:
         try:
-            # Decided now, once the chunk that held the head has been parsed to its end.
-            if not request.content.is_eof() and request.version == "1.1" and request.headers.get("Expect"):
-                self.write(_CONTINUE)
             try:
                 response = await self.server.handler(request)
             except Exception as exc:
@@ -398,8 +493,9 @@ class _Connection(asyncio.Protocol):
                 reason = HTTPStatus(status).phrase
             except ValueError:
                 reason = ""
-        elif "\n" in reason or "\r" in reason:
-            raise ValueError("a line break in the reason phrase")
+        elif not (reason.isascii() and reason.isprintable()) and not _REASON.fullmatch(reason):
+            # A tool's reason reaches here cleaned (``upstream_client``); anything else is a bug.
+            raise ValueError("a reason phrase with a line break, a control character or non-ASCII text")
         lines = [f"HTTP/{version} {status} {reason}\r\n"]
         if "Date" not in headers:
             lines.append(f"Date: {_date.now()}\r\n")
@@ -409,6 +505,15 @@ class _Connection(asyncio.Protocol):
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
+
+    def send_continue(self) -> None:
+        """Invite the caller to send the body it holds back (``RequestBody`` calls this when a
+        reader first waits for a body whose caller expects ``100 Continue``). Not sooner, as
+        nginx: a request refused from its head (no credentials, say) is answered without
+        inviting the body (RFC 9110 §10.1.1 lets a server send a final status instead)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self._head_written:
+            transport.write(_CONTINUE)
 
     def write(self, data: bytes) -> None:
         transport = self.transport

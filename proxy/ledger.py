@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from idemproxy import metrics
 from idemproxy.completed_cache import CompletedCache
@@ -24,10 +24,17 @@ from idemproxy.decisions import Action, Outcome, decide
 from idemproxy.leases import LeaseKeeper
 from idemproxy.records import Evidence, OperationRecord, Scope, State, StoredRequest, StoredResponse
 from idemproxy.store import Store, StoreUnavailable, Transition
+from idemproxy.store.base import RecordNotStorable
 
 log = logging.getLogger(__name__)
 
 _FINISH_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0)
+#: ``StoredResponse.not_stored_reason`` of a response recorded without its headers and body
+#: (callers see it): the store refused it as it is, or failed otherwise.
+NOT_STORABLE = "the store cannot hold it"
+STORING_FAILED = "storing it failed"
+#: How much of the error that kept an outcome from being stored its evidence quotes.
+_CAUSE_MAX = 300
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -250,8 +257,16 @@ class Ledger:
 
         Returns ``None`` when recorded, or the current record when the fence
         says another owner decided this operation meanwhile. Store outages are
-        retried briefly; after that the record stays PENDING and its expired
-        lease makes it UNKNOWN, never silently lost.
+        retried briefly; after that ``StoreUnavailable`` says the record stays
+        PENDING, and its expired lease makes it UNKNOWN, never silently lost.
+
+        Nothing else escapes: the tool may have acted, and the caller must get
+        its answer. An outcome the store cannot hold as it is
+        (``RecordNotStorable``, or any other failure) is recorded without what
+        it may not hold (``_without_response``): a completed operation keeps
+        its status, size and digest, so its duplicates get
+        ``response-not-stored``, never a second forward. When not even that
+        can be written, ``StoreUnavailable``, as for an outage.
         """
         self.leases.release(owned.op_id)
         metrics.IN_FLIGHT.dec()
@@ -272,12 +287,23 @@ class Ledger:
             ttl_s=retention_s if outcome.state in (State.COMPLETED, State.RELEASED) else None,
             due_ms=now if outcome.state is State.UNKNOWN else None,  # reconcile at once
         )
+        try:
+            return await self._record(owned, transition, now, retention_s)
+        except StoreUnavailable:
+            raise
+        except Exception as failed:  # after a forward: whatever failed, the outcome is still recorded
+            return await self._record_without_response(owned, transition, now, retention_s, failed)
+
+    async def _record(
+        self, owned: OperationRecord, transition: Transition, now: int, retention_s: float
+    ) -> OperationRecord | None:
         for delay in (*_FINISH_RETRY_DELAYS_S, None):
             try:
                 with metrics.ledger_timer("record"):
                     current: OperationRecord | None = await self.store.transition(transition)
                 if current is not None:
-                    return await self._late_outcome(owned, new, current, detail, now, retention_s)
+                    detail = transition.evidence.detail
+                    return await self._late_outcome(owned, transition.new, current, detail, now, retention_s)
                 return current
             except StoreUnavailable:
                 if delay is None:
@@ -285,6 +311,32 @@ class Ledger:
                 log.warning("store unavailable while recording an outcome; retrying", extra={"op": owned.op_id})
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _record_without_response(
+        self, owned: OperationRecord, transition: Transition, now: int, retention_s: float, error: Exception
+    ) -> OperationRecord | None:
+        """Record ``transition``'s outcome without what ``error`` kept the store from holding."""
+        reason = NOT_STORABLE if isinstance(error, RecordNotStorable) else STORING_FAILED
+        cause = _printable(f"{type(error).__name__}: {error}")
+        log.error(
+            "could not record an outcome as it is; recording it without its response",
+            exc_info=error,
+            extra={"op": owned.op_id, "outcome": transition.new.state.value, "reason": reason},
+        )
+        reduced = _without_response(transition, reason, cause)
+        try:
+            return await self._record(owned, reduced, now, retention_s)
+        except StoreUnavailable:
+            raise
+        except Exception as failed_again:
+            log.error(
+                "could not record an outcome, not even without its response",
+                exc_info=failed_again,
+                extra={"op": owned.op_id, "outcome": transition.new.state.value},
+            )
+            raise StoreUnavailable(
+                f"the outcome could not be recorded: {type(failed_again).__name__}: {failed_again}"
+            ) from failed_again
 
     async def _late_outcome(
         self,
@@ -321,6 +373,38 @@ class Ledger:
             "a late outcome corrected a released operation", extra={"op": owned.op_id, "applied": applied is None}
         )
         return corrected if applied is None else applied
+
+
+def _without_response(transition: Transition, reason: str, cause: str) -> Transition:
+    """``transition`` with only what any store holds: the response's status, size and
+    digest (not its headers and body), the evidence's plain numbers and short ASCII text."""
+    new = transition.new
+    response = new.response
+    if response is not None:
+        response = StoredResponse(response.status, (), None, response.body_size, response.body_sha256, reason)
+    detail: dict[str, Any] = {key: value for key, value in transition.evidence.detail.items() if _plain(value)}
+    detail["not_stored"] = reason
+    detail["error"] = cause
+    return Transition(
+        new=new.evolve(response=response),
+        expect_fence=transition.expect_fence,
+        expect_states=transition.expect_states,
+        evidence=Evidence(transition.evidence.at_ms, transition.evidence.kind, detail),
+        ttl_s=transition.ttl_s,
+        due_ms=transition.due_ms,
+    )
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    return isinstance(value, str) and value.isascii() and len(value) <= _CAUSE_MAX
+
+
+def _printable(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:_CAUSE_MAX]
 
 
 def _reserved_evidence(record: OperationRecord, now: int) -> Evidence:

@@ -11,7 +11,8 @@ protocol metadata in ``_meta``).
 
 - **Key**: ``params._meta[mcp.key_meta]``, else the key header, else per the
   route's ``key_mode`` (``derive``: ``tool_call_key(task, tool, arguments)``,
-  the adapters' own derivation, with the task header as the run).
+  the adapters' own derivation, with the task header as the run; a call
+  without a task is refused unless the route's ``derive_scope`` is ``caller``).
 - **Fingerprint**: the tool's name and the canonical JSON of its arguments;
   never the JSON-RPC id or ``_meta`` (progress token, protocol metadata), so a
   call re-issued by a new session or a restarted client matches.
@@ -58,10 +59,9 @@ from idemproxy.auth import IDENTITY
 from idemproxy.config import KeyMode, RouteConfig
 from idemproxy.decisions import COMPLETED, FailureKind, Outcome, classify_failure
 from idemproxy.errors import MissingKey, ProblemError
-from idemproxy.fingerprint import validate_key
 from idemproxy.forwarder import UpstreamFailed, UpstreamResponse
-from idemproxy.handler import ANONYMOUS, ProxyHandler
-from idemproxy.headers import client_response_headers
+from idemproxy.handler import ANONYMOUS, ProxyHandler, accept_key
+from idemproxy.headers import client_response_headers, refuse_ambiguous
 from idemproxy.http_messages import Request, Response, StreamResponse
 from idemproxy.ledger import Answered
 from idemproxy.mcp_messages import (
@@ -115,10 +115,14 @@ async def handle_mcp(proxy: ProxyHandler, request: Request, route: RouteConfig, 
     request_id: RequestId | None = None
     try:
         if request.method != "POST":
+            refuse_ambiguous(request.headers, proxy.own_headers)
             observation.decision = "passthrough"
             return await proxy.passthrough(request, route, target)
         body = await read_body(request, route.max_body)
         parsed = parse_messages(body)
+        if not isinstance(parsed, list):
+            request_id = parsed.id if parsed.method is not None else None
+        refuse_ambiguous(request.headers, proxy.own_headers)  # answered under the call's id when known
         if isinstance(parsed, list):  # a batch (protocol 2025-03-26 only)
             if any(recorded_call(message, route.mcp) for message in parsed):
                 raise JsonRpcError(
@@ -127,7 +131,6 @@ async def handle_mcp(proxy: ProxyHandler, request: Request, route: RouteConfig, 
                 )
             observation.decision = "passthrough"
             return await proxy.forward_unrecorded(request, route, target, body)
-        request_id = parsed.id if parsed.method is not None else None
         check_mirrored_headers(request.headers, parsed)
         call = recorded_call(parsed, route.mcp)
         if call is None:
@@ -170,9 +173,10 @@ async def _tool_call(
             await proxy.charge_unrecorded(request, route, caller, task)
             observation.decision = "unrecorded"
             return await proxy.forward_unrecorded(request, route, target, body)
+        proxy.check_derivable(route, task)
         key = tool_call_key(task or "", call.name, call.arguments)
     else:
-        validate_key(key)
+        accept_key(key)
     scope = Scope(caller=caller, route=route.name, key=key, task=task)
     begun, upstream_headers = await proxy.begin_operation(
         request, route, target, body, observation, scope, call.fingerprint

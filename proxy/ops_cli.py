@@ -1,4 +1,11 @@
-"""``idemproxy ops list|show|resolve``: the admin API from the shell."""
+"""``idemproxy ops list|show|resolve``: the admin API from the shell.
+
+With admin authentication on, it signs in the ways the admin API accepts: a
+bearer token (``--token`` or ``IDEMPROXY_ADMIN_TOKEN``), or an HMAC signature
+(``--hmac-key-id`` with the secret from ``--hmac-secret-file`` or
+``IDEMPROXY_ADMIN_HMAC_SECRET``; never on the command line, where other users
+of the machine can read it). The connection options go before or after the verb.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from typing import Any
 
 import orjson
 
+from idemproxy.auth import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 
 
@@ -20,18 +29,53 @@ class OpsError(Exception):
     """A one-line message for the user; the command exits non-zero."""
 
 
-def add_ops_commands(commands: Any) -> None:
-    ops = commands.add_parser("ops", help="list, show and resolve operations (admin API)")
-    ops.add_argument(
+def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every verb shares. Given to ``ops`` with their defaults and to each verb
+    without (SUPPRESS), so a value written after the verb wins and one before it still counts."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
         "--admin",
         metavar="URL",
-        default=os.environ.get("IDEMPROXY_ADMIN_URL", DEFAULT_ADMIN_URL),
+        default=default(os.environ.get("IDEMPROXY_ADMIN_URL", DEFAULT_ADMIN_URL)),
         help=f"admin listener URL (default $IDEMPROXY_ADMIN_URL or {DEFAULT_ADMIN_URL})",
     )
-    ops.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(os.environ.get("IDEMPROXY_ADMIN_TOKEN")),
+        help="a bearer token of an identity with ops access (default $IDEMPROXY_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--hmac-key-id",
+        metavar="ID",
+        default=default(os.environ.get("IDEMPROXY_ADMIN_HMAC_KEY_ID")),
+        help="sign each request with this HMAC key id (default $IDEMPROXY_ADMIN_HMAC_KEY_ID)",
+    )
+    parser.add_argument(
+        "--hmac-secret-file",
+        metavar="FILE",
+        default=default(None),
+        help="the HMAC key's secret, from a file (default: $IDEMPROXY_ADMIN_HMAC_SECRET)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print the API's JSON instead of a table"
+    )
+
+
+def add_ops_commands(commands: Any) -> None:
+    ops = commands.add_parser("ops", help="list, show and resolve operations (admin API)")
+    _connection_options(ops, defaults=True)
     verbs = ops.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    listing = verbs.add_parser("list", help="list operations")
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(name, help=help)
+        _connection_options(parser, defaults=False)
+        return parser
+
+    listing = verb("list", help="list operations")
     listing.add_argument("--state", help="PENDING, COMPLETED, RELEASED, UNKNOWN or NEEDS_ATTENTION")
     listing.add_argument("--route")
     listing.add_argument("--task")
@@ -39,11 +83,11 @@ def add_ops_commands(commands: Any) -> None:
     listing.add_argument("--limit", type=int, default=100)
     listing.set_defaults(func=_list)
 
-    show = verbs.add_parser("show", help="show one operation, its evidence and what it needs to move on")
+    show = verb("show", help="show one operation, its evidence and what it needs to move on")
     show.add_argument("op_id", metavar="OPERATION")
     show.set_defaults(func=_show)
 
-    resolve = verbs.add_parser("resolve", help="settle an UNKNOWN or NEEDS_ATTENTION operation")
+    resolve = verb("resolve", help="settle an UNKNOWN or NEEDS_ATTENTION operation")
     resolve.add_argument("op_id", metavar="OPERATION")
     outcome = resolve.add_mutually_exclusive_group(required=True)
     outcome.add_argument("--done", action="store_true", help="the effect happened (give the response to replay)")
@@ -77,7 +121,7 @@ def _list(args: argparse.Namespace) -> None:
         )
         if value is not None
     }
-    data = _call(args.admin, "GET", "/_idem/ops?" + urllib.parse.urlencode(params))
+    data = _call(args, "GET", "/_idem/ops?" + urllib.parse.urlencode(params))
     if args.json:
         _print_json(data)
         return
@@ -101,7 +145,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    data = _call(args.admin, "GET", f"/_idem/ops/{_op_id(args.op_id)}")
+    data = _call(args, "GET", f"/_idem/ops/{_op_id(args.op_id)}")
     if args.json:
         _print_json(data)
         return
@@ -117,30 +161,74 @@ def _resolve(args: argparse.Namespace) -> None:
         payload["response"] = response
     elif args.status is not None or args.body is not None or args.header:
         raise OpsError("--status, --body and --header go with --done")
-    data = _call(args.admin, "POST", f"/_idem/ops/{_op_id(args.op_id)}/resolve", payload)
+    data = _call(args, "POST", f"/_idem/ops/{_op_id(args.op_id)}/resolve", payload)
     if args.json:
         _print_json(data)
         return
     print(f"resolved: {data['operation']} is now {data['state']}")
 
 
-def _call(base: str, method: str, path: str, payload: Any = None) -> Any:
-    body = orjson.dumps(payload) if payload is not None else None
-    request = urllib.request.Request(
-        base.rstrip("/") + path, data=body, method=method, headers={"Content-Type": "application/json"}
-    )
+def _call(args: argparse.Namespace, method: str, path: str, payload: Any = None) -> Any:
+    base: str = args.admin
+    url = base.rstrip("/") + path
+    body = orjson.dumps(payload) if payload is not None else b""
+    headers = {"Content-Type": "application/json", **_credentials(args, method, url, body)}
+    request = urllib.request.Request(url, data=body if payload is not None else None, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
+        hint = _AUTH_HINTS.get(exc.code, "")
         try:
             problem = orjson.loads(exc.read())
-            raise OpsError(f"{exc.code} {problem.get('title', '')}: {problem.get('detail', '')}") from None
         except orjson.JSONDecodeError:
-            raise OpsError(f"{exc.code} {exc.reason} from {base}{path}") from None
+            raise OpsError(f"{exc.code} {exc.reason} from {url}{hint}") from None
+        if not isinstance(problem, dict):
+            raise OpsError(f"{exc.code} {exc.reason} from {url}{hint}") from None
+        raise OpsError(f"{exc.code} {problem.get('title', '')}: {problem.get('detail', '')}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise OpsError(f"cannot reach the admin API at {base}: {reason} (set --admin or IDEMPROXY_ADMIN_URL)") from None
+
+
+_AUTH_HINTS = {
+    401: " (admin authentication is on: pass --token or set IDEMPROXY_ADMIN_TOKEN, or sign with "
+    "--hmac-key-id and IDEMPROXY_ADMIN_HMAC_SECRET)",
+    403: " (the identity needs 'ops: read' to look, 'ops: admin' to resolve)",
+}
+
+
+def _credentials(args: argparse.Namespace, method: str, url: str, body: bytes) -> dict[str, str]:
+    """The headers that authenticate one request: a bearer token, or an HMAC signature over it."""
+    if args.token and args.hmac_key_id:
+        raise OpsError("give a token or an HMAC key id, not both")
+    if args.token:
+        return {"Authorization": f"Bearer {args.token}"}
+    if not args.hmac_key_id:
+        return {}
+    secret = _hmac_secret(args.hmac_secret_file)
+    split = urllib.parse.urlsplit(url)
+    target = split.path + (f"?{split.query}" if split.query else "")
+    timestamp = str(int(time.time()))
+    return {
+        KEY_ID_HEADER: args.hmac_key_id,
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: sign(secret, method, target, timestamp, "", body),
+    }
+
+
+def _hmac_secret(path: str | None) -> bytes:
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                # As the proxy reads a 'file:PATH' secret: one trailing newline is not part of it.
+                return file.read().rstrip("\r\n").encode()
+        except OSError as exc:
+            raise OpsError(f"cannot read the HMAC secret from {path}: {exc.strerror}") from None
+    secret = os.environ.get("IDEMPROXY_ADMIN_HMAC_SECRET")
+    if not secret:
+        raise OpsError("--hmac-key-id needs the secret: --hmac-secret-file FILE or IDEMPROXY_ADMIN_HMAC_SECRET")
+    return secret.encode()
 
 
 def _op_id(value: str) -> str:

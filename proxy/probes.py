@@ -4,13 +4,24 @@ A probe that errors, times out or answers an unexpected status is
 ``unknown``, never ``absent``: only positive evidence of absence releases an
 operation for another attempt.
 
+A probe URL's values come from callers (the key, caller, task and body
+fields), and the probe is sent with the tool's credentials and believed: a
+value must never make it ask about anything else. Each is percent-encoded
+whole (everything but unreserved characters); one that cannot be a path
+segment at all (``Unprobeable``) makes the operation unprobeable, and the
+reconciler hands it to an operator without sending anything.
+
 Hooks (``reconcile.hook: module:function``) are async functions taking the
 record and an ``aiohttp.ClientSession`` and returning a ``ProbeResult``::
 
-    from idemproxy.probes import ProbeResult
+    from urllib.parse import quote
+
+    from idemproxy.probes import ProbeResult, segment_problem
 
     async def find_ticket(record, session):
-        async with session.get(f"http://tickets/by-key/{record.scope.key}") as response:
+        if segment_problem(record.scope.key) is not None:  # "..", "a/b": would ask about another path
+            return ProbeResult.unknown("the key cannot be a path segment")
+        async with session.get(f"http://tickets/by-key/{quote(record.scope.key, safe='')}") as response:
             if response.status == 404:
                 return ProbeResult.absent()
             if response.status == 200:
@@ -25,11 +36,12 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import jmespath
 import orjson
 from multidict import CIMultiDict
+from yarl import URL
 
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import classify_status
@@ -41,6 +53,14 @@ from idemproxy.routes import Target, upstream_url
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: How many rounds of percent-decoding a path value is checked through (a tool, or a
+#: framework in front of it, may decode more than once).
+_DECODINGS = 3
+
+
+class Unprobeable(Exception):
+    """A value that cannot be placed in a probe URL's path without changing the path."""
 
 
 class ProbeOutcome(StrEnum):
@@ -106,13 +126,14 @@ async def _http_probe(
 ) -> ProbeResult:
     try:
         url = render_url(probe.url, route, record)
-    except LookupError as exc:
+    except (LookupError, Unprobeable) as exc:  # the reconciler escalates the unprobeable before this
         return ProbeResult.unknown(f"cannot build the probe URL: {exc}")
     detail: dict[str, Any] = {"method": "probe", "url": url}
     try:
         headers = CIMultiDict(route.upstream_headers)
         headers.update(probe.headers)  # the probe's own headers are the more specific
-        fetched = await forwarder.fetch(probe.method, url, headers, None, probe.timeout_s)
+        # Sent as rendered: a client that re-quoted it would undo part of the encoding.
+        fetched = await forwarder.fetch(probe.method, URL(url, encoded=True), headers, None, probe.timeout_s)
     except UpstreamFailed as exc:
         return ProbeResult.unknown(exc.detail, **detail)
     detail["probe_status"] = fetched.status
@@ -163,14 +184,36 @@ async def _resend(route: RouteConfig, record: OperationRecord, forwarder: Forwar
     return ProbeResult.found(fetched.status, fetched.body, storable_response_headers(fetched.headers), **detail)
 
 
+def unprobeable(route: RouteConfig, record: OperationRecord) -> str | None:
+    """Why the route's probe can never be sent for ``record`` (a value that cannot be placed
+    in the probe URL's path), or None. A body field that is missing is not such a reason:
+    that probe stays unknown, as any probe that fails."""
+    config = route.reconcile
+    if config is None or config.probe is None:
+        return None
+    try:
+        render_url(config.probe.url, route, record)
+    except Unprobeable as exc:
+        return f"the probe URL cannot be built safely: {exc}"
+    except (LookupError, ValueError):  # a missing field, a body that is not JSON: the probe says unknown
+        pass
+    return None
+
+
 def render_url(template: str, route: RouteConfig, record: OperationRecord) -> str:
-    """The probe URL for ``record``; every substituted value is percent-encoded."""
+    """The probe URL for ``record``.
+
+    Every substituted value but ``{upstream}`` is percent-encoded whole: all but the
+    unreserved characters, in the path as in the query. A value in the path must also
+    stand as one segment: ``Unprobeable`` when it is empty, ``.`` or ``..``, or holds
+    ``/``, ``\\`` or a control character, as sent or once percent-decoded (clients
+    and servers collapse ``%2E%2E`` too). ``LookupError`` when a body field is missing.
+    """
     values: dict[str, str] = {
-        "upstream": str(route.upstream).rstrip("/"),
-        "key": quote(record.scope.key, safe=""),
+        "key": record.scope.key,
         "op_id": record.op_id,
-        "caller": quote(record.scope.caller, safe=""),
-        "task": quote(record.scope.task or "", safe=""),
+        "caller": record.scope.caller,
+        "task": record.scope.task or "",
     }
     body_fields = [name for name in url_fields(template) if name.startswith("body.")]
     if body_fields:
@@ -183,8 +226,42 @@ def render_url(template: str, route: RouteConfig, record: OperationRecord) -> st
                 if not isinstance(value, dict) or part not in value:
                     raise LookupError(f"the request body has no field {name.removeprefix('body.')!r}")
                 value = value[part]
-            values[name] = quote(value if isinstance(value, str) else orjson.dumps(value).decode(), safe="")
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+            values[name] = value if isinstance(value, str) else orjson.dumps(value).decode()
+    upstream = str(route.upstream).rstrip("/")
+    # The query starts at the template's first '?' (or '#') outside a placeholder.
+    blanked = _PLACEHOLDER.sub(lambda match: "_" * len(match.group(0)), template)
+    query_at = min((at for at in (blanked.find("?"), blanked.find("#")) if at >= 0), default=len(template))
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "upstream":
+            return upstream
+        value = values[name]
+        if match.start() < query_at and (problem := segment_problem(value)) is not None:
+            raise Unprobeable(f"{{{name}}} cannot stand in the probe URL's path: {problem}")
+        return quote(value, safe="")
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+def segment_problem(value: str) -> str | None:
+    """Why ``value`` cannot be one path segment, or None."""
+    seen = value
+    for decodings in range(_DECODINGS):
+        how = "" if decodings == 0 else " once percent-decoded" if decodings == 1 else f" decoded {decodings} times"
+        if not seen:
+            return f"it is empty{how}"
+        if seen.split(";", 1)[0] in (".", ".."):  # some servers read "..;x" as ".."
+            return f"it is a dot segment{how}"
+        if "/" in seen or "\\" in seen:
+            return f"it holds a slash or a backslash{how}"
+        if _CONTROL.search(seen):
+            return f"it holds a control character{how}"
+        decoded = unquote(seen)
+        if decoded == seen:
+            return None
+        seen = decoded
+    return f"it is still percent-encoded after {_DECODINGS} decodings"
 
 
 def found_body(found: FoundResponse, resource: Any, document: Any, raw: bytes, key: str) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -107,6 +108,20 @@ def url_fields(template: str) -> list[str]:
     return fields
 
 
+def _authority_problem(url: str) -> str | None:
+    """Where a caller's value could choose the host the probe goes to: a placeholder in
+    the scheme or host, or one right after ``{upstream}`` (``{upstream}{key}`` would
+    extend the upstream's host name)."""
+    if url.startswith("{upstream}"):
+        if url[len("{upstream}") :][:1] not in ("", "/", "?", "#"):
+            return "{upstream} must be followed by '/', '?' or the end of the template"
+        return None
+    host = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    if "{" in host:
+        return "placeholders belong in the path or the query, not in the host"
+    return None
+
+
 def parse_reconcile(raw: Any) -> ReconcileConfig:
     """Validate a ``reconcile`` block; a ValueError names every problem found."""
     problems: list[str] = []
@@ -173,6 +188,11 @@ def _probe(raw: Any, problems: list[str]) -> ProbeConfig | None:
                 )
         if not (url.startswith("{upstream}") or url.startswith(("http://", "https://"))):
             problems.append(f"probe.url: must start with {{upstream}} or http(s)://, got {url!r}")
+        elif not (url.isascii() and url.isprintable()) or " " in url:
+            # The rendered URL is sent as it stands: its own text must already be encoded.
+            problems.append(f"probe.url: must be printable ASCII without spaces (percent-encode the rest), got {url!r}")
+        elif problem := _authority_problem(url):
+            problems.append(f"probe.url: {problem}")
     match_source = raw.get("match")
     match: ParsedResult | None = None
     if not isinstance(match_source, str) or not match_source:

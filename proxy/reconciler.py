@@ -26,7 +26,7 @@ from idemproxy import metrics
 from idemproxy.config import RouteConfig
 from idemproxy.decisions import needs_reconciling
 from idemproxy.forwarder import Forwarder
-from idemproxy.probes import ProbeOutcome, ProbeResult, run_probe
+from idemproxy.probes import ProbeOutcome, ProbeResult, run_probe, unprobeable
 from idemproxy.records import Evidence, OperationRecord, RetryClass, State
 from idemproxy.store import Store, StoreUnavailable, Transition
 
@@ -167,6 +167,9 @@ class Reconciler:
         if route is None or route.reconcile is None:
             reason = "route no longer configured" if route is None else "no reconcile method configured"
             return await self._escalate(record, reason)
+        if (unsafe := unprobeable(route, record)) is not None:
+            # No probe of this operation can ever be sent safely; retrying would not change that.
+            return await self._escalate(record, unsafe)
         claimed = await self._claim(record, route)
         if claimed is None:
             return None

@@ -59,20 +59,38 @@ class Scope:
 
 @dataclass(frozen=True, slots=True, init=False)
 class StoredResponse:
+    """The tool's answer as kept for replay.
+
+    Header names and values are ``str`` as the proxy carries them: the wire bytes
+    decoded as UTF-8, each byte that is not part of UTF-8 text as a lone surrogate
+    (``surrogateescape``, as ``upstream_client`` reads them and ``http_server`` writes
+    them). The stores keep the bytes, so a replay sends what the tool sent.
+    """
+
     status: int
     headers: tuple[tuple[str, str], ...]
-    body: bytes | None  # None when the body exceeded the route's storage limit
+    body: bytes | None  # None when the body exceeded the route's storage limit, or could not be stored
     body_size: int
     body_sha256: str
+    #: Why the headers and body were not kept when the store could not hold them (the
+    #: status, size and digest still are); None when kept, or only too large to keep.
+    not_stored_reason: str | None = None
 
     def __init__(
-        self, status: int, headers: tuple[tuple[str, str], ...], body: bytes | None, body_size: int, body_sha256: str
+        self,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        body: bytes | None,
+        body_size: int,
+        body_sha256: str,
+        not_stored_reason: str | None = None,
     ) -> None:
         object.__setattr__(self, "status", status)
         object.__setattr__(self, "headers", headers)
         object.__setattr__(self, "body", body)
         object.__setattr__(self, "body_size", body_size)
         object.__setattr__(self, "body_sha256", body_sha256)
+        object.__setattr__(self, "not_stored_reason", not_stored_reason)
 
 
 @dataclass(frozen=True, slots=True)

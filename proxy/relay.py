@@ -92,7 +92,8 @@ async def relay(request: Request, upstream: UpstreamResponse, max_stored: int, o
                     headers=client_response_headers(upstream.headers, keep_length=True),
                 )
                 streaming.headers[OPERATION_HEADER] = op_id
-                await streaming.prepare(request)
+                with contextlib.suppress(ConnectionError):  # the first caller may be gone: the outcome still counts
+                    await streaming.prepare(request)
                 await write_quietly(streaming, bytes(buffered))
                 buffered = bytearray()
     except UpstreamFailed as exc:

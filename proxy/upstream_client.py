@@ -17,6 +17,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Final
 
 import httptools
@@ -33,6 +34,8 @@ _HIGH_WATER: Final = 256 * 1024
 #: (``Keep-Alive: timeout=N``): a request written as the tool closes it would be lost.
 KEEPALIVE_MARGIN_S: Final = 1.0
 _ANNOUNCED_TIMEOUT: Final = re.compile(r"(?:^|[,;\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+#: RFC 9112 §4, ``reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )``, without obs-text.
+_VISIBLE_REASON: Final = re.compile(rb"[\t\x20-\x7e]*")
 
 
 class UpstreamFailed(Exception):
@@ -250,7 +253,7 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         response.status = status
-        response.reason = self._reason.decode("latin-1")
+        response.reason = reason_phrase(status, self._reason)
         response.headers = headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
         length = headers.get("Content-Length")
         if length is not None and length.isdigit():
@@ -546,6 +549,20 @@ class UpstreamClient:
         if self._ssl is None:
             self._ssl = ssl.create_default_context()
         return self._ssl
+
+
+def reason_phrase(status: int, sent: bytes) -> str:
+    """The tool's reason phrase if it is visible ASCII (with spaces and tabs), else the standard
+    one for ``status`` ("" for a code without one). It is relayed to callers' status lines: a
+    control character, an escape sequence or bytes beyond ASCII would reach their terminals
+    and logs. Stricter than RFC 9112 §4, which allows obs-text (bytes 0x80-0xFF)."""
+    reason = sent.decode("latin-1")
+    if reason.isascii() and (reason.isprintable() or _VISIBLE_REASON.fullmatch(sent) is not None):
+        return reason  # isprintable() is the common case's shortcut: visible ASCII and spaces, no tabs
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _host_header(origin: URL) -> str:

@@ -36,10 +36,10 @@ from tests.support.auth import (
     token_hash,
     write_identities,
 )
+from tests.support.problems import assert_problem
 from tests.support.proxy_server import proxy_app
 from tests.support.upstream import Upstream
 
-PROBLEM = "application/problem+json"
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
@@ -57,14 +57,6 @@ def make_auth_proxy(
         return await aiohttp_client(build_proxy_app(config, store))
 
     return factory
-
-
-async def assert_problem(response: Any, status: int, slug: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.content_type == PROBLEM
-    body: dict[str, Any] = await response.json(content_type=PROBLEM)
-    assert body["type"] == f"urn:idemproxy:problem:{slug}"
-    return body
 
 
 async def recorded(store: Store) -> list[OperationRecord]:

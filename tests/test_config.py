@@ -312,6 +312,10 @@ def _admin(config: ProxyConfig) -> str:
     return str(config.admin_listen)
 
 
+def _metrics(config: ProxyConfig) -> str:
+    return str(config.metrics_listen)
+
+
 def _store(config: ProxyConfig) -> str:
     return config.store.url
 
@@ -327,7 +331,14 @@ _FIELDS = {
         "admin_listen",
         "IDEMPROXY_ADMIN_LISTEN",
         _admin,
-        ("10.0.0.1:2001", "10.0.0.2:2002", "10.0.0.3:2003"),
+        # Loopback: an exposed admin listener needs auth (tests/test_admin_exposure.py).
+        ("127.0.0.1:2001", "127.0.0.2:2002", "127.0.0.3:2003"),
+    ),
+    "metrics_listen": (
+        "metrics_listen",
+        "IDEMPROXY_METRICS_LISTEN",
+        _metrics,
+        ("10.0.0.1:3001", "10.0.0.2:3002", "10.0.0.3:3003"),
     ),
     "store": ("store", "IDEMPROXY_STORE", _store, ("redis://file:1", "redis://env:2", "redis://flag:3")),
     "log_level": ("log_level", "IDEMPROXY_LOG_LEVEL", _level, ("error", "warning", "debug")),

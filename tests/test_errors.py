@@ -25,7 +25,9 @@ SUBCLASSES = all_subclasses(ProblemError)
 EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.BadRequest: 400,
     errors.MissingKey: 400,
+    errors.MissingTask: 400,
     errors.InvalidKey: 400,
+    errors.AmbiguousHeader: 400,
     errors.InvalidTarget: 400,
     errors.AbsoluteFormRefused: 400,
     errors.IncompleteBody: 400,
@@ -35,6 +37,7 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.TargetTooLong: 414,
     errors.ExpectationFailed: 417,
     errors.HeaderFieldsTooLarge: 431,
+    errors.HttpVersionNotSupported: 505,
     errors.RequestTimeout: 408,
     errors.NoRoute: 404,
     errors.OperationNotFound: 404,

@@ -112,7 +112,7 @@ def test_render_url_without_a_task_leaves_it_empty() -> None:
 
 def test_render_url_absolute_template_ignores_the_route_upstream() -> None:
     route = route_for("http://tool.test:9000", BY_KEY)
-    assert render_url("https://other.test/by-key/{key}", route, record_for("k/1")) == "https://other.test/by-key/k%2F1"
+    assert render_url("https://other.test/by-key/{key}", route, record_for("k 1")) == "https://other.test/by-key/k%201"
 
 
 def test_render_url_quotes_fields_of_the_stored_request_body() -> None:

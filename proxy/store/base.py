@@ -27,6 +27,12 @@ class StoreUnavailable(StoreError, ConnectionError):
     """The store could not be reached or did not answer in time."""
 
 
+class RecordNotStorable(StoreError, ValueError):
+    """The store cannot hold this record as it is (a value its layout cannot encode, a
+    size over its limit); nothing was written. Unlike ``StoreUnavailable``, writing the
+    same record again fails the same way."""
+
+
 class RecordMissing(StoreError, KeyError):
     """A transition named an operation that has no record."""
 
@@ -125,7 +131,8 @@ class Store(ABC):
     @abstractmethod
     async def transition(self, transition: Transition) -> OperationRecord | None:
         """Apply ``transition``. ``None`` when applied; otherwise the current
-        record without its evidence: it shows why the guard failed."""
+        record without its evidence: it shows why the guard failed.
+        ``RecordNotStorable`` when the new record cannot be held (nothing changed)."""
 
     @abstractmethod
     async def get(self, op_id: str) -> OperationRecord | None:

@@ -1,14 +1,23 @@
-"""The SQLite store's field layout for a record (Redis packs its own: ``redis_record``).
+"""The SQLite store's field layout for a record (Redis packs its own: ``redis_record``),
+and what both layouts share.
 
 The fields the SQL statements inspect (state, fence, owner, lease) are columns
 of their own; everything else travels as one orjson blob (``m``) plus the raw
 response body (``b``), so a replay is served byte for byte without re-encoding.
 Evidence (``e``) is JSON lines, appended by the store and never rewritten.
+
+Headers are ``[name, value]`` pairs. A name or value that is not UTF-8 text
+(the tool sent bytes that are not UTF-8: see ``StoredResponse``) is kept as
+its wire bytes, ``{"base64": "..."}`` here; everything else is written as
+before such bytes were kept, so records of text headers read the same in
+either version. A response kept without its headers and body because the
+store could not hold them says why (``not_stored``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -22,6 +31,7 @@ from idemproxy.records import (
     StoredRequest,
     StoredResponse,
 )
+from idemproxy.store.base import RecordNotStorable
 
 STATE = "s"
 FENCE = "f"
@@ -39,7 +49,15 @@ WRITTEN_FIELDS = (STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE, META, BODY, 
 
 
 def encode(record: OperationRecord) -> dict[str, bytes]:
-    """The fields to write for ``record`` (evidence excluded: it is appended)."""
+    """The fields to write for ``record`` (evidence excluded: it is appended);
+    ``RecordNotStorable`` when some value cannot be encoded."""
+    try:
+        return _encode(record)
+    except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError is a TypeError
+        raise not_storable(exc) from exc
+
+
+def _encode(record: OperationRecord) -> dict[str, bytes]:
     meta: dict[str, Any] = {
         "scope": [record.scope.caller, record.scope.route, record.scope.key, record.scope.task],
         "method": record.method,
@@ -51,7 +69,7 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
     if record.attempt_ms:
         meta["attempt_ms"] = record.attempt_ms
     if record.request is not None:
-        meta["request_headers"] = record.request.headers
+        meta["request_headers"] = _json_headers(record.request.headers)
     fields = {
         STATE: record.state.value.encode(),
         FENCE: str(record.fence).encode(),
@@ -64,11 +82,13 @@ def encode(record: OperationRecord) -> dict[str, bytes]:
     if response is not None:
         meta["response"] = {
             "status": response.status,
-            "headers": response.headers,
+            "headers": _json_headers(response.headers),
             "size": response.body_size,
             "sha256": response.body_sha256,
             "stored": response.body is not None,
         }
+        if response.not_stored_reason is not None:
+            meta["response"]["not_stored"] = response.not_stored_reason
     fields[META] = orjson.dumps(meta)
     # Always written, so a transition never leaves a previous body behind.
     fields[BODY] = response.body if response is not None and response.body is not None else b""
@@ -102,7 +122,51 @@ def reconcile_state_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def encode_evidence(evidence: Evidence) -> bytes:
-    return orjson.dumps(evidence.to_dict())
+    try:
+        return orjson.dumps(evidence.to_dict())
+    except TypeError as exc:
+        raise not_storable(exc) from exc
+
+
+def not_storable(exc: Exception) -> RecordNotStorable:
+    """``RecordNotStorable`` for a layout's encoding failure ``exc`` (shared by both layouts)."""
+    return RecordNotStorable(f"the record cannot be encoded: {type(exc).__name__}: {exc}")
+
+
+def header_item(text: str) -> str | bytes:
+    """A header name or value as a layout keeps it (shared by both layouts): the text
+    itself when it is UTF-8 text, else the wire bytes it was read from.
+    ``UnicodeEncodeError`` when it was read from no bytes (a surrogate outside
+    ``surrogateescape``'s range)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return text
+
+
+def header_text(item: str | bytes) -> str:
+    """A header name or value from what ``header_item`` kept."""
+    return item if isinstance(item, str) else item.decode("utf-8", "surrogateescape")
+
+
+def _json_headers(headers: Iterable[tuple[str, str]]) -> list[list[str | dict[str, str]]]:
+    return [[_json_item(name), _json_item(value)] for name, value in headers]
+
+
+def _json_item(text: str) -> str | dict[str, str]:
+    item = header_item(text)
+    return item if isinstance(item, str) else {"base64": base64.b64encode(item).decode("ascii")}
+
+
+def _json_headers_back(pairs: Iterable[list[Any]]) -> tuple[tuple[str, str], ...]:
+    return tuple((_json_text(name), _json_text(value)) for name, value in pairs)
+
+
+def _json_text(item: str | dict[str, str]) -> str:
+    return item if isinstance(item, str) else header_text(base64.b64decode(item["base64"]))
 
 
 def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationRecord:
@@ -113,15 +177,16 @@ def decode(op_id: str, fields: Mapping[str, bytes | str | int]) -> OperationReco
         body = fields.get(BODY) if stored["stored"] else None
         response = StoredResponse(
             status=stored["status"],
-            headers=tuple((name, value) for name, value in stored["headers"]),
+            headers=_json_headers_back(stored["headers"]),
             body=_bytes(body) if body is not None else None,
             body_size=stored["size"],
             body_sha256=stored["sha256"],
+            not_stored_reason=stored.get("not_stored"),
         )
     request = None
     if (request_headers := meta.get("request_headers")) is not None:
         request = StoredRequest(
-            headers=tuple((name, value) for name, value in request_headers),
+            headers=_json_headers_back(request_headers),
             body=_bytes(fields.get(REQUEST_BODY) or b""),
         )
     return OperationRecord(

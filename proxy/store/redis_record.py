@@ -24,12 +24,17 @@ the scripts and keep MessagePack's full types::
     response = nil | [status, [name, value, ...]] | [status, [name, value, ...], size, sha256]
 
 A SHA-256 hex digest (the fingerprint, the body's digest) is kept as its 32
-raw bytes (``bin``; any other text stays ``str``). The response's size and
-digest are left out when they are the stored body's own and the body is small
-enough to hash again on every read (``_DERIVED_DIGEST_MAX``). ``extras`` maps
-the rarer fields that are not at their default (``retry_class``,
-``reconciled``, ``probes``, ``next_probe_ms``, ``request_headers``) and is
-left out when none is.
+raw bytes (``bin``; any other text stays ``str``). A header name or value that
+is not UTF-8 text (bytes the tool sent that are not UTF-8: see
+``StoredResponse``) is kept as its wire bytes (``bin``); text headers are
+``str``, as before such bytes were kept. The response's size and digest are
+left out when they are the stored body's own and the body is small enough to
+hash again on every read (``_DERIVED_DIGEST_MAX``). ``extras`` maps the rarer
+fields that are not at their default (``retry_class``, ``reconciled``,
+``probes``, ``next_probe_ms``, ``request_headers``, ``not_stored``: the
+response's ``not_stored_reason``) and is left out when none is.
+
+Packing raises ``RecordNotStorable`` for a value that cannot be encoded.
 """
 
 from __future__ import annotations
@@ -72,29 +77,36 @@ def pack(record: OperationRecord, evidence: bytes) -> bytes:
 
 def pack_head(record: OperationRecord) -> bytes:
     """The value for ``record`` up to its evidence: a script completes it with the packed evidence."""
-    packer = _HEAD_PACKER
-    packer.reset()
-    packer.pack_array_header(len(FIELDS))
-    response = record.response
-    request = record.request
-    for value in (
-        record.state.value,
-        record.fence,
-        record.owner,
-        record.lease_until_ms,
-        _pack_meta(record),
-        response.body if response is not None and response.body is not None else False,
-        request.body if request is not None else False,
-    ):
-        packer.pack(value)
-    return cast(bytes, packer.bytes())
+    try:
+        meta = _pack_meta(record)
+        packer = _HEAD_PACKER
+        packer.reset()
+        packer.pack_array_header(len(FIELDS))
+        response = record.response
+        request = record.request
+        for value in (
+            record.state.value,
+            record.fence,
+            record.owner,
+            record.lease_until_ms,
+            meta,
+            response.body if response is not None and response.body is not None else False,
+            request.body if request is not None else False,
+        ):
+            packer.pack(value)
+        return cast(bytes, packer.bytes())
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise codec.not_storable(exc) from exc
 
 
 def pack_evidence(evidence: Evidence) -> bytes:
     entry: list[Any] = [evidence.at_ms, evidence.kind]
     if evidence.detail:
         entry.append(evidence.detail)
-    return cast(bytes, msgpack.packb(entry, use_bin_type=True, default=_json_like))
+    try:
+        return cast(bytes, msgpack.packb(entry, use_bin_type=True, default=_json_like))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise codec.not_storable(exc) from exc
 
 
 def unpack(op_id: str, value: bytes, *, with_evidence: bool = True) -> OperationRecord:
@@ -120,7 +132,7 @@ def unpack(op_id: str, value: bytes, *, with_evidence: bool = True) -> Operation
         target=target,
         created_ms=created,
         updated_ms=created + updated,
-        response=_unpack_response(stored, body) if stored is not None else None,
+        response=_unpack_response(stored, body, extras.get("not_stored")) if stored is not None else None,
         **codec.reconcile_state_fields(extras),
         attempt_ms=created + attempted,
         request=request,
@@ -154,6 +166,8 @@ def _pack_meta(record: OperationRecord) -> bytes:
     extras = codec.reconcile_state(record)
     if record.request is not None and record.request.headers:
         extras["request_headers"] = _flat(record.request.headers)
+    if response is not None and response.not_stored_reason is not None:
+        extras["not_stored"] = response.not_stored_reason
     if extras:
         meta.append(extras)
     return cast(bytes, _BINARY_PACKER.pack(meta))
@@ -166,7 +180,9 @@ def _pack_response(response: StoredResponse) -> list[Any]:
     return packed
 
 
-def _unpack_response(stored: Sequence[Any], body: bytes | Literal[False]) -> StoredResponse:
+def _unpack_response(
+    stored: Sequence[Any], body: bytes | Literal[False], not_stored_reason: str | None
+) -> StoredResponse:
     status, headers, *size_and_digest = stored
     kept = body if body is not False else None
     if size_and_digest:
@@ -175,7 +191,12 @@ def _unpack_response(stored: Sequence[Any], body: bytes | Literal[False]) -> Sto
         assert isinstance(kept, bytes), "a response without size and digest has its body stored"
         size, digest = len(kept), hashlib.sha256(kept).hexdigest()
     return StoredResponse(
-        status=status, headers=_pairs(headers), body=kept, body_size=size, body_sha256=_digest_text(digest)
+        status=status,
+        headers=_pairs(headers),
+        body=kept,
+        body_size=size,
+        body_sha256=_digest_text(digest),
+        not_stored_reason=not_stored_reason,
     )
 
 
@@ -205,12 +226,13 @@ def _digest_text(value: bytes | str) -> str:
     return value.hex() if isinstance(value, bytes) else value
 
 
-def _flat(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    return [item for pair in pairs for item in pair]
+def _flat(pairs: Iterable[tuple[str, str]]) -> list[str | bytes]:
+    return [codec.header_item(item) for pair in pairs for item in pair]
 
 
-def _pairs(flat: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    return tuple(zip(flat[::2], flat[1::2], strict=True))
+def _pairs(flat: Sequence[str | bytes]) -> tuple[tuple[str, str], ...]:
+    items = [codec.header_text(item) for item in flat]
+    return tuple(zip(items[::2], items[1::2], strict=True))
 
 
 def _json_like(value: object) -> Any:

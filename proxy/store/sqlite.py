@@ -24,6 +24,7 @@ from idemproxy.store.base import (
     Lease,
     OpsQuery,
     RecordMissing,
+    RecordNotStorable,
     Store,
     StoreUnavailable,
     Transition,
@@ -377,6 +378,8 @@ class SqliteStore(Store):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, function, *args)
+        except sqlite3.DataError as exc:  # SQLITE_TOOBIG: a value over the length limit, rolled back
+            raise RecordNotStorable(f"sqlite: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 

@@ -107,7 +107,11 @@ def test_dockerfile_shape(dockerfile: Dockerfile) -> None:
     assert {"interval", "timeout", "retries"} <= set(options)
     env = final.env()
     assert env["IDEMPROXY_LISTEN"] == "0.0.0.0:8080"
-    assert env["IDEMPROXY_ADMIN_LISTEN"] == "0.0.0.0:8081"
+    # The operations API stays on loopback; the kubelet and Prometheus get a listener of their own.
+    assert env["IDEMPROXY_ADMIN_LISTEN"] == "127.0.0.1:8081"
+    assert env["IDEMPROXY_METRICS_LISTEN"] == "0.0.0.0:8082"
+    assert final.last("EXPOSE") is not None
+    assert "8081" not in _value(final, "EXPOSE").split()
     assert "IDEMPROXY_STORE" not in env, "an image-wide store would override every configuration file's"
 
 
@@ -245,12 +249,13 @@ async def started(installed: Installed, upstream: Upstream, grace_s: int, worker
         yaml.safe_dump({"shutdown_grace": f"{grace_s}s", "routes": [{"prefix": "/", "upstream": upstream.url}]}),
         encoding="utf-8",
     )
-    proxy_port, admin_port = free_port(), free_port()
+    proxy_port, admin_port, metrics_port = free_port(), free_port(), free_port()
     environ = {
         **installed.environ,
         # The image listens on 0.0.0.0; here only loopback.
         "IDEMPROXY_LISTEN": f"127.0.0.1:{proxy_port}",
         "IDEMPROXY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "IDEMPROXY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
     }
     log = installed.root / f"proxy-{proxy_port}.log"
     argv = [*installed.entrypoint, "--config", "/etc/idemproxy/config.yaml", "--workers", str(workers)]
@@ -305,7 +310,7 @@ def _key(name: str) -> dict[str, str]:
 
 
 async def test_healthcheck_fails_without_a_proxy(installed: Installed) -> None:
-    environ = {**installed.environ, "IDEMPROXY_ADMIN_LISTEN": f"127.0.0.1:{free_port()}"}
+    environ = {**installed.environ, "IDEMPROXY_METRICS_LISTEN": f"127.0.0.1:{free_port()}"}
     assert await _healthcheck(installed, environ) != 0
 
 
@@ -409,6 +414,7 @@ async def test_podman_image_runs_and_stops_cleanly(podman_image: str, upstream: 
         # Read-only root filesystem (podman adds a /tmp); the ledger directory as a volume.
         "--network", "host", "--read-only", "--volume", "/var/lib/idemproxy",
         "--env", f"IDEMPROXY_LISTEN=127.0.0.1:{proxy_port}", "--env", f"IDEMPROXY_ADMIN_LISTEN=127.0.0.1:{admin_port}",
+        "--env", f"IDEMPROXY_METRICS_LISTEN=127.0.0.1:{free_port()}",
         "--env", f"IDEMPROXY_UPSTREAM={upstream.url}", podman_image,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

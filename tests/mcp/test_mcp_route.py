@@ -33,6 +33,8 @@ from tests.mcp.ticket_server import Tickets
 KEY_META = "io.idemproxy/idempotency-key"
 JSON_AND_SSE = "application/json, text/event-stream"
 PROTOCOL = "2025-06-18"
+#: The run a derived key is scoped by (``key_mode: derive`` refuses calls without one).
+RUN = {"X-Agent-Task": "run-1"}
 
 
 @asynccontextmanager
@@ -193,7 +195,7 @@ async def test_progress_reaches_the_first_caller_and_never_a_replay(
 
         return report
 
-    async with mcp_session(await mcp_proxy()) as session:
+    async with mcp_session(await mcp_proxy(), RUN) as session:
         arguments = {"title": "slow", "steps": 3}
         first = await session.call_tool("create_ticket", arguments, progress_callback=progress(seen[0]))
         again = await session.call_tool("create_ticket", arguments, progress_callback=progress(seen[1]))
@@ -215,7 +217,7 @@ async def test_concurrent_duplicates_wait_for_the_first_answer(mcp_proxy: McpPro
 
 
 async def test_an_error_result_from_the_tool_is_its_answer(mcp_proxy: McpProxyFactory, tickets: Tickets) -> None:
-    async with mcp_session(await mcp_proxy()) as session:
+    async with mcp_session(await mcp_proxy(), RUN) as session:
         first = await session.call_tool("explode", {"reason": "quota"})
         again = await session.call_tool("explode", {"reason": "quota"})
     assert first.isError
@@ -232,7 +234,7 @@ async def test_read_only_tools_pass_through(mcp_proxy: McpProxyFactory, tickets:
 
 
 async def test_tools_not_marked_read_only_are_recorded(mcp_proxy: McpProxyFactory, tickets: Tickets) -> None:
-    async with mcp_session(await mcp_proxy()) as session:
+    async with mcp_session(await mcp_proxy(), RUN) as session:
         await session.call_tool("list_tickets", {})
         await session.call_tool("list_tickets", {})
     assert tickets.reads == 1
@@ -294,7 +296,7 @@ async def test_an_unreachable_ledger_refuses_the_call_as_a_json_rpc_error(
         client = await aiohttp_client(build_proxy_app(config, store, run_reconciler=False))
         raw = RawSession(http, str(client.make_url("/mcp")))
         listed = await raw.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
-        refused = await raw.post(call(2, "create_ticket", {"title": "no ledger"}))
+        refused = await raw.post(call(2, "create_ticket", {"title": "no ledger"}), X_Agent_Task="run-1")
     finally:
         await store.close()
     assert listed.status_code == 200  # passes through: nothing to record

@@ -15,6 +15,7 @@ the listeners, shutdown_grace and the store. Takes (dict "Values" ... "Release" 
 {{- end -}}
 {{- $_ := set $cfg "listen" (include "idemproxy.listen" .) -}}
 {{- $_ := set $cfg "admin_listen" (include "idemproxy.adminListen" .) -}}
+{{- $_ := set $cfg "metrics_listen" (include "idemproxy.metricsListen" .) -}}
 {{- $_ := set $cfg "shutdown_grace" (printf "%ds" (int $v.shutdownGraceSeconds)) -}}
 {{- $store := deepCopy (default (dict) $v.store.options) -}}
 {{- $url := include "idemproxy.storeUrl" . -}}

@@ -2,14 +2,20 @@
 The idemproxy container, for this chart's Deployment and for an agent pod's
 sidecar alike. Takes (dict "Values" ... "Release" ...).
 */}}
+{{/* Port names: in an agent's pod they carry an "idem-" prefix, clear of the agent's own. */}}
 {{- define "idemproxy.adminPortName" -}}
 {{- ternary "idem-admin" "admin" (eq .Values.mode "sidecar") -}}
+{{- end -}}
+
+{{- define "idemproxy.metricsPortName" -}}
+{{- ternary "idem-metrics" "metrics" (eq .Values.mode "sidecar") -}}
 {{- end -}}
 
 {{- define "idemproxy.container" -}}
 {{- $v := .Values -}}
 {{- $sidecar := eq $v.mode "sidecar" -}}
 {{- $admin := include "idemproxy.adminPortName" . -}}
+{{- $metrics := include "idemproxy.metricsPortName" . -}}
 - name: idemproxy
   image: {{ include "idemproxy.image" . | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -27,6 +33,8 @@ sidecar alike. Takes (dict "Values" ... "Release" ...).
       value: {{ include "idemproxy.listen" . | quote }}
     - name: IDEMPROXY_ADMIN_LISTEN
       value: {{ include "idemproxy.adminListen" . | quote }}
+    - name: IDEMPROXY_METRICS_LISTEN
+      value: {{ include "idemproxy.metricsListen" . | quote }}
     {{- if $v.store.existingSecret.name }}
     - name: IDEMPROXY_STORE
       valueFrom:
@@ -47,27 +55,34 @@ sidecar alike. Takes (dict "Values" ... "Release" ...).
       containerPort: {{ int $v.ports.proxy }}
       protocol: TCP
     {{- end }}
+    # /metrics, /healthz and /readyz: the probes below and the Service/PodMonitor.
+    - name: {{ $metrics }}
+      containerPort: {{ int $v.ports.metrics }}
+      protocol: TCP
+    {{- /* On loopback (the default) the operations API is not reachable from outside the pod: no port to declare. */}}
+    {{- if include "idemproxy.adminExposed" . }}
     - name: {{ $admin }}
       containerPort: {{ int $v.ports.admin }}
       protocol: TCP
+    {{- end }}
   startupProbe:
     httpGet:
       path: /healthz
-      port: {{ $admin }}
+      port: {{ $metrics }}
     periodSeconds: {{ int $v.probes.startup.periodSeconds }}
     failureThreshold: {{ int $v.probes.startup.failureThreshold }}
     timeoutSeconds: {{ int $v.probes.startup.timeoutSeconds }}
   livenessProbe:
     httpGet:
       path: /healthz
-      port: {{ $admin }}
+      port: {{ $metrics }}
     periodSeconds: {{ int $v.probes.liveness.periodSeconds }}
     failureThreshold: {{ int $v.probes.liveness.failureThreshold }}
     timeoutSeconds: {{ int $v.probes.liveness.timeoutSeconds }}
   readinessProbe:
     httpGet:
       path: /readyz
-      port: {{ $admin }}
+      port: {{ $metrics }}
     periodSeconds: {{ int $v.probes.readiness.periodSeconds }}
     failureThreshold: {{ int $v.probes.readiness.failureThreshold }}
     timeoutSeconds: {{ int $v.probes.readiness.timeoutSeconds }}

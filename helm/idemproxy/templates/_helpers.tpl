@@ -74,19 +74,38 @@ sqlite:////var/lib/idemproxy/ledger.db
 {{/* listen address of the proxy listener */}}
 {{- define "idemproxy.listen" -}}
 {{- $host := ternary .Values.sidecar.listenHost .Values.bindAddress (eq .Values.mode "sidecar") -}}
+{{- include "idemproxy.hostPort" (list $host .Values.ports.proxy) -}}
+{{- end -}}
+
+{{/* HOST:PORT, the host bracketed when it is an IPv6 address. Takes (list HOST PORT). */}}
+{{- define "idemproxy.hostPort" -}}
+{{- $host := index . 0 -}}
 {{- if contains ":" $host -}}
-{{- printf "[%s]:%d" $host (int .Values.ports.proxy) -}}
+{{- printf "[%s]:%d" $host (int (index . 1)) -}}
 {{- else -}}
-{{- printf "%s:%d" $host (int .Values.ports.proxy) -}}
+{{- printf "%s:%d" $host (int (index . 1)) -}}
 {{- end -}}
 {{- end -}}
 
+{{/* listen address of the admin listener (the operations API): loopback unless adminBindAddress says otherwise */}}
 {{- define "idemproxy.adminListen" -}}
-{{- if contains ":" .Values.bindAddress -}}
-{{- printf "[%s]:%d" .Values.bindAddress (int .Values.ports.admin) -}}
-{{- else -}}
-{{- printf "%s:%d" .Values.bindAddress (int .Values.ports.admin) -}}
+{{- include "idemproxy.hostPort" (list .Values.adminBindAddress .Values.ports.admin) -}}
 {{- end -}}
+
+{{/* listen address of the metrics listener (/metrics, /healthz, /readyz): the kubelet and Prometheus */}}
+{{- define "idemproxy.metricsListen" -}}
+{{- include "idemproxy.hostPort" (list .Values.bindAddress .Values.ports.metrics) -}}
+{{- end -}}
+
+{{/*
+"true" when the admin listener is reachable from outside the pod: adminBindAddress is
+not a loopback form (127.x.x.x, ::1, localhost; the same forms values.schema.json and
+the proxy accept without auth). The admin port is then declared and published.
+*/}}
+{{- define "idemproxy.adminExposed" -}}
+{{- $host := .Values.adminBindAddress -}}
+{{- $octet := "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])" -}}
+{{- if not (or (eq $host "::1" "localhost") (regexMatch (printf "^127\\.%s\\.%s\\.%s$" $octet $octet $octet) $host)) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "idemproxy.terminationGracePeriodSeconds" -}}
@@ -129,7 +148,14 @@ Rendered (to nothing) by every template that depends on them.
 {{- if and $v.podDisruptionBudget.enabled (not (kindIs "invalid" $v.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable)) -}}
 {{- fail "idemproxy: podDisruptionBudget takes minAvailable or maxUnavailable, not both (set the other to null)" -}}
 {{- end -}}
-{{- if eq (int $v.ports.proxy) (int $v.ports.admin) -}}
-{{- fail "idemproxy: ports.proxy and ports.admin must differ" -}}
+{{- if or (eq (int $v.ports.proxy) (int $v.ports.admin)) (eq (int $v.ports.proxy) (int $v.ports.metrics)) (eq (int $v.ports.admin) (int $v.ports.metrics)) -}}
+{{- fail (printf "idemproxy: ports.proxy (%d), ports.admin (%d) and ports.metrics (%d) must differ" (int $v.ports.proxy) (int $v.ports.admin) (int $v.ports.metrics)) -}}
+{{- end -}}
+{{- /* values.schema.json says so too; this holds when an install skips the schema. */ -}}
+{{- if and (include "idemproxy.adminExposed" .) (not (kindIs "map" $v.config.auth)) -}}
+{{- fail (printf "idemproxy: adminBindAddress %s is not loopback: anyone in the cluster could reach the operations API (stored answers, resolving operations), so it needs config.auth with an identity that has 'ops: admin'; or keep adminBindAddress 127.0.0.1 and use kubectl port-forward" $v.adminBindAddress) -}}
+{{- end -}}
+{{- if and $v.networkPolicy.enabled (eq $v.mode "sidecar") -}}
+{{- fail "idemproxy: networkPolicy is for standalone mode: in sidecar mode the pods are the agent's, and the chart that makes them owns their NetworkPolicy (the proxy listens on loopback there)" -}}
 {{- end -}}
 {{- end -}}
