@@ -7,6 +7,11 @@ LOCK   := requirements/dev.txt
 # Reinstall when the lock or the set of modules change (the editable install
 # is a link tree, so static checkers see the mapped package names).
 STAMP  := $(VENV)/.installed-$(shell { cat $(LOCK) pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
+# `make run`: the runtime dependencies alone (requirements/runtime.txt), not the test and
+# lint tools; the project itself editable, built with the locked build backend.
+RUN_VENV ?= .venv-run
+RBIN   := $(RUN_VENV)/bin
+RSTAMP := $(RUN_VENV)/.installed-$(shell { cat requirements/runtime.txt requirements/build-system.txt pyproject.toml; find proxy adapters -name '*.py' | sort; } | cksum | cut -d' ' -f1)
 # The mypyc-compiled build (what the image ships) in a venv of its own; rebuilt
 # whenever any source changes, since the compiled modules shadow the .py files.
 COMPILED_VENV ?= .venv-compiled
@@ -48,8 +53,16 @@ $(CSTAMP):
 
 compiled: $(CSTAMP)
 
-run: $(STAMP)
-	$(BIN)/python examples/demo.py
+$(RSTAMP):
+	@sh scripts/bootstrap.sh venv "$(PYTHON)" "$(RUN_VENV)"
+	@sh scripts/bootstrap.sh sync "$(RUN_VENV)" requirements/runtime.txt
+	$(RUN_VENV)/.uv/bin/uv pip install --quiet --python $(RBIN)/python --no-deps \
+		--build-constraints requirements/build-system.txt -e .
+	@rm -f $(RUN_VENV)/.installed-*
+	@touch $@
+
+run: $(RSTAMP)
+	$(RBIN)/python examples/demo.py
 
 test: $(STAMP)
 	@sh scripts/bootstrap.sh redis
@@ -108,4 +121,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix proxy adapters tests examples bench scripts
 
 clean:
-	rm -rf $(VENV) $(COMPILED_VENV) build dist .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(COMPILED_VENV) $(RUN_VENV) build dist .idemproxy .pytest_cache .mypy_cache .ruff_cache *.egg-info

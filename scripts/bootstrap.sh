@@ -51,6 +51,8 @@ uv)
     # Kept beside the venv's packages, not among them: a sync leaves it alone.
     if [ -x "$dir/.uv/bin/uv" ] && cmp -s requirements/uv.txt "$dir/.uv/uv.txt"; then exit 0; fi
     rm -rf "$dir/.uv"
+    # A venv synced to a lock without pip (the runtime set) gets it back from ensurepip, offline.
+    "$dir/bin/python" -m pip --version >/dev/null 2>&1 || "$dir/bin/python" -m ensurepip --default-pip >/dev/null
     "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
         --only-binary=:all: --target "$dir/.uv" -r requirements/uv.txt
     cp requirements/uv.txt "$dir/.uv/uv.txt"
