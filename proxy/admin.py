@@ -68,11 +68,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The ledger answers: side-effecting calls can be recorded."""
+    """The ledger answers, and keeps what it is given: side-effecting calls can be
+    recorded. A store setting that can lose records (``Store.hazards``, e.g. an
+    evicting Redis) fails it with its ``reason``, unless the operator accepted it."""
+    store = request.app[STORE_KEY]
     try:
-        await request.app[STORE_KEY].ping()
+        await store.ping()
     except StoreUnavailable as exc:
         raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+    for hazard in store.hazards():
+        if not hazard.accepted:
+            raise LedgerUnavailable(f"The ledger can lose records: {hazard.detail}", reason=hazard.reason)
     return web.json_response({"status": "ready"})
 
 

@@ -83,6 +83,7 @@ class ProxyApp:
             self.handle,
             header_timeout_s=config.client_header_timeout_s,
             max_body=max(route.max_body for route in config.routes),
+            max_connections=config.max_connections,
         )
 
     async def start(self) -> None:

@@ -81,9 +81,14 @@ def _run(args: argparse.Namespace) -> int:
 
         return supervise(_worker_args(args), args.workers)
     from idemproxy.app import serve
+    from idemproxy.store import StoreUnsafe
 
     _install_uvloop()
-    asyncio.run(serve(config, reuse_port=args.worker))
+    try:
+        asyncio.run(serve(config, reuse_port=args.worker))
+    except StoreUnsafe as unsafe:  # its message names the node, the setting and the fix
+        print(f"idemproxy: {unsafe}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -125,6 +130,8 @@ def _check_config(args: argparse.Namespace) -> int:
         else:
             scope = f"without {task}, a caller's identical calls are one operation, across runs (opted in)"
         print(f"  route {route.name}: key_mode derive, derive_scope {route.derive_scope.value}: {scope}")
+    for note in config.store.notes():
+        print(f"  store: {note}")
     return 0
 
 

@@ -26,7 +26,13 @@ from idemproxy.convert import boolean, kind, positive_duration, positive_int, st
 from idemproxy.key_paths import Problems
 from idemproxy.mcp_config import McpConfig, RouteMode, parse_mcp, parse_mode
 from idemproxy.reconcile_config import ReconcileConfig, parse_reconcile
-from idemproxy.store.redis_urls import is_redis_url, is_topology_url, missing_redis_client, parse_topology_url
+from idemproxy.store.redis_urls import (
+    SentinelUrl,
+    is_redis_url,
+    is_topology_url,
+    missing_redis_client,
+    parse_topology_url,
+)
 from idemproxy.units import parse_duration, parse_size
 
 DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
@@ -123,9 +129,50 @@ class StoreConfig:
     socket_timeout_s: float = 2.0
     max_connections: int = 64
     #: Redis only: replicas that must acknowledge a reservation (``WAIT``) before
-    #: the request is forwarded; 0 forwards once the master has it.
-    min_replicas_ack: int = 0
+    #: the request is forwarded; 0 forwards once the master has it. ``None`` (not
+    #: set): the store decides, 1 wherever it has replicas (``RedisStore``).
+    min_replicas_ack: int | None = None
     replica_ack_timeout_s: float = 1.0
+    #: Redis only: start (and stay ready) although a node may evict records
+    #: (a ``maxmemory-policy`` other than ``noeviction``); it is still logged and reported.
+    allow_eviction: bool = False
+
+    def notes(self) -> list[str]:
+        """What the durability settings mean for this store, for ``check-config``
+        (nothing for SQLite: no replicas, no eviction)."""
+        if not is_redis_url(self.url):
+            return []
+        notes = [self._replicas_note()]
+        if self.allow_eviction:
+            notes.append(
+                "allow_eviction true: the proxy starts and stays ready although Redis may evict records "
+                "(a maxmemory-policy other than noeviction); a retry of an evicted operation runs the call again"
+            )
+        return notes
+
+    def _replicas_note(self) -> str:
+        if self.min_replicas_ack == 0:
+            return (
+                "min_replicas_ack 0 (set explicitly): reservations do not wait for replicas, so one the "
+                "master acknowledged but had not replicated yet is lost if a replica is promoted (a failover), "
+                "and a retry with the same key then runs the call again; remove it to wait for one replica"
+            )
+        if self.min_replicas_ack is None and not is_topology_url(self.url):
+            return (
+                "min_replicas_ack decided at start: 1 if the master reports connected replicas, else 0 "
+                "(set it to say which)"
+            )
+        wanted = self.min_replicas_ack or 1
+        if self.min_replicas_ack is None:
+            topology = "Sentinel" if isinstance(parse_topology_url(self.url), SentinelUrl) else "Cluster"
+            setting = f"min_replicas_ack 1 (the default for {topology})"
+        else:
+            setting = f"min_replicas_ack {wanted}"
+        return (
+            f"{setting}: each reservation waits for {wanted} replica(s) before the call is forwarded "
+            f"(replica_ack_timeout {self.replica_ack_timeout_s:g}s); run {wanted + 1} replicas per master, "
+            "or a failover or one lost replica makes reservations fail with 503 until enough are back"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +200,13 @@ class ProxyConfig:
     client_header_timeout_s: float = 60.0
     #: A request's whole body must arrive this long after its head, or 408.
     client_body_timeout_s: float = 60.0
+    #: Connections the proxy listener keeps open at once, per worker process; one more is closed
+    #: at once. nginx's default ``worker_connections``; a connection can hold two files (the
+    #: caller's and its upstream's), so 512 of them, the store's pool and the listeners stay under
+    #: 1024, the usual soft limit of open files (Docker 25+ among others): the limit refuses
+    #: cleanly before ``accept`` and upstream connects fail with EMFILE. Agents' HTTP clients pool
+    #: 100 connections at most by default (aiohttp, httpx).
+    max_connections: int = 512
     auth: AuthConfig | None = None  # None: callers are named by the caller header, unauthenticated
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
 
@@ -277,6 +331,17 @@ class _Reader(Problems):
             # Checked after the overrides: the URL may come from --store or IDEMPROXY_STORE.
             with self.at("store"):
                 self.fail("min_replicas_ack", f"needs a Redis store; {store.url.partition(':')[0]} has no replicas")
+        waits = store.min_replicas_ack if store.min_replicas_ack is not None else int(is_topology_url(store.url))
+        if waits and is_redis_url(store.url) and store.replica_ack_timeout_s >= store.socket_timeout_s:
+            # A WAIT cut off by the socket timeout is retried on another connection (in a
+            # cluster, possibly to another master), where it finds nothing of its own to wait for.
+            with self.at("store"):
+                self.fail(
+                    "replica_ack_timeout",
+                    f"must be shorter than socket_timeout ({store.socket_timeout_s:g}s), got "
+                    f"{store.replica_ack_timeout_s:g}s: reservations wait for {waits} replica(s) (min_replicas_ack), "
+                    "and a WAIT the socket timeout cuts off is retried where it vouches for nothing",
+                )
         if not routes and not self.problems:
             self.fail("routes", "no routes configured; add 'routes' to the file or pass --upstream URL")
         if listen == admin_listen and not self.problems:
@@ -299,6 +364,7 @@ class _Reader(Problems):
             log_keys=log_keys,
             client_header_timeout_s=header_timeout,
             client_body_timeout_s=body_timeout,
+            max_connections=self.value(data, "max_connections", defaults.max_connections, positive_int),
             auth=auth,
             budgets=budgets,
         )
@@ -326,6 +392,7 @@ class _Reader(Problems):
                 replica_ack_timeout_s=self.value(
                     data, "replica_ack_timeout", defaults.replica_ack_timeout_s, positive_duration
                 ),
+                allow_eviction=self.value(data, "allow_eviction", defaults.allow_eviction, boolean),
             )
 
     def auth(self, raw: Any, routes: tuple[RouteConfig, ...]) -> AuthConfig | None:
@@ -438,12 +505,21 @@ _TOP_KEYS = frozenset(
         "log_keys",
         "client_header_timeout",
         "client_body_timeout",
+        "max_connections",
         "auth",
         "budgets",
     }
 )
 _STORE_KEYS = frozenset(
-    {"url", "key_prefix", "socket_timeout", "max_connections", "min_replicas_ack", "replica_ack_timeout"}
+    {
+        "url",
+        "key_prefix",
+        "socket_timeout",
+        "max_connections",
+        "min_replicas_ack",
+        "replica_ack_timeout",
+        "allow_eviction",
+    }
 )
 _HEADER_KEYS = frozenset({"key", "caller", "task"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -23,6 +23,13 @@ What it guarantees:
   previous response, or the connection is closed.
 - **One request at a time per connection**, in order: pipelined requests
   wait (reading pauses) until the response before them is written.
+- **Bounded pipelining.** At most ``MAX_PIPELINED`` requests are parsed ahead of
+  the one being answered; the rest of a read stays raw bytes until answers make
+  room. A caller whose answers back up (the write buffer over its high-water
+  mark) is not read from, and one that reads none of them for
+  ``header_timeout_s`` is disconnected.
+- **Bounded connections.** Past ``max_connections`` open connections, a new one
+  is closed at once, without a word, and counted.
 - **Handlers are never cancelled because a caller left**: a request whose
   caller hung up still runs to its end (the ledger must record what
   happened); its writes fail with ``ConnectionResetError``. Only
@@ -49,6 +56,7 @@ from http import HTTPStatus
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from idemproxy import metrics
 from idemproxy.errors import (
     ExpectationFailed,
     HeaderFieldsTooLarge,
@@ -84,6 +92,35 @@ LINGER_S = 5.0
 #: How long ``shutdown`` waits for handlers it cancelled to unwind.
 _CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Requests parsed ahead of the one being answered, on one connection. Pipelining is bounded so
+#: that a caller that sends requests faster than it reads answers cannot grow the proxy:
+#:
+#: - Reading pauses while any request waits (and while the caller does not read its answers),
+#:   so what is queued is what one read brought: at most 256 KiB (asyncio and uvloop read no
+#:   more at once). That is the byte bound; no separate one is needed.
+#: - Parsed at once, one read of small requests was thousands of request objects (the shortest
+#:   head is 18 bytes; issue 22 measured 7 MB per connection). So a read is parsed
+#:   ``MAX_PIPELINED`` heads at a time and the rest kept as the raw bytes it came as: ``_take``
+#:   cuts it after a head's CRLF CRLF (every head ends with one: llhttp refuses bare LFs) and
+#:   parses on when answers make room.
+#: - 16 keeps a pipelining client's usual depth in one parse (TechEmpower's plaintext benchmark
+#:   pipelines 16) while 16 request objects are a few KiB.
+#:
+#: nginx bounds pipelining the same way, by bytes held rather than requests: it parses one
+#: request at a time, keeps what follows in its header buffers (``client_header_buffer_size``,
+#: ``large_client_header_buffers``) and reads no more from the socket until it gets there; a
+#: caller that reads no answer is cut off after ``send_timeout`` (60 s) without progress.
+MAX_PIPELINED = 16
+#: The shortest request head llhttp completes (``PUT / HTTP/1.0`` and an empty line): a piece
+#: of fewer than 18 x n bytes ends fewer than n + 1 heads (one more if a head was under way).
+_MIN_HEAD = 18
+_HEAD_END = b"\r\n\r\n"
+#: The longest rest of a read whose CRLF CRLFs are counted to feed it whole (a pipelined batch);
+#: beyond it, heads are cut one by one, and bodies skipped unscanned.
+_COUNTED = 1024
+#: How often, at most, a listener at ``max_connections`` logs that it closes new connections.
+_REFUSAL_LOG_EVERY_S = 10.0
 
 
 #: RFC 9112 §4, ``reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )``, without obs-text: a
@@ -229,17 +266,69 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # runs while the caller does not read
+        self._held = b""  # a read's bytes from ``_held_at`` on: not parsed yet (``MAX_PIPELINED``)
+        self._held_at = 0
+        self._body_left = 0  # of a Content-Length body being parsed: no head can end in it
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
-        self.server.connections.add(self)
+        if not self.server.admit(self):
+            self.abort()  # nothing read, nothing to write: the caller sees the connection end
+            return
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
+        if self._held:  # delivered although reading was paused: it comes after what is held
+            data = self._held[self._held_at :] + data
+            self._held = b""
+        self._take(data, 0)
+        self._update_reading()
+
+    def _take(self, data: bytes, at: int) -> None:
+        """Parse ``data`` from ``at`` on, as far as ``MAX_PIPELINED`` lets; hold the rest unparsed."""
+        end = len(data)
+        while at < end and not self._stopped:
+            if self._body_left:
+                cut = min(end, at + self._body_left)
+            else:
+                room = MAX_PIPELINED - len(self._waiting) + (1 if self._answering is None else 0)
+                if room <= 0:
+                    self._held = data
+                    self._held_at = at
+                    return
+                under_way = 1 if self._in_head else 0
+                # Commonly the whole rest: too short to end more heads than there is room for.
+                cut = end if (end - at) // _MIN_HEAD + under_way <= room else self._cut(data, at, room, under_way)
+            self._parse(data if at == 0 and cut == end else memoryview(data)[at:cut], cut - at)
+            at = cut
+
+    def _cut(self, data: bytes, at: int, room: int, under_way: int) -> int:
+        """Where the piece of ``data`` from ``at`` ends so that at most ``room`` heads end in it
+        (``under_way``: 1 if a head is under way, which may end in it too).
+
+        The whole rest when it holds no more CRLF CRLFs than there is room for (counted only in
+        a short rest: a body is not scanned); else the piece ends after the next head (and the
+        one under way, if there is room for both): the next piece is cut from there."""
+        end = len(data)
+        found = data.find(_HEAD_END, at)
+        if found < 0:
+            return end  # no head but the one under way can end in it
+        if under_way + 1 > room and found > at:
+            return found  # the head under way may end before it (its CRLF CRLF split across reads)
+        cut = found + len(_HEAD_END)
+        rest = end - cut
+        if rest // _MIN_HEAD + under_way + 1 <= room or (
+            rest <= _COUNTED and data.count(_HEAD_END, cut) + under_way + 1 <= room
+        ):
+            return end
+        return cut
+
+    def _parse(self, data: bytes | memoryview, size: int) -> None:
         was_in_head = self._in_head
         try:
             self._parser.feed_data(data)
@@ -260,36 +349,45 @@ class _Connection(asyncio.Protocol):
                 unsupported = unsupported_version(self._parser.get_http_version())
                 self._refuse(unsupported or MalformedRequest(f"The request could not be parsed: {exc}."))
         if was_in_head and self._in_head and not self._stopped:  # bytes httptools holds for an unfinished head
-            self._head_size += len(data)
+            self._head_size += size  # (a piece holds one head's bytes, or at most 18 x MAX_PIPELINED)
             if self._head_size > MAX_HEAD:
                 self._refuse(HeaderFieldsTooLarge(f"The request head exceeds {MAX_HEAD} bytes."))
-        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
         self._stopped = True
         self.keep_alive = False
         self._cancel_head_timer()
+        self._cancel_stall_timer()
         lost = ConnectionResetError("the caller closed the connection")
         for request in (self._arriving, *self._waiting):
             if request is not None and not request.content.is_eof():
                 request.content.set_exception(lost)
         self._waiting.clear()
+        self._held = b""
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(lost)
 
     def pause_writing(self) -> None:
+        """The caller does not read its answers as fast as they come: take no new request, and
+        disconnect it if it reads nothing more for ``header_timeout_s`` (nginx: ``send_timeout``)."""
         self._writing_paused = True
+        self._cancel_stall_timer()
+        self._stall_timer = self.loop.call_later(self.server.header_timeout_s, self._stalled)
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._cancel_stall_timer()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+        self._update_reading()
 
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._body_left = 0
         self._url = []
         self._url_size = 0
         self._fields = []
@@ -342,6 +440,7 @@ class _Connection(asyncio.Protocol):
         if parser.should_upgrade() and (request.content_length or "Transfer-Encoding" in headers):
             raise MalformedRequest("An upgrade offer on a request with a body is not supported.")
         self._arriving = request
+        self._body_left = request.content_length or 0
         if self._answering is None:
             self._answer(request)
         else:
@@ -350,6 +449,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         request = self._arriving
         assert request is not None
+        if self._body_left:
+            self._body_left -= len(data)
         request.content.feed(data)
 
     def on_message_complete(self) -> None:
@@ -357,6 +458,7 @@ class _Connection(asyncio.Protocol):
         assert request is not None
         request.content.feed_eof()
         self._arriving = None
+        self._body_left = 0
         if not request.keep_alive:
             self._stopped = True  # whatever follows a final request is not read
 
@@ -418,7 +520,10 @@ class _Connection(asyncio.Protocol):
             return
         if self._waiting:
             self._answer(self._waiting.popleft())
-        else:
+        if self._held:  # room for one more request: parse on
+            held, self._held = self._held, b""
+            self._take(held, self._held_at)
+        if self._answering is None and not self._stopped:
             self._arm_head_timer()
         self._update_reading()
 
@@ -468,6 +573,7 @@ class _Connection(asyncio.Protocol):
         self._stopped = True
         self.keep_alive = False
         self._waiting.clear()
+        self._held = b""
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -542,9 +648,12 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         arriving = self._arriving
-        pause = bool(self._waiting) or (self._stopped and not self._lingering)
-        if arriving is not None and arriving.content.buffered > BODY_HIGH_WATER:
-            pause = True
+        pause = bool(self._waiting) or bool(self._held) or (self._stopped and not self._lingering)
+        if arriving is not None:
+            if arriving.content.buffered > BODY_HIGH_WATER:
+                pause = True
+        elif self._writing_paused and not self._lingering:
+            pause = True  # between requests, while answers back up: produce no more of them
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -560,6 +669,26 @@ class _Connection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled(self) -> None:
+        """The caller read none of its answers for ``header_timeout_s``: abort (closing would wait
+        for it to read what is buffered). A handler still answering sees its write fail."""
+        self._stall_timer = None
+        log.warning(
+            "closed a connection whose caller stopped reading its answers",
+            extra={"timeout_s": self.server.header_timeout_s, "queued": len(self._waiting)},
+        )
+        self.abort()
+
+    @property
+    def queued(self) -> int:
+        """Requests parsed ahead of the one being answered (at most ``MAX_PIPELINED``)."""
+        return len(self._waiting)
 
     @property
     def max_body(self) -> int:
@@ -583,14 +712,25 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpServer:
-    """A protocol factory for ``loop.create_server``, and the connections it serves."""
+    """A protocol factory for ``loop.create_server``, and the connections it serves.
 
-    def __init__(self, handler: Handler, *, header_timeout_s: float, max_body: int) -> None:
+    ``max_connections`` (None: no limit) bounds the connections open at once. One more is
+    accepted and closed at once (RST if it already sent something), without an answer: an
+    answer would take reading its request and lingering, which is what a flood must not get.
+    nginx does the same when ``worker_connections`` are used up ("worker_connections are not
+    enough"). Accepting it, rather than leaving it in the listen backlog, tells the caller at
+    once; idemproxy's callers retry with the same key, which is safe."""
+
+    def __init__(
+        self, handler: Handler, *, header_timeout_s: float, max_body: int, max_connections: int | None = None
+    ) -> None:
         self.handler = handler
         self.header_timeout_s = header_timeout_s
         self.max_body = max_body
+        self.max_connections = max_connections
         self.connections: set[_Connection] = set()
         self.closing = False
+        self._refusal_logged_at: float | None = None
         self._all_closed: asyncio.Event | None = None  # set once shutting down and every connection is gone
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -603,8 +743,27 @@ class HttpServer:
     def __call__(self) -> _Connection:
         return _Connection(self)
 
+    def admit(self, connection: _Connection) -> bool:
+        """Count ``connection`` in, or False when ``max_connections`` are open (it is counted refused)."""
+        if self.max_connections is not None and len(self.connections) >= self.max_connections:
+            metrics.REFUSED_CONNECTIONS.inc()
+            now = self.loop.time()
+            if self._refusal_logged_at is None or now - self._refusal_logged_at >= _REFUSAL_LOG_EVERY_S:
+                self._refusal_logged_at = now
+                log.warning(
+                    "max_connections are open: new connections are closed at once",
+                    extra={"max_connections": self.max_connections},
+                )
+            return False
+        self.connections.add(connection)
+        metrics.OPEN_CONNECTIONS.inc()
+        return True
+
     def forget(self, connection: _Connection) -> None:
+        if connection not in self.connections:
+            return  # refused by ``admit``
         self.connections.discard(connection)
+        metrics.OPEN_CONNECTIONS.dec()
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 

@@ -125,6 +125,22 @@ RECONCILED = Counter(
     "Operations whose unknown outcome was settled, by how (found, absent, escalated, resolved).",
     ["route", "outcome"],
 )
+STORE_UNSAFE = Gauge(
+    "idemproxy_store_unsafe",
+    "1 while the ledger store is configured so that it can lose records, by reason "
+    "(eviction: a Redis maxmemory-policy other than noeviction), as last checked.",
+    ["reason"],
+    multiprocess_mode="livemax",
+)
+OPEN_CONNECTIONS = Gauge(
+    "idemproxy_open_connections",
+    "Connections open on the proxy listener.",
+    multiprocess_mode="livesum",
+)
+REFUSED_CONNECTIONS = Counter(
+    "idemproxy_refused_connections",
+    "Connections to the proxy listener closed at once because max_connections were open.",
+)
 BUILD_INFO = Gauge(
     "idemproxy_build_info",
     "Version information; always 1.",
@@ -139,6 +155,8 @@ _FAILURE_KINDS = ("connect", "timeout", "connection-lost")
 _PROBE_RESULTS = ("found", "absent", "unknown")
 _RECONCILE_OUTCOMES = ("found", "absent", "escalated", "resolved")
 _ALERTED_DECISIONS = ("fail_closed", "fail_open", "needs_attention", "error")
+#: The ``reason`` labels of ``STORE_UNSAFE``.
+UNSAFE_REASONS = ("eviction",)
 
 
 def initialize(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
@@ -147,6 +165,8 @@ def initialize(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
     ``routes``: (route name, side-effecting methods) pairs."""
     for operation in _STORE_OPERATIONS:
         STORE_ERRORS.labels(operation)
+    for reason in UNSAFE_REASONS:
+        STORE_UNSAFE.labels(reason)
     for route, methods in routes:
         DUPLICATES_PREVENTED.labels(route)
         for kind in _FAILURE_KINDS:

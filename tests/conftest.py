@@ -14,6 +14,7 @@ from idemproxy.config import ProxyConfig, StoreConfig, parse_config
 from idemproxy.store import Store, open_store
 from tests.support.proxy_server import ProxyTestServer
 from tests.support.redis_server import RedisServer
+from tests.support.topologies import RedisNode, wait_in_sync
 from tests.support.upstream import Upstream
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -105,3 +106,18 @@ def make_proxy(
         return await aiohttp_client(app)
 
     return factory
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[RedisNode, RedisNode]]:
+    """A real primary with one real replica, in sync."""
+    master = RedisNode(tmp_path / "master")
+    replica = RedisNode(tmp_path / "replica")
+    try:
+        master.start()
+        replica.replicate(master.port)
+        wait_in_sync(master, replica)
+        yield master, replica
+    finally:
+        replica.kill()
+        master.kill()

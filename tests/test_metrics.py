@@ -547,6 +547,7 @@ async def test_no_label_value_is_a_key_an_operation_a_task_a_caller_or_a_path(ma
     assert labels <= {"route", "method", "decision", "kind", "operation", "state", "result", "outcome", "le"} | {
         "version",
         "python",
+        "reason",  # idemproxy_store_unsafe: an enum (eviction)
     }
 
 

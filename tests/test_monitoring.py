@@ -251,6 +251,7 @@ def test_every_alert_is_documented_and_unit_tested_firing_and_silent() -> None:
         "IdemproxyOperationsNeedAttention",
         "IdemproxyUnknownOperationsPilingUp",
         "IdemproxyStoreUnreachable",
+        "IdemproxyStoreUnsafe",
         "IdemproxyFailClosedRejections",
         "IdemproxyOverheadHigh",
         "IdemproxyReconcilerFailing",
@@ -555,6 +556,7 @@ async def test_real_prometheus_scrapes_the_proxy_and_every_panel_and_alert_has_d
         "IdemproxyReconcilerFailing",
         "IdemproxyInternalErrors",
         "IdemproxyFailOpenForwarding",
+        "IdemproxyStoreUnsafe",  # the Redis runs noeviction
     }
     assert fail_closed_total == 2
     assert store_errors == 2

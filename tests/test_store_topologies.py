@@ -416,9 +416,11 @@ async def test_cluster_store_waits_for_a_free_connection(cluster_url: str) -> No
 async def test_cluster_store_survives_a_master_failover(cluster: RedisClusterTopology, cluster_url: str) -> None:
     """The master a watcher listens on is killed: its replica takes over, the
     store reaches the moved slots, and the listener moves to another node.
-    (Last of the cluster tests: the killed node rejoins as a replica.)"""
+    (Last of the cluster tests: the killed node rejoins as a replica.) The promoted
+    replica has no replica of its own, so the writer does not wait for one
+    (``min_replicas_ack: 0``; by default its reservations there would get 503)."""
     async with contextlib.AsyncExitStack() as stack:
-        writer = await stack.enter_async_context(started(cluster_url, socket_timeout_s=0.5))
+        writer = await stack.enter_async_context(started(cluster_url, socket_timeout_s=0.5, min_replicas_ack=0))
         for _ in range(30):  # a watcher that listens on a master (each store picks its node at random)
             watcher = await stack.enter_async_context(started(cluster_url, socket_timeout_s=0.5))
             probe = new_op_id()
@@ -463,8 +465,12 @@ def sentinel(tmp_path: Path) -> Iterator[SentinelTopology]:
 
 @slow
 async def test_sentinel_store_follows_the_master_through_a_failover(sentinel: SentinelTopology) -> None:
-    """The same store object keeps working against the promoted replica."""
-    async with started(sentinel.url, socket_timeout_s=0.5) as store, started(sentinel.url) as watcher:
+    """The same store object keeps working against the promoted replica (which has
+    no replica left to wait for: ``min_replicas_ack: 0``)."""
+    async with (
+        started(sentinel.url, socket_timeout_s=0.5, min_replicas_ack=0) as store,
+        started(sentinel.url) as watcher,
+    ):
         first = await reserve_new(store)
         done = await complete(store, first, b'{"ticket": 1}')
         pending = await reserve_new(store)
@@ -509,8 +515,9 @@ async def test_sentinel_lookups_keep_every_sentinel_when_one_is_down(sentinel: S
 async def test_sentinel_store_leaves_a_demoted_master_at_once(sentinel: SentinelTopology) -> None:
     """After ``SENTINEL FAILOVER`` the old master keeps accepting writes until
     the sentinels reconfigure it (some 8 s later), and then throws them away.
-    The store moves its pooled connections to the new master within a second."""
-    async with started(sentinel.url, max_connections=4) as store:
+    The store moves its pooled connections to the new master within a second.
+    (``min_replicas_ack: 0``: the new master has no replica until then.)"""
+    async with started(sentinel.url, max_connections=4, min_replicas_ack=0) as store:
         # Several pooled connections; more callers than connections wait for one.
         await asyncio.gather(*(reserve_new(store) for _ in range(20)))
         old, new = await asyncio.to_thread(sentinel.failover, kill=False)
@@ -630,20 +637,6 @@ async def test_sentinel_failover_mid_traffic_never_forwards_without_a_record(
 
 
 # -- replica acknowledgments (WAIT) ------------------------------------------------------------------
-
-
-@pytest.fixture
-def replicated(tmp_path: Path) -> Iterator[tuple[RedisNode, RedisNode]]:
-    master = RedisNode(tmp_path / "master")
-    replica = RedisNode(tmp_path / "replica")
-    try:
-        master.start()
-        replica.replicate(master.port)
-        wait_in_sync(master, replica)
-        yield master, replica
-    finally:
-        replica.kill()
-        master.kill()
 
 
 @slow

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from idemproxy.store.base import RecordMissing, Store, StoreError, StoreUnavailable, Transition
+from idemproxy.store.base import Hazard, RecordMissing, Store, StoreError, StoreUnavailable, StoreUnsafe, Transition
 from idemproxy.store.redis_urls import is_redis_url, missing_redis_client
 
 if TYPE_CHECKING:  # the config module imports this package's URL parser
     from idemproxy.config import StoreConfig
 
-__all__ = ["RecordMissing", "Store", "StoreError", "StoreUnavailable", "Transition", "open_store"]
+__all__ = [
+    "Hazard",
+    "RecordMissing",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "StoreUnsafe",
+    "Transition",
+    "open_store",
+]
 
 
 def open_store(config: StoreConfig) -> Store:
@@ -27,6 +36,7 @@ def open_store(config: StoreConfig) -> Store:
             max_connections=config.max_connections,
             min_replicas_ack=config.min_replicas_ack,
             replica_ack_timeout_s=config.replica_ack_timeout_s,
+            allow_eviction=config.allow_eviction,
         )
     from idemproxy.store.sqlite import SqliteStore
 

@@ -37,6 +37,25 @@ class RecordMissing(StoreError, KeyError):
     """A transition named an operation that has no record."""
 
 
+class StoreUnsafe(StoreError):
+    """The store is configured so that it can lose records (``Hazard``), and the
+    operator did not accept that: it refuses to start. The message is one line
+    naming the node, the setting and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hazard:
+    """A store setting under which records can be lost without anyone deleting them.
+
+    ``reason`` is a metric label (``eviction``); ``detail`` is one line naming the
+    node, the setting and the fix. ``accepted``: the operator opted out of the
+    refusal (``store.allow_eviction``), so it is reported but fails nothing."""
+
+    reason: str
+    detail: str
+    accepted: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A lease renewal: extend ``op_id``'s lease if ``owner`` still holds it with ``fence``."""
@@ -190,6 +209,11 @@ class Store(ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections and start background work."""
+
+    def hazards(self) -> tuple[Hazard, ...]:
+        """What can make this store lose records, as last checked (``/readyz`` fails
+        while one is not ``accepted``). Stores that check nothing have none."""
+        return ()
 
     # -- change notifications -------------------------------------------------------
 

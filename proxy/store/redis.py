@@ -15,7 +15,14 @@ one node that owns the operation. What differs per topology:
 
 With ``min_replicas_ack`` a reservation counts only once that many replicas
 acknowledged it (``WAIT`` on the connection that wrote it); otherwise it is
-released again and the caller gets ``StoreUnavailable``.
+released again and the caller gets ``StoreUnavailable``. Not set, it is 1 for
+Sentinel and Cluster, and for a plain Redis whose master reports connected
+replicas when the store starts; 0 otherwise.
+
+Every master holding ledger keys must not evict them (``redis_safety``): the
+store reads each one's ``maxmemory-policy`` when it starts, refusing any but
+``noeviction`` (``StoreUnsafe``) unless ``allow_eviction``, and again every 30 s
+while it runs (``hazards``, which fail ``/readyz``).
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ from idemproxy.store import redis_record
 from idemproxy.store.base import (
     Counter,
     Full,
+    Hazard,
     Lease,
     OpsQuery,
     RecordMissing,
     Store,
     StoreUnavailable,
+    StoreUnsafe,
     Transition,
     matches,
 )
@@ -51,6 +60,7 @@ from idemproxy.store.redis_clients import Client, NodeClient, open_clients
 from idemproxy.store.redis_errors import RedisConnectionError, RedisReplyError
 from idemproxy.store.redis_mux import RedisMux
 from idemproxy.store.redis_pubsub import ChangeFeed
+from idemproxy.store.redis_safety import NodeSettings, Verdict, read_node
 from idemproxy.store.redis_schema import (
     CHARGE,
     INDEXED_STATES,
@@ -70,6 +80,10 @@ _MASTER_CHECK_S = 0.5
 #: How long a reservation released for want of replica acknowledgments is kept
 #: (the default route retention): its fingerprint and evidence stay visible.
 _NOT_DURABLE_TTL_S = 86400.0
+#: How often the masters' settings are read again (a ``CONFIG SET`` at run time).
+SAFETY_CHECK_S = 30.0
+#: ... and how soon again after a check found a master unreachable.
+_SAFETY_RETRY_S = 1.0
 
 
 class RedisStore(Store):
@@ -82,7 +96,7 @@ class RedisStore(Store):
         client: Client,
         *,
         key_prefix: str = "idem",
-        min_replicas_ack: int = 0,
+        min_replicas_ack: int | None = None,
         replica_ack_timeout_s: float = 1.0,
         node_client: NodeClient | None = None,
         max_connections: int = 64,
@@ -90,18 +104,33 @@ class RedisStore(Store):
         sentinel: Sentinel | None = None,
         master_name: str | None = None,
         mux: RedisMux | None = None,
+        allow_eviction: bool = False,
+        safety_check_interval_s: float = SAFETY_CHECK_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Prefer ``from_url``. A ``RedisCluster`` client needs ``node_client``
         (a plain client for one node, for pub/sub); a ``master_for`` client, the
         ``sentinel`` it came from and the ``master_name``. With ``mux``, the
         per-request commands share its one multiplexed connection; everything
-        else (and ``WAIT``) uses ``client``."""
+        else (and ``WAIT``) uses ``client``.
+
+        ``min_replicas_ack=None``: 1 for Sentinel and Cluster; for a plain
+        Redis, decided by ``start``. ``allow_eviction``: start although a master
+        may evict records (reported, not refused). The settings are read again
+        every ``safety_check_interval_s``, waiting with ``sleep``."""
         super().__init__()
         if isinstance(client, RedisCluster) and node_client is None:
             raise ValueError("a RedisCluster client needs node_client for its pub/sub connection")
         self.keys = RedisKeys(key_prefix)
+        if min_replicas_ack is None and (sentinel is not None or isinstance(client, RedisCluster)):
+            min_replicas_ack = 1  # replicated by design: a failover must not lose a forwarded reservation
+        #: ``None`` until ``start`` asked a plain Redis whether it has replicas.
         self.min_replicas_ack = min_replicas_ack
         self.replica_ack_timeout_s = replica_ack_timeout_s
+        self._verdict = Verdict(allow_eviction=allow_eviction)
+        self._safety_interval_s = safety_check_interval_s
+        self._sleep = sleep
+        self._safety_watch: asyncio.Task[None] | None = None
         self._redis = client
         self._mux = mux
         self._sentinel = sentinel
@@ -128,8 +157,11 @@ class RedisStore(Store):
         key_prefix: str = "idem",
         socket_timeout_s: float = 2.0,
         max_connections: int = 64,
-        min_replicas_ack: int = 0,
+        min_replicas_ack: int | None = None,
         replica_ack_timeout_s: float = 1.0,
+        allow_eviction: bool = False,
+        safety_check_interval_s: float = SAFETY_CHECK_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> RedisStore:
         """A store for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
         ``redis+cluster://`` (``redis_urls``)."""
@@ -145,26 +177,34 @@ class RedisStore(Store):
             sentinel=clients.sentinel,
             master_name=clients.master_name,
             mux=clients.mux,
+            allow_eviction=allow_eviction,
+            safety_check_interval_s=safety_check_interval_s,
+            sleep=sleep,
         )
 
     async def start(self) -> None:
+        """Connect, and check the masters' settings: ``StoreUnsafe`` (the store
+        closed again) when one may evict records and ``allow_eviction`` is off."""
         if isinstance(self._redis, RedisCluster):
             try:
                 await self._redis.initialize()  # learn the nodes, for the pub/sub connection
             except (RedisError, OSError) as exc:
                 log.warning("redis cluster unreachable at start; will retry", extra={"error": str(exc)})
+        await self._check_at_start()
         await self._feed.start()
         if self._sentinel is not None:
             self._master_watch = asyncio.create_task(self._follow_master(), name="idemproxy-redis-sentinel")
+        self._safety_watch = asyncio.create_task(self._recheck_safety(), name="idemproxy-redis-safety")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._master_watch is not None:
-            self._master_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await self._master_watch
+        for task in (self._master_watch, self._safety_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                    await task
         await self._feed.close()
         if self._mux is not None:
             await self._mux.close()
@@ -347,10 +387,13 @@ class RedisStore(Store):
         retried after a lost reply finds the record already written by the lost
         call and writes nothing, so its ``WAIT`` proves less: the one gap,
         documented in the README."""
+        if durable and self.min_replicas_ack is None:  # a plain Redis that did not answer at start
+            self._settle_replicas_ack(await self._read_settings())
         if not durable or not self.min_replicas_ack:
             if self._mux is not None:
                 return await self._muxed_script(script, keys, args), 0
             return await self._call(lambda: script(keys=keys, args=args)), 0
+        wanted = self.min_replicas_ack
 
         async def run() -> list[Any]:
             # WAIT counts the writes of its own connection, so it is pipelined
@@ -362,7 +405,7 @@ class RedisStore(Store):
             timeout_ms = max(1, round(self.replica_ack_timeout_s * 1000))
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", self.min_replicas_ack, timeout_ms, **target)
+                pipe.execute_command("WAIT", wanted, timeout_ms, **target)
                 return await pipe.execute()
 
         reply, acked = await self._call(lambda: self._loading(script, run))
@@ -416,6 +459,99 @@ class RedisStore(Store):
         except NoScriptError:
             await self._redis.script_load(script.script)  # every master, in a cluster
             return await run()
+
+    # -- the masters' settings (redis_safety) --------------------------------------------
+
+    def hazards(self) -> tuple[Hazard, ...]:
+        return self._verdict.hazards
+
+    async def check_safety(self) -> tuple[Hazard, ...]:
+        """Read every master's settings again and judge them: ``hazards`` (and with
+        them ``/readyz`` and ``idemproxy_store_unsafe``) from now on. Runs every
+        ``safety_check_interval_s`` by itself; ``StoreUnavailable`` when a master
+        does not answer (the last judgment stands)."""
+        settings = await self._read_settings()
+        if self.min_replicas_ack is None:
+            self._settle_replicas_ack(settings)
+        return self._verdict.again(settings)
+
+    async def _check_at_start(self) -> None:
+        try:
+            settings = await self._read_settings()
+        except StoreUnavailable as exc:
+            log.warning(
+                "could not read the Redis masters' settings at start (maxmemory-policy, replicas); "
+                "they are read as soon as Redis answers",
+                extra={"error": str(exc)},
+            )
+            return
+        self._settle_replicas_ack(settings)
+        try:
+            self._verdict.at_start(settings)
+        except StoreUnsafe as refused:
+            await self.close()
+            raise refused  # by name: mypyc loses a bare raise's exception across an await
+
+    def _settle_replicas_ack(self, settings: list[NodeSettings]) -> None:
+        """Decide a plain Redis's ``min_replicas_ack`` (not set: 1 when its master has
+        replicas), and warn about masters with fewer replicas than it asks for."""
+        if self.min_replicas_ack is None:
+            self.min_replicas_ack = 1 if any(node.replicas for node in settings) else 0
+            log.info(
+                f"store.min_replicas_ack not set: {self.min_replicas_ack}, as the master reports "
+                f"{'connected' if self.min_replicas_ack else 'no'} replicas"
+            )
+        wanted = self.min_replicas_ack
+        for node in settings:
+            if wanted and node.replicas is not None and node.replicas < wanted:
+                log.warning(
+                    f"store.min_replicas_ack is {wanted} but redis {node.node} has {node.replicas} connected "
+                    "replica(s): reservations there fail with 503 until enough connect "
+                    "(store.min_replicas_ack: 0 forwards without waiting for replicas)"
+                )
+
+    async def _read_settings(self) -> list[NodeSettings]:
+        """What every master holding ledger keys says (``redis_safety.read_node``)."""
+
+        async def read() -> list[NodeSettings]:
+            if isinstance(self._redis, RedisCluster):
+                cluster = self._redis
+                await cluster.initialize()
+                return list(
+                    await asyncio.gather(
+                        *(
+                            read_node(node.name, functools.partial(cluster.execute_command, target_nodes=node))
+                            for node in cluster.get_primaries()
+                        )
+                    )
+                )
+            return [await read_node(await self._master_address(), self._redis.execute_command)]
+
+        return await self._call(read)
+
+    async def _master_address(self) -> str:
+        if self._sentinel is not None:
+            assert self._master_name is not None
+            host, port = await self._sentinel.discover_master(self._master_name)
+            return f"{host}:{port}"
+        assert isinstance(self._redis, aioredis.Redis)
+        options = self._redis.connection_pool.connection_kwargs
+        if "path" in options:
+            return f"unix://{options['path']}"
+        return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+
+    async def _recheck_safety(self) -> None:
+        """``check_safety`` every ``safety_check_interval_s`` (sooner after a failed read)."""
+        while not self._closed:
+            current = self._verdict.current
+            await self._sleep(self._safety_interval_s if current else min(self._safety_interval_s, _SAFETY_RETRY_S))
+            try:
+                await self.check_safety()
+            except StoreUnavailable as exc:
+                self._verdict.current = False  # /readyz reports the outage itself (ping)
+                log.debug("could not read the Redis masters' settings", extra={"error": str(exc)})
+            except Exception:  # this task must outlive any one bad reply
+                log.exception("checking the Redis masters' settings failed")
 
     # -- Sentinel ----------------------------------------------------------------------
 
