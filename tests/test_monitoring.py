@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "monitoring" / "grafana" / "idemproxy-dashboard.json"
 ALERTS = REPO / "monitoring" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO / "monitoring" / "prometheus" / "alerts_test.yml"
-README = REPO / "README.md"
+#: Where the metrics table and the alerts' runbooks are documented.
+METRICS_DOC = REPO / "docs" / "metrics.md"
 DATASOURCE = "${DS_PROMETHEUS}"
 ROUTE = "tools"
 METRIC_NAME = re.compile(r"\bidemproxy_[a-z0-9_]+")
@@ -244,7 +245,7 @@ def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
 def test_every_alert_is_documented_and_unit_tested_firing_and_silent() -> None:
     rules = alert_rules()
     names = {rule["alert"] for rule in rules}
-    anchors = github_anchors(README.read_text(encoding="utf-8"))
+    anchors = github_anchors(METRICS_DOC.read_text(encoding="utf-8"))
     samples = exposed_samples()
     assert len(names) == len(rules)
     assert {
@@ -263,9 +264,9 @@ def test_every_alert_is_documented_and_unit_tested_firing_and_silent() -> None:
         assert annotations["summary"], name
         assert annotations["description"], name
         path, _, anchor = annotations["runbook_url"].partition("#")
-        assert path == "README.md", name
+        assert path == "docs/metrics.md", name
         assert anchor == name.lower(), name
-        assert anchor in anchors, f"README.md has no heading for #{anchor}"
+        assert anchor in anchors, f"docs/metrics.md has no heading for #{anchor}"
         assert set(METRIC_NAME.findall(rule["expr"])) <= samples.keys(), name
 
     tests = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))
@@ -617,7 +618,7 @@ async def test_metrics_aggregate_across_worker_processes(upstream: Upstream, tmp
 
 
 def test_readme_metrics_table_lists_every_metric_with_its_type_and_labels() -> None:
-    section = README.read_text(encoding="utf-8").split("## Metrics and dashboards", 1)[1].split("\n## ", 1)[0]
+    section = METRICS_DOC.read_text(encoding="utf-8").split("# Metrics and dashboards", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(idemproxy_[a-z_]+)` \| (\w+) \| ([^|]+) \|", section, re.MULTILINE)
     documented = {name: (kind, frozenset(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
     expected = {}

@@ -662,7 +662,7 @@ def test_prometheus_rule_carries_the_tested_alerts(agent_chart: Path) -> None:
     for group in prefixed["spec"]["groups"]:
         for rule in group["rules"]:
             assert rule["annotations"]["runbook_url"].startswith(
-                "https://git.example.com/idemproxy/blob/main/README.md#"
+                "https://git.example.com/idemproxy/blob/main/docs/metrics.md#"
             )
 
 
