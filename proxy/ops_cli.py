@@ -182,8 +182,8 @@ def _call(args: argparse.Namespace, method: str, path: str, payload: Any = None)
         try:
             problem = orjson.loads(exc.read())
         except orjson.JSONDecodeError:
-            raise OpsError(f"{exc.code} {exc.reason} from {url}{hint}") from None
-        if not isinstance(problem, dict):
+            problem = None
+        if not isinstance(problem, dict):  # not problem+json: whatever answered is not the admin API
             raise OpsError(f"{exc.code} {exc.reason} from {url}{hint}") from None
         raise OpsError(f"{exc.code} {problem.get('title', '')}: {problem.get('detail', '')}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:

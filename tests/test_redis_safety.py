@@ -14,10 +14,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from idemproxy.store.redis import RedisStore
 from tests.conftest import proxy_config
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.topologies import RedisClusterTopology, RedisNode, SentinelTopology
+from tests.support.topologies import started_store as started
 from tests.support.upstream import Upstream
 from tests.test_store_contract import make_record, reserve_new, reserved
 
@@ -64,17 +64,6 @@ def ledger_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
     redis_server.flush()
     yield redis_server
     set_policy(redis_server.port, "noeviction")
-
-
-@contextlib.asynccontextmanager
-async def started(config: StoreConfig) -> AsyncIterator[RedisStore]:
-    store = open_store(config)
-    assert isinstance(store, RedisStore)
-    await store.start()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 class Ticks:

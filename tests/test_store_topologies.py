@@ -25,13 +25,21 @@ from aiohttp.test_utils import TestClient
 from idemproxy.app import build_proxy_app
 from idemproxy.config import ConfigError, StoreConfig, parse_config
 from idemproxy.records import OperationRecord, State
-from idemproxy.store import RecordMissing, StoreUnavailable, open_store, redis_record
+from idemproxy.store import RecordMissing, StoreUnavailable, redis_record
 from idemproxy.store.base import Counter as BudgetCounter
 from idemproxy.store.base import Full, Lease, OpsQuery
 from idemproxy.store.redis import RedisStore
 from idemproxy.store.redis_schema import INDEXED_STATES, NOTE, RENEW, RESERVE, TRANSITION, RedisKeys
 from idemproxy.store.redis_urls import Address, ClusterUrl, SentinelUrl, parse_topology_url, redacted
-from tests.support.topologies import RedisClusterTopology, RedisNode, SentinelTopology, role, wait_in_sync, wait_until
+from tests.support.topologies import (
+    RedisClusterTopology,
+    RedisNode,
+    SentinelTopology,
+    role,
+    started_store,
+    wait_in_sync,
+    wait_until,
+)
 from tests.support.upstream import Upstream
 from tests.test_duplicates import op_id_for
 from tests.test_store_contract import (
@@ -150,13 +158,8 @@ def test_replica_ack_settings_are_read() -> None:
 
 @contextlib.asynccontextmanager
 async def started(url: str, **settings: Any) -> AsyncIterator[RedisStore]:
-    store = open_store(StoreConfig(url=url, **settings))
-    assert isinstance(store, RedisStore)
-    await store.start()
-    try:
+    async with started_store(StoreConfig(url=url, **settings)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 def op_id_on(cluster: RedisClusterTopology, master: RedisNode, store: RedisStore) -> str:

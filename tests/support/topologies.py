@@ -12,15 +12,19 @@ free port, and is SIGKILLed by ``stop()``.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import redis
 from redis.crc import key_slot
 
+from idemproxy.config import StoreConfig
+from idemproxy.store import open_store
+from idemproxy.store.redis import RedisStore
 from tests.support.redis_server import RedisServer, free_port
 
 #: How long a topology may take to form, or a failover to complete.
@@ -323,3 +327,15 @@ class SentinelTopology:
     def stop(self) -> None:
         for node in self._all:
             node.kill()
+
+
+@contextlib.asynccontextmanager
+async def started_store(config: StoreConfig) -> AsyncIterator[RedisStore]:
+    """The Redis store for ``config``, started, and closed on exit."""
+    store = open_store(config)
+    assert isinstance(store, RedisStore)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
