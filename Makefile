@@ -22,7 +22,7 @@ CSTAMP := $(COMPILED_VENV)/.installed-$(shell { cat $(LOCK) pyproject.toml setup
 .PHONY: help setup run test lint audit format clean chaos bench helm-sync compiled test-compiled lock dist
 
 help:
-	@echo "make run    - start the example ticket tool and idemproxy in front of it (Ctrl-C stops both)"
+	@echo "make run    - the example ticket tool with idemproxy in front: a scripted tour (replay, a lost answer reconciled, an operator resolving one), then both keep running (Ctrl-C stops)"
 	@echo "make test   - run the whole test suite (installs redis-server when missing)"
 	@echo "make test-compiled - the whole suite against the mypyc-compiled build (the one the image ships)"
 	@echo "make lint   - ruff, mypy, the locks' freshness and a vulnerability audit of the locks"
@@ -66,12 +66,14 @@ run: $(RSTAMP)
 
 test: $(STAMP)
 	@sh scripts/bootstrap.sh redis
+	@sh scripts/bootstrap.sh test-tools
 	@sh scripts/bootstrap.sh monitoring
 	@sh scripts/bootstrap.sh deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-compiled: $(CSTAMP)
 	@sh scripts/bootstrap.sh redis
+	@sh scripts/bootstrap.sh test-tools
 	@sh scripts/bootstrap.sh monitoring
 	@sh scripts/bootstrap.sh deploy-tools
 	EXPECT_COMPILED=1 $(CBIN)/python -m pytest $(PYTEST_ARGS)
@@ -93,6 +95,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy adapters tests examples bench scripts
 	$(BIN)/ruff format --check proxy adapters tests examples bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python scripts/locks.py check
 	$(BIN)/python scripts/audit.py requirements/*.txt
 

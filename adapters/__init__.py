@@ -9,7 +9,7 @@ in ``idemproxy.adapters.autogen`` and ``idemproxy.adapters.camel`` (extras
 from __future__ import annotations
 
 from idemproxy.adapters._session import ClientState
-from idemproxy.adapters.client import OPERATION_HEADER, REPLAYED_HEADER, ProxyClient, ProxyResponse
+from idemproxy.adapters.client import ProxyClient, ProxyResponse
 from idemproxy.adapters.context import (
     SAFE_METHODS,
     AgentRun,
@@ -37,6 +37,7 @@ from idemproxy.adapters.keys import (
     operation_key,
 )
 from idemproxy.adapters.verifier import ObservedOperation, Verifier, expected_operation_id
+from idemproxy.protocol import OPERATION_HEADER, REPLAYED_HEADER
 
 __all__ = [
     "KEY_VERSION",

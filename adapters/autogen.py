@@ -40,7 +40,7 @@ from idemproxy.adapters.client import ProxyClient
 from idemproxy.adapters.context import AgentRun
 from idemproxy.adapters.keys import KeyStrategy
 from idemproxy.adapters.mcp import McpOperationKeys
-from idemproxy.mcp_config import DEFAULT_KEY_META
+from idemproxy.protocol import DEFAULT_KEY_META
 
 __all__ = [
     "IdempotentHttpTool",

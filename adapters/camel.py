@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from idemproxy.adapters.context import AgentRun, Operation
 from idemproxy.adapters.keys import KeyStrategy
 from idemproxy.adapters.mcp import McpOperationKeys
-from idemproxy.mcp_config import DEFAULT_KEY_META
+from idemproxy.protocol import DEFAULT_KEY_META
 
 __all__ = ["IdempotentChatAgent", "IdempotentFunctionTool", "IdempotentMCPClient", "idempotent_tools"]
 

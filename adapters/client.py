@@ -21,12 +21,9 @@ from yarl import URL
 from idemproxy.adapters._session import ManagedSession, SessionClient
 from idemproxy.adapters.context import DEFAULT_HEADERS, current_operation, operation_headers
 from idemproxy.adapters.errors import ProxyProblem, translate_client_errors
-from idemproxy.config import HeaderNames
-from idemproxy.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from idemproxy.protocol import OPERATION_HEADER, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, REPLAYED_HEADER, HeaderNames
 
 #: Response headers set by idemproxy (see the README's "What a duplicate gets").
-OPERATION_HEADER = "Idempotency-Operation"
-REPLAYED_HEADER = "Idempotent-Replayed"
 
 _NO_JSON: Any = object()
 

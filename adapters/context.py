@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from idemproxy.adapters.errors import InvalidOperationKey, NoOperation
 from idemproxy.adapters.keys import KeyStrategy, ToolCall, checked_key, key_from_arguments
-from idemproxy.config import HeaderNames
-from idemproxy.fingerprint import MAX_KEY_LENGTH, fingerprint
+from idemproxy.protocol import HeaderNames
+from idemproxy.protocol.keys import MAX_KEY_LENGTH, fingerprint
 
 #: Methods that never go through the ledger by default; they carry the task header only.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})

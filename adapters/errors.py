@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from idemproxy.errors import PROBLEM_TYPE_PREFIX
+from idemproxy.protocol import PROBLEM_TYPE_PREFIX
 
 
 class AdapterError(Exception):

@@ -17,9 +17,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"idemproxy.adapters.httpx_auth needs httpx: pip install httpx ({exc})") from exc
 
-from idemproxy.adapters.client import OPERATION_HEADER, problem_of
+from idemproxy.adapters.client import problem_of
 from idemproxy.adapters.context import DEFAULT_HEADERS, current_operation, operation_headers
-from idemproxy.config import HeaderNames
+from idemproxy.protocol import OPERATION_HEADER, HeaderNames
 
 
 class IdempotencyAuth(httpx.Auth):

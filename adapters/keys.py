@@ -4,11 +4,11 @@ A model mints a fresh tool-call id each time it re-issues a call, so the call
 id alone cannot recognise a retry. The default key is therefore derived from
 what stays the same: the run (task) the call belongs to, the tool's name and
 the canonical JSON of its arguments (the proxy's own canonical form,
-``idemproxy.fingerprint.canonical_json``)::
+``idemproxy.protocol.keys.canonical_json``)::
 
     key = "op1-" + sha256(canonical_json([run_id, tool, arguments])).hexdigest()
 
-The derivation itself lives in ``idemproxy.tool_keys``, where the proxy's MCP
+The derivation itself lives in ``idemproxy.protocol.keys``, where the proxy's MCP
 route mode uses it too, so a key an adapter sends and a key the proxy derives
 for the same call are the same key.
 
@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from idemproxy.adapters.errors import InvalidOperationKey
-from idemproxy.errors import InvalidKey
-from idemproxy.fingerprint import canonical_json, validate_key
-from idemproxy.tool_keys import KEY_VERSION, tool_call_key
+from idemproxy.protocol.errors import InvalidKey
+from idemproxy.protocol.keys import KEY_VERSION, canonical_json, tool_call_key, validate_key
 
 __all__ = [
     "KEY_VERSION",

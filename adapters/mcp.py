@@ -33,9 +33,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from idemproxy.adapters.context import DEFAULT_HEADERS, AgentRun
 from idemproxy.adapters.keys import KeyStrategy, ToolCall, checked_key
-from idemproxy.config import HeaderNames
-from idemproxy.mcp_config import DEFAULT_KEY_META
-from idemproxy.mcp_messages import dumps, loads
+from idemproxy.protocol import DEFAULT_KEY_META, HeaderNames
+from idemproxy.protocol.exact_json import dumps, loads
 
 __all__ = ["DEFAULT_KEY_META", "McpOperationKeys"]
 

@@ -26,9 +26,9 @@ from idemproxy.adapters.errors import (
     UnexpectedResponse,
     translate_client_errors,
 )
-from idemproxy.fingerprint import operation_id
-from idemproxy.handler import ANONYMOUS
-from idemproxy.records import Scope, State
+from idemproxy.lifecycle.records import State
+from idemproxy.protocol import ANONYMOUS
+from idemproxy.protocol.keys import Scope, operation_id
 
 OPS_PATH = "/_idem/ops"
 _OP_ID = re.compile(r"[A-Za-z0-9._:-]{1,255}")

@@ -32,9 +32,9 @@ import redis
 from bench.procs import LOOPBACK, BenchError, die_with_parent, find_binary
 from bench.results import LedgerMemory
 from bench.scenarios import CALLER, REQUEST_BODY, REQUEST_PATH, ROUTE, UPSTREAM_BODY
-from idemproxy.config import StoreConfig
-from idemproxy.fingerprint import operation_id
-from idemproxy.records import OperationRecord, Scope, State
+from idemproxy.config.settings import StoreConfig
+from idemproxy.lifecycle.records import OperationRecord, State
+from idemproxy.protocol.keys import Scope, operation_id
 from idemproxy.store import redis_record
 from idemproxy.store.redis_schema import RedisKeys
 

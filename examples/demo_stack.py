@@ -11,7 +11,7 @@ import ticket_tool  # the example tool next to this file
 from aiohttp import web
 
 from idemproxy.app import ProxyApp, build_admin_app, build_proxy_app, serving_proxy
-from idemproxy.config import parse_config
+from idemproxy.config.settings import parse_config
 from idemproxy.store import open_store
 
 

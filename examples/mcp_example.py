@@ -47,7 +47,7 @@ from idemproxy.adapters import AgentRun, Verifier, expected_operation_id, operat
 from idemproxy.adapters.autogen import idempotent_mcp_params
 from idemproxy.adapters.mcp import McpOperationKeys
 from idemproxy.app import build_admin_app, build_proxy_app
-from idemproxy.config import parse_config
+from idemproxy.config.settings import parse_config
 from idemproxy.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

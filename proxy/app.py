@@ -19,23 +19,31 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from idemproxy import metrics
-from idemproxy.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes, healthz, readyz
-from idemproxy.auth import Authenticator, IdentityStore, admin_auth_middleware, admin_expect_handler, proxy_auth_step
-from idemproxy.budgets import Budgets
-from idemproxy.completed_cache import CompletedCache
-from idemproxy.config import ProxyConfig
-from idemproxy.forwarder import Forwarder
-from idemproxy.handler import ProxyHandler
-from idemproxy.http_messages import Handler, Step
-from idemproxy.http_server import HttpServer
-from idemproxy.inbound import inbound_middleware, inbound_step, server_options
-from idemproxy.ledger import Ledger, new_instance_id
-from idemproxy.observe import observed
-from idemproxy.problems import answer_problems, problem_middleware
-from idemproxy.reconciler import Reconciler
-from idemproxy.routes import RouteTable
+from idemproxy.config.redis_urls import redacted
+from idemproxy.config.routes import RouteTable
+from idemproxy.config.settings import ProxyConfig
+from idemproxy.edge.auth import (
+    Authenticator,
+    IdentityStore,
+    admin_auth_middleware,
+    admin_expect_handler,
+    proxy_auth_step,
+)
+from idemproxy.edge.budgets import Budgets
+from idemproxy.edge.observe import observed
+from idemproxy.edge.problems import answer_problems, problem_middleware
+from idemproxy.ledger.completed_cache import CompletedCache
+from idemproxy.ledger.epoch import epoch_watch
+from idemproxy.ledger.forwarder import Forwarder
+from idemproxy.ledger.ledger import Ledger, new_instance_id
+from idemproxy.ledger.reconciler import Reconciler
+from idemproxy.modes.dispatch import ProxyHandler
+from idemproxy.ops.admin import RESOLVER_KEY, ROUTES_KEY, STORE_KEY, admin_routes, healthz, readyz
+from idemproxy.pipeline.operations import Pipeline
 from idemproxy.store import Store, StoreUnavailable, open_store
-from idemproxy.store.redis_urls import redacted
+from idemproxy.wire.http_messages import Handler, Step
+from idemproxy.wire.http_server import HttpServer
+from idemproxy.wire.inbound import inbound_middleware, inbound_step, server_options
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +73,14 @@ class ProxyApp:
         instance_id = new_instance_id()
         self.forwarder = Forwarder()
         self.reconciler = Reconciler(store, {route.name: route for route in config.routes}, self.forwarder, instance_id)
-        self.ledger = Ledger(store, instance_id, self.reconciler, CompletedCache())
+        self.epoch = epoch_watch(store)
+        self.ledger = Ledger(store, instance_id, self.reconciler, CompletedCache(), self.epoch)
         # Identities may gain budgets when their file is reloaded, so auth alone keeps budgets on.
         self.budgets = None
         if config.budgets.configured or config.auth is not None:
             self.budgets = Budgets(config.budgets, store, clock=budget_clock)
-        handler = ProxyHandler(route_table, self.ledger, self.forwarder, config.headers, self.budgets)
+        pipeline = Pipeline(self.ledger, self.forwarder, config.headers, self.budgets)
+        handler = ProxyHandler(route_table, pipeline)
         steps: list[Step] = [
             functools.partial(observed, log_keys=config.log_keys),
             answer_problems,
@@ -88,6 +98,7 @@ class ProxyApp:
 
     async def start(self) -> None:
         await self.forwarder.start()
+        await self.epoch.start()
         self.ledger.start()
         if self.run_reconciler:
             self.reconciler.start()
@@ -99,6 +110,7 @@ class ProxyApp:
             self.authenticator.identities.stop()
         await self.reconciler.close()
         await self.ledger.close()
+        await self.epoch.close()
         await self.forwarder.close()
 
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from idemproxy import __version__
-from idemproxy.config import ConfigError, DeriveScope, KeyMode, Overrides, ProxyConfig, load_config
+from idemproxy.config.explain import explain
+from idemproxy.config.settings import (
+    ConfigError,
+    DeriveScope,
+    KeyMode,
+    LoadedConfig,
+    Overrides,
+    load_config_explained,
+)
 from idemproxy.logs import configure_logging
-from idemproxy.ops_cli import add_ops_commands, run_ops
+from idemproxy.ops.cli import add_ops_commands, run_ops
 from idemproxy.supervisor import WORKER_FLAG
 
 
@@ -55,8 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=_run)
 
-    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file and exit",
+        description="Validate FILE as written (IDEMPROXY_* variables are not applied): every problem on a line "
+        "of its own on stderr, 'FILE:LINE: key.path: what was expected' (a misspelt key gets the nearest "
+        "valid one), and exit status 2; or a short OK summary and exit status 0.",
+    )
     check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the effective configuration, IDEMPROXY_* environment applied as 'run' would, "
+        "each value followed by where it came from: FILE:LINE, env IDEMPROXY_..., or default",
+    )
     check.set_defaults(func=_check_config)
 
     add_ops_commands(commands)
@@ -72,9 +93,10 @@ def _run(args: argparse.Namespace) -> int:
         upstream=args.upstream,
         log_level=args.log_level,
     )
-    config = _load_or_report(args.config, overrides)
-    if config is None:
+    loaded = _load_or_report(args.config, overrides)
+    if loaded is None:
         return 2
+    config = loaded.config
     configure_logging(config.log_level)
     if args.workers > 1:
         from idemproxy.supervisor import supervise
@@ -116,9 +138,17 @@ def _positive(value: str) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.file, Overrides(), environ={})
-    if config is None:
+    if args.explain:  # what `run` would use: the environment too
+        loaded = _load_or_report(args.file, Overrides(), environ=os.environ)
+        if loaded is None:
+            return 2
+        print(f"# {args.file}: OK; the effective configuration, each value's origin after '#'")
+        print("\n".join(explain(loaded)))
+        return 0
+    loaded = _load_or_report(args.file, Overrides(), environ={})
+    if loaded is None:
         return 2
+    config = loaded.config
     routes = ", ".join(f"{route.name} ({route.prefix} -> {route.upstream})" for route in config.routes)
     print(f"{args.file}: OK: {len(config.routes)} route(s): {routes}")
     task = config.headers.task
@@ -136,14 +166,14 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _load_or_report(
-    path: str | None, overrides: Overrides, environ: dict[str, str] | None = None
-) -> ProxyConfig | None:
+    path: str | None, overrides: Overrides, environ: Mapping[str, str] | None = None
+) -> LoadedConfig | None:
+    """The configuration, or ``None`` once each of its problems is on a line of stderr."""
     try:
-        return load_config(path, overrides, environ)
+        return load_config_explained(path, overrides, environ)
     except ConfigError as exc:
-        where = exc.source or "configuration"
-        for problem in exc.problems:
-            print(f"idemproxy: {where}: {problem}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"idemproxy: {line}", file=sys.stderr)
         return None
 
 

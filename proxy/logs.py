@@ -107,9 +107,37 @@ class RefusedRequestFilter(logging.Filter):
         return True
 
 
+class RepeatFilter(logging.Filter):
+    """At most one line per ``interval_s`` for each warning (by logger and message template):
+    an outage makes every request, renewal and reconciler pass warn the same thing, several
+    times a second per worker. The next line that passes says how many were held back
+    (``suppressed``). Errors always pass."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.suppressed = last[1]
+        self._seen[key] = (now, 0)
+        return True
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

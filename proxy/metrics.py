@@ -25,36 +25,31 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 
 from idemproxy import __version__
-from idemproxy.budget_config import BudgetKind
+from idemproxy.protocol import BudgetKind, Decision
+
+# A ``_created`` series per counter and histogram doubles what Prometheus stores and nothing here
+# reads it (rate() and increase() cope with restarts).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client 0.26
 
 #: Every decision a request can end in (the ``decision`` label).
-DECISIONS = (
-    "forwarded",  # sent to the tool as a new attempt
-    "replayed",  # answered from the stored response
-    "waited_replayed",  # waited for an in-flight attempt, then answered from its response
-    "reconciled_found",  # answered with an outcome established by reconciliation
-    "conflict",  # 409: still in flight after the wait bound
-    "mismatch",  # 422: same key, different request
-    "unknown",  # 409: outcome unknown, reconciliation pending
-    "needs_attention",  # 409: escalated to an operator
-    "not_stored",  # 409: completed, response too large to replay
-    "exhausted",  # 429: no attempts left
-    "budget_exceeded",  # 429: an identity's or a task's budget refused a new attempt
-    "rejected",  # 4xx: invalid request (key, target, body, route)
-    "fail_closed",  # 503: ledger unreachable, not forwarded
-    "fail_open",  # ledger unreachable, forwarded unrecorded (route opted in)
-    "unrecorded",  # forwarded without a key on an optional-key route
-    "passthrough",  # safe method: streamed through, no ledger
-    "error",  # 500: a bug
-)
+DECISIONS = tuple(Decision)
 #: Decisions that answered a duplicate without sending it to the tool again.
 PREVENTED = frozenset(
-    {"replayed", "waited_replayed", "reconciled_found", "conflict", "unknown", "needs_attention", "not_stored"}
+    {
+        Decision.REPLAYED,
+        Decision.WAITED_REPLAYED,
+        Decision.RECONCILED_FOUND,
+        Decision.CONFLICT,
+        Decision.UNKNOWN,
+        Decision.NEEDS_ATTENTION,
+        Decision.NOT_STORED,
+    }
 )
 _METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -91,6 +86,18 @@ OVERHEAD_SECONDS = Histogram(
     "Time a side-effecting request spent in the proxy itself (total minus upstream).",
     ["route"],
     buckets=_LATENCY_BUCKETS,
+)
+LEDGER_LOST = Gauge(
+    "idemproxy_ledger_lost",
+    "1 while this instance found the ledger lost or replaced (its epoch marker gone or older) and "
+    "refuses new reservations until an operator confirms (idemproxy ops confirm-ledger).",
+    multiprocess_mode="livemax",
+)
+RECORDS_VANISHED = Counter(
+    "idemproxy_ledger_records_vanished",
+    "Operation records the store lost while their attempt was in flight (a failover to a replica "
+    "that never had them): found when renewing the lease, or when recording the outcome (then recreated).",
+    ["where"],
 )
 STORE_ERRORS = Counter(
     "idemproxy_store_errors",
@@ -154,7 +161,9 @@ _STORE_OPERATIONS = ("reserve", "record", "count", "charge")
 _FAILURE_KINDS = ("connect", "timeout", "connection-lost")
 _PROBE_RESULTS = ("found", "absent", "unknown")
 _RECONCILE_OUTCOMES = ("found", "absent", "escalated", "resolved")
-_ALERTED_DECISIONS = ("fail_closed", "fail_open", "needs_attention", "error")
+_ALERTED_DECISIONS = (Decision.FAIL_CLOSED, Decision.FAIL_OPEN, Decision.NEEDS_ATTENTION, Decision.ERROR)
+#: The ``where`` labels of ``RECORDS_VANISHED``.
+VANISHED_WHERE = ("lease", "record")
 #: The ``reason`` labels of ``STORE_UNSAFE``.
 UNSAFE_REASONS = ("eviction",)
 
@@ -167,6 +176,8 @@ def initialize(routes: Iterable[tuple[str, Iterable[str]]]) -> None:
         STORE_ERRORS.labels(operation)
     for reason in UNSAFE_REASONS:
         STORE_UNSAFE.labels(reason)
+    for where in VANISHED_WHERE:
+        RECORDS_VANISHED.labels(where)
     for route, methods in routes:
         DUPLICATES_PREVENTED.labels(route)
         for kind in _FAILURE_KINDS:

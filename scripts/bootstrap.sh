@@ -5,6 +5,7 @@
 #   bootstrap.sh sync DIR LOCK     make the venv DIR hold exactly what LOCK pins, hashes checked
 #   bootstrap.sh redis             make redis-server available on PATH
 #   bootstrap.sh bench-tools       make nginx and wrk available on PATH (for `make bench`)
+#   bootstrap.sh test-tools        make nginx available (for the conformance corpus in `make test`)
 #   bootstrap.sh monitoring        make prometheus and promtool available on PATH (for the monitoring tests)
 #   bootstrap.sh compiler PYTHON   a C compiler and PYTHON's headers (for the mypyc-compiled build)
 #   bootstrap.sh has-compiler PYTHON  exit 0 when both are present (installs nothing)
@@ -88,6 +89,17 @@ bench-tools)
     # The Debian package starts a system nginx on :80; the benchmark runs its own.
     case "$missing" in *nginx*) as_root service nginx stop >/dev/null 2>&1 || true ;; esac
     ;;
+test-tools)
+    # tests/hostile/test_conformance_corpus.py sends its corpus through nginx as well, which
+    # it starts itself. Debian installs nginx under /usr/sbin, which is not on every user's PATH.
+    if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi
+    apt_install nginx || {
+        echo "bootstrap: nginx is not installed and could not be installed; install it (apt-get install nginx) and retry" >&2
+        exit 1
+    }
+    # The Debian package starts a system nginx on :80; the tests run their own.
+    as_root service nginx stop >/dev/null 2>&1 || true
+    ;;
 monitoring)
     command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && exit 0
     # Debian's prometheus package ships both binaries; its recommended node exporter is not needed.
@@ -128,7 +140,7 @@ compiler)
     }
     ;;
 *)
-    echo "usage: bootstrap.sh venv PYTHON DIR | uv DIR | sync DIR LOCK | redis | bench-tools | monitoring | deploy-tools | compiler PYTHON | has-compiler PYTHON" >&2
+    echo "usage: bootstrap.sh venv PYTHON DIR | uv DIR | sync DIR LOCK | redis | bench-tools | test-tools | monitoring | deploy-tools | compiler PYTHON | has-compiler PYTHON" >&2
     exit 2
     ;;
 esac

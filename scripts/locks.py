@@ -135,7 +135,9 @@ def compile_all(root: Path, uv: str, *, upgrade: bool) -> None:
             if lock_set.name not in ("dev", "uv"):
                 command += ["--constraint", str(dev)]
             subprocess.run(command, cwd=root, check=True)
-            body = output.read_text(encoding="utf-8")
+            # The comments name the scratch input ("via -r /tmp/tmpXXXX/uv.in"): a path of this
+            # machine that changes every run; name it as the lock set instead.
+            body = output.read_text(encoding="utf-8").replace(f"{scratch}/", "")
         header = f"{DIGEST_PREFIX}{inputs_digest(pyproject, lock_set)}\n# {lock_set.name}: {lock_set.purpose}\n"
         target.write_text(header + body, encoding="utf-8")
         print(f"locks: wrote {lock_set.path}")

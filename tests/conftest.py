@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server, both stores, a counting upstream, the proxy."""
+"""Shared fixtures: a real redis-server, both stores, a counting upstream, the proxy, and the
+proxy listener's own HTTP server on a loopback port (``serve``)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from idemproxy.app import ProxyApp, build_proxy_app
-from idemproxy.config import ProxyConfig, StoreConfig, parse_config
+from idemproxy.config.settings import ProxyConfig, StoreConfig, parse_config
 from idemproxy.store import Store, open_store
 from tests.support.proxy_server import ProxyTestServer
 from tests.support.redis_server import RedisServer
 from tests.support.topologies import RedisNode, wait_in_sync
 from tests.support.upstream import Upstream
+from tests.support.wire import Serve, serving
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -121,3 +123,11 @@ def replicated(tmp_path: Path) -> Iterator[tuple[RedisNode, RedisNode]]:
     finally:
         replica.kill()
         master.kill()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(handler, header_timeout_s=..., max_body=...)``: a started ``HttpServer``
+    (``tests.support.wire.Served``), shut down after the test with its callers closed."""
+    async with serving() as start:
+        yield start

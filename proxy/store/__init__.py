@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from idemproxy.store.base import Hazard, RecordMissing, Store, StoreError, StoreUnavailable, StoreUnsafe, Transition
-from idemproxy.store.redis_urls import is_redis_url, missing_redis_client
+from idemproxy.config.redis_urls import is_redis_url, missing_redis_client
+from idemproxy.lifecycle.transitions import Transition
+from idemproxy.store.base import Hazard, RecordMissing, Store, StoreError, StoreUnavailable, StoreUnsafe
 
-if TYPE_CHECKING:  # the config module imports this package's URL parser
-    from idemproxy.config import StoreConfig
+if TYPE_CHECKING:  # only opening a store needs the config
+    from idemproxy.config.settings import StoreConfig
 
 __all__ = [
     "Hazard",

@@ -3,7 +3,7 @@
 A store does not decide anything. It creates a record if none exists
 (``reserve``), and applies a transition only if the record is still in one of
 the expected states with the expected fencing token (``transition``). The
-decisions live in ``idemproxy.decisions``.
+decisions and transitions live in ``idemproxy.lifecycle``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
+from idemproxy.lifecycle.records import Evidence, OperationRecord, State
+from idemproxy.lifecycle.transitions import Transition
 
 
 class StoreError(Exception):
@@ -25,6 +26,17 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError, ConnectionError):
     """The store could not be reached or did not answer in time."""
+
+
+class NotDurable(StoreUnavailable):
+    """The write was applied, but fewer replicas than required acknowledged it in time
+    (``min_replicas_ack``): a failover could lose it. A reservation refused so is
+    released by the ledger, never forwarded."""
+
+    def __init__(self, acked: int, required: int, timeout_s: float) -> None:
+        super().__init__(f"redis: {acked} of {required} replicas acknowledged the reservation within {timeout_s:g}s")
+        self.acked = acked
+        self.required = required
 
 
 class RecordNotStorable(StoreError, ValueError):
@@ -76,37 +88,6 @@ class OpsQuery:
     updated_before_ms: int | None = None
     limit: int = 100
     caller: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """Replace the record with ``new`` if it is in ``expect_states`` with ``expect_fence``.
-
-    ``ttl_s`` is how long the new record is kept (``None``: until resolved;
-    unresolved states are never given a TTL). ``evidence`` is appended.
-    """
-
-    new: OperationRecord
-    expect_fence: int
-    expect_states: frozenset[State]
-    evidence: Evidence
-    ttl_s: float | None = None
-    #: When the reconciler must look at the record (ms); 0 takes it off the
-    #: schedule. PENDING records default to their lease expiry.
-    due_ms: int | None = None
-
-    @property
-    def due_at_ms(self) -> int:
-        if self.due_ms is not None:
-            return self.due_ms
-        return self.new.lease_until_ms if self.new.state is State.PENDING else 0
-
-    @property
-    def ttl_ms(self) -> int:
-        """The expiry to set in ms, 0 for none: an unresolved record never expires."""
-        if self.new.state in UNRESOLVED_STATES or not self.ttl_s:
-            return 0
-        return round(self.ttl_s * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +179,15 @@ class Store(ABC):
         """Delete ``op_id``'s record if it is still PENDING, held by ``owner`` with
         ``fence``: a fresh reservation nothing was sent for. Waiters are notified.
         ``False`` when the record is not in that state (or already gone)."""
+
+    @abstractmethod
+    async def read_marker(self, name: str) -> bytes | None:
+        """The value of the store-wide marker ``name`` (the ledger's epoch), or ``None``."""
+
+    @abstractmethod
+    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
+        """Set the marker ``name`` (never expires, survives like a record would); with
+        ``only_if_absent``, only where there is none. Its value afterwards."""
 
     @abstractmethod
     async def ping(self) -> None:

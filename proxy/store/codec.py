@@ -1,10 +1,12 @@
 """The SQLite store's field layout for a record (Redis packs its own: ``redis_record``),
 and what both layouts share.
 
-The fields the SQL statements inspect (state, fence, owner, lease) are columns
-of their own; everything else travels as one orjson blob (``m``) plus the raw
-response body (``b``), so a replay is served byte for byte without re-encoding.
-Evidence (``e``) is JSON lines, appended by the store and never rewritten.
+The record fields the SQL statements inspect (``COLUMN_FIELDS``: state, fence,
+owner, lease, and the fingerprint and attempt) are columns of their own, named
+after the field; everything else travels as one orjson blob (``meta``) plus the
+raw response body (``response_body``) and the stored request's body
+(``request_body``), so a replay is served byte for byte without re-encoding.
+Evidence (``evidence``) is JSON lines, appended by the store and never rewritten.
 
 Headers are ``[name, value]`` pairs. A name or value that is not UTF-8 text
 (the tool sent bytes that are not UTF-8: see ``StoredResponse``) is kept as
@@ -12,52 +14,72 @@ its wire bytes, ``{"base64": "..."}`` here; everything else is written as
 before such bytes were kept, so records of text headers read the same in
 either version. A response kept without its headers and body because the
 store could not hold them says why (``not_stored``).
+
+Schema version 1 named the columns ``s f fp a o l m b q e``; ``sqlite`` renames
+them when it opens such a file (``V1_COLUMNS``). The values are the same.
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-from idemproxy.records import (
+from idemproxy.lifecycle.records import (
     Evidence,
     OperationRecord,
     RetryClass,
-    Scope,
     State,
     StoredRequest,
     StoredResponse,
+    record_fields,
 )
+from idemproxy.protocol.keys import Scope
 from idemproxy.store.base import RecordNotStorable
 
-STATE = "s"
-FENCE = "f"
-FINGERPRINT = "fp"
-ATTEMPT = "a"
-OWNER = "o"
-LEASE = "l"
-META = "m"
-BODY = "b"
-EVIDENCE = "e"
-REQUEST_BODY = "q"
+STATE: Final = "state"
+FENCE: Final = "fence"
+FINGERPRINT: Final = "fingerprint"
+ATTEMPT: Final = "attempt"
+OWNER: Final = "owner"
+LEASE: Final = "lease_until_ms"
+#: The record's fields that are columns of their own, named after the field, in column order.
+COLUMN_FIELDS: Final = record_fields(STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE)
+META: Final = "meta"
+BODY: Final = "response_body"
+REQUEST_BODY: Final = "request_body"
+EVIDENCE: Final = "evidence"
 
 #: Fields every write replaces, in this order.
-WRITTEN_FIELDS = (STATE, FENCE, FINGERPRINT, ATTEMPT, OWNER, LEASE, META, BODY, REQUEST_BODY)
+WRITTEN_FIELDS: Final = (*COLUMN_FIELDS, META, BODY, REQUEST_BODY)
+
+#: Schema version 1's name for each column (``sqlite`` renames them on open).
+V1_COLUMNS: Final = {
+    "s": STATE,
+    "f": FENCE,
+    "fp": FINGERPRINT,
+    "a": ATTEMPT,
+    "o": OWNER,
+    "l": LEASE,
+    "m": META,
+    "b": BODY,
+    "q": REQUEST_BODY,
+    "e": EVIDENCE,
+}
 
 
-def encode(record: OperationRecord) -> dict[str, bytes]:
-    """The fields to write for ``record`` (evidence excluded: it is appended);
-    ``RecordNotStorable`` when some value cannot be encoded."""
+def encode(record: OperationRecord) -> dict[str, str | int | bytes]:
+    """The column values to write for ``record`` (evidence excluded: it is appended),
+    typed as the columns are; ``RecordNotStorable`` when some value cannot be encoded."""
     try:
         return _encode(record)
     except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError is a TypeError
         raise not_storable(exc) from exc
 
 
-def _encode(record: OperationRecord) -> dict[str, bytes]:
+def _encode(record: OperationRecord) -> dict[str, str | int | bytes]:
     meta: dict[str, Any] = {
         "scope": [record.scope.caller, record.scope.route, record.scope.key, record.scope.task],
         "method": record.method,
@@ -70,13 +92,14 @@ def _encode(record: OperationRecord) -> dict[str, bytes]:
         meta["attempt_ms"] = record.attempt_ms
     if record.request is not None:
         meta["request_headers"] = _json_headers(record.request.headers)
-    fields = {
-        STATE: record.state.value.encode(),
-        FENCE: str(record.fence).encode(),
-        FINGERPRINT: record.fingerprint.encode(),
-        ATTEMPT: str(record.attempt).encode(),
-        OWNER: record.owner.encode(),
-        LEASE: str(record.lease_until_ms).encode(),
+    # Every text column's value must be text SQLite can keep (a lone surrogate is not).
+    fields: dict[str, str | int | bytes] = {
+        STATE: record.state.value,
+        FENCE: record.fence,
+        FINGERPRINT: _checked_text(record.fingerprint),
+        ATTEMPT: record.attempt,
+        OWNER: _checked_text(record.owner),
+        LEASE: record.lease_until_ms,
     }
     response = record.response
     if response is not None:
@@ -94,6 +117,11 @@ def _encode(record: OperationRecord) -> dict[str, bytes]:
     fields[BODY] = response.body if response is not None and response.body is not None else b""
     fields[REQUEST_BODY] = record.request.body if record.request is not None else b""
     return fields
+
+
+def _checked_text(text: str) -> str:
+    text.encode()  # UnicodeEncodeError (a ValueError) for what UTF-8 cannot hold, as before
+    return text
 
 
 def reconcile_state(record: OperationRecord) -> dict[str, Any]:

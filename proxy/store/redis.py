@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -41,19 +40,21 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from idemproxy.records import Evidence, OperationRecord, State
+from idemproxy.lifecycle.records import Evidence, OperationRecord, State
+from idemproxy.lifecycle.transitions import Transition
 from idemproxy.store import redis_record
 from idemproxy.store.base import (
     Counter,
     Full,
     Hazard,
     Lease,
+    NotDurable,
     OpsQuery,
     RecordMissing,
     Store,
+    StoreError,
     StoreUnavailable,
     StoreUnsafe,
-    Transition,
     matches,
 )
 from idemproxy.store.redis_clients import Client, NodeClient, open_clients
@@ -77,9 +78,6 @@ T = TypeVar("T")
 
 #: Sentinel: how often the sentinels are asked which node is the master.
 _MASTER_CHECK_S = 0.5
-#: How long a reservation released for want of replica acknowledgments is kept
-#: (the default route retention): its fingerprint and evidence stay visible.
-_NOT_DURABLE_TTL_S = 86400.0
 #: How often the masters' settings are read again (a ``CONFIG SET`` at run time).
 SAFETY_CHECK_S = 30.0
 #: ... and how soon again after a check found a master unreachable.
@@ -227,7 +225,7 @@ class RedisStore(Store):
         ]
         reply, acked = await self._run(self._reserve, self.keys.script_keys(record.op_id), args, durable=True)
         if reply[0] == 1:
-            await self._check_durable(record, acked)
+            self._check_durable(acked)
             return None
         return redis_record.unpack(record.op_id, reply[1], with_evidence=False)
 
@@ -254,7 +252,7 @@ class RedisStore(Store):
         if reply[0] == 1:
             self._notify_local(new.op_id)
             if durable:
-                await self._check_durable(new, acked)
+                self._check_durable(acked)
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
@@ -411,41 +409,11 @@ class RedisStore(Store):
         reply, acked = await self._call(lambda: self._loading(script, run))
         return reply, int(acked)
 
-    async def _check_durable(self, owned: OperationRecord, acked: int) -> None:
-        """Release ``owned`` (the caller's fresh reservation) unless enough
-        replicas acknowledged it, and raise ``StoreUnavailable``.
-
-        Released rather than left PENDING: a PENDING record would make the
-        caller's retries wait for its lease, then need reconciling, although
-        nothing was sent. The attempt number goes back, since no attempt was
-        made. If even the release fails, the record stays PENDING and its
-        lease expiry hands it to the reconciler.
-        """
-        if not self.min_replicas_ack or acked >= self.min_replicas_ack:
-            return
-        now = int(time.time() * 1000)
-        detail = {"replicas": acked, "required": self.min_replicas_ack, "owner": owned.owner}
-        released = owned.evolve(
-            state=State.RELEASED, attempt=owned.attempt - 1, lease_until_ms=0, updated_ms=now, retry_class=None
-        )
-        try:
-            await self.transition(
-                Transition(
-                    new=released,
-                    expect_fence=owned.fence,
-                    expect_states=frozenset({State.PENDING}),
-                    evidence=Evidence(now, "not-durable", detail),
-                    ttl_s=_NOT_DURABLE_TTL_S,
-                )
-            )
-        except RecordMissing:
-            pass  # written to a master that has been replaced since: gone with it
-        except StoreUnavailable as exc:
-            log.warning("could not release a reservation replicas did not acknowledge", extra={"error": str(exc)})
-        raise StoreUnavailable(
-            f"redis: {acked} of {self.min_replicas_ack} replicas acknowledged the reservation "
-            f"within {self.replica_ack_timeout_s:g}s"
-        )
+    def _check_durable(self, acked: int) -> None:
+        """``NotDurable`` unless enough replicas acknowledged the write (the ledger
+        releases the reservation; this store decides nothing)."""
+        if self.min_replicas_ack and acked < self.min_replicas_ack:
+            raise NotDurable(acked, self.min_replicas_ack, self.replica_ack_timeout_s)
 
     async def _loading(self, script: AsyncScript, run: Callable[[], Awaitable[T]]) -> T:
         """``run()`` a pipeline that calls ``script`` by its SHA, loading it
@@ -619,6 +587,10 @@ class RedisStore(Store):
             return await self._mux.call(*args)
         except (RedisReplyError, RedisConnectionError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+        except StoreError:
+            raise
+        except Exception as broken:  # named apart: mypyc gives a name one type per function
+            raise _client_failure(broken) from broken
 
     async def _muxed_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         assert self._mux is not None
@@ -628,6 +600,10 @@ class RedisStore(Store):
             return await self._mux.evalsha(script.sha, cast(str, script.script), keys, args)  # ours are str
         except (RedisReplyError, RedisConnectionError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+        except StoreError:
+            raise
+        except Exception as broken:
+            raise _client_failure(broken) from broken
 
     @staticmethod
     async def _mapped(command: Callable[[], Awaitable[T]]) -> T:
@@ -635,8 +611,12 @@ class RedisStore(Store):
             return await command()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+        except StoreError:
+            raise
+        except Exception as broken:  # named apart: mypyc gives a name one type per function
+            raise _client_failure(broken) from broken
 
-    # -- remembered names (appended for idemproxy.auth) ----------------------------------
+    # -- remembered names (appended for idemproxy.edge.auth) ----------------------------------
 
     async def remember_once(self, name: str, ttl_s: float) -> bool:
         key = self.keys.seen(name)
@@ -645,7 +625,26 @@ class RedisStore(Store):
             return await self._muxed("SET", key, b"1", "NX", "PX", ttl_ms) is not None
         return bool(await self._call(lambda: self._redis.set(key, b"1", nx=True, px=ttl_ms)))
 
-    # -- budgets and withdrawn reservations (appended for idemproxy.budgets) ---------------
+    # -- markers (appended for idemproxy.ledger.epoch) ------------------------------------
+
+    async def read_marker(self, name: str) -> bytes | None:
+        key = self.keys.marker(name)
+        value = await self._call(lambda: self._redis.get(key))
+        return cast(bytes | None, value)  # the clients do not decode
+
+    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
+        key = self.keys.marker(name)
+
+        async def write() -> Any:
+            async with self._redis.pipeline(transaction=not isinstance(self._redis, RedisCluster)) as pipe:
+                pipe.set(key, value, nx=only_if_absent)
+                pipe.get(key)
+                return await pipe.execute()
+
+        _, current = await self._call(write)
+        return cast(bytes, current)
+
+    # -- budgets and withdrawn reservations (appended for idemproxy.edge.budgets) ---------------
 
     @functools.cached_property
     def _charge(self) -> AsyncScript:
@@ -685,3 +684,13 @@ class RedisStore(Store):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _client_failure(broken: Exception) -> StoreUnavailable:
+    """Any other failure of the Redis client is an outage too, logged here once with its
+    traceback: during a Cluster failover redis-py and uvloop raise ``AttributeError`` and
+    ``RuntimeError`` from half-closed connections. Before a forward it becomes the
+    fail-closed 503; after one, the outcome stays PENDING and its lease expiry makes it
+    UNKNOWN. Never a 500 that invites a fresh attempt."""
+    log.error("the Redis client failed unexpectedly; treating it as an outage", exc_info=broken)
+    return StoreUnavailable(f"redis client failure: {type(broken).__name__}: {broken}")

@@ -17,8 +17,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from idemproxy.config.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 from idemproxy.store.redis_mux import Endpoint, Locate, Login, RedisMux, locate_fixed
-from idemproxy.store.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 
 Client = aioredis.Redis | RedisCluster
 NodeClient = Callable[[Address], aioredis.Redis]

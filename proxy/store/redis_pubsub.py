@@ -24,9 +24,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
+from idemproxy.config.redis_urls import Address
 from idemproxy.store.redis_clients import Client, NodeClient
 from idemproxy.store.redis_schema import RedisKeys
-from idemproxy.store.redis_urls import Address
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,14 @@ Only what the Lua scripts read or change is a top-level element, so a script
 checks its guards and rewrites the record with Redis's built-in ``cmsgpack``;
 everything else is one blob (``meta``) that only Python parses::
 
-    [state, fence, owner, lease_until_ms, meta, response body, request body, evidence]
+    [state, fence, owner, lease_until_ms, meta, response_body, request_body, evidence]
       1      2      3      4               5     6              7             8      <- Lua index
 
-- response body: the stored body; ``false`` when there is none (no response
+(``FIELDS``; the scripts call them ``STATE``, ``FENCE``, ... : ``redis_schema``).
+
+- response_body: the stored body; ``false`` when there is none (no response
   yet, or its body exceeded the route's storage limit).
-- request body: the stored request's body; ``false`` when no request is kept.
+- request_body: the stored request's body; ``false`` when no request is kept.
 - evidence: the entries, each one MessagePack array ``[at_ms, kind, detail]``
   (``detail`` left out when empty), concatenated: a script appends one by
   string concatenation and never parses them.
@@ -41,23 +43,29 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import msgpack
 import orjson
 
-from idemproxy.records import (
+from idemproxy.lifecycle.records import (
     Evidence,
     OperationRecord,
-    Scope,
     State,
     StoredRequest,
     StoredResponse,
+    record_fields,
 )
+from idemproxy.protocol.keys import Scope
 from idemproxy.store import codec
 
-#: The top-level elements, in order; the scripts address them by position.
-FIELDS = ("state", "fence", "owner", "lease_until_ms", "meta", "body", "request_body", "evidence")
+#: The record's fields that are top-level elements of their own (what the scripts check).
+ELEMENT_FIELDS: Final = record_fields("state", "fence", "owner", "lease_until_ms")
+#: The top-level elements, in order. Only their positions are stored (no names), and
+#: the scripts call them by these names (``redis_schema``).
+FIELDS: Final = (*ELEMENT_FIELDS, "meta", "response_body", "request_body", "evidence")
+#: Each element's position, as Lua counts (from 1).
+LUA_POSITIONS: Final = {name: at for at, name in enumerate(FIELDS, start=1)}
 #: Bodies up to this size get their digest recomputed on read instead of stored.
 _DERIVED_DIGEST_MAX = 1024
 _DIGEST_BYTES = 32
@@ -104,7 +112,7 @@ def pack_evidence(evidence: Evidence) -> bytes:
     if evidence.detail:
         entry.append(evidence.detail)
     try:
-        return cast(bytes, msgpack.packb(entry, use_bin_type=True, default=_json_like))
+        return cast(bytes, _EVIDENCE_PACKER.pack(entry))
     except (TypeError, ValueError, OverflowError) as exc:
         raise codec.not_storable(exc) from exc
 
@@ -238,3 +246,7 @@ def _pairs(flat: Sequence[str | bytes]) -> tuple[tuple[str, str], ...]:
 def _json_like(value: object) -> Any:
     """Evidence detail MessagePack has no type for (an enum, a date): as JSON would write it."""
     return orjson.loads(orjson.dumps(value))
+
+
+#: Reused as the packers above are (a failed ``pack`` empties its buffer again).
+_EVIDENCE_PACKER = msgpack.Packer(use_bin_type=True, default=_json_like)

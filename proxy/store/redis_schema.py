@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 
-from idemproxy.records import UNRESOLVED_STATES, State
+from idemproxy.lifecycle.records import UNRESOLVED_STATES, State
+from idemproxy.store.redis_record import LUA_POSITIONS
 
 SHARD_COUNT = 256
 #: The order of the state indexes in every script's KEYS.
@@ -76,6 +77,10 @@ class RedisKeys:
     def channel(self, op_id: str) -> str:
         return self.channel_prefix + op_id
 
+    def marker(self, name: str) -> str:
+        """A store-wide marker (``epoch``): one key, no hash tag, no TTL."""
+        return f"{self.prefix}:marker:{name}"
+
     def keepalive_channel(self) -> str:
         return f"{self.prefix}:hello"
 
@@ -89,9 +94,18 @@ class RedisKeys:
         return f"{self.prefix}:{{budget}}:calls:{hashlib.sha256(name.encode()).hexdigest()}"
 
 
-# Every script reads the record with cmsgpack.unpack: element 1 state, 2 fence,
-# 3 owner, 4 lease expiry, 8 evidence (the layout: ``store.redis_record``).
-# Records written from Python are re-packed only by RENEW and NOTE.
+# Every script reads the record with cmsgpack.unpack and names its elements as
+# ``_RECORD`` does: ``current[STATE]``, ``current[FENCE]``, ... (the layout, positional:
+# ``store.redis_record``). Records written from Python are re-packed only by RENEW and NOTE.
+
+
+def _lua_names(*names: str) -> str:
+    """A Lua line naming the record elements ``names`` (``redis_record.FIELDS``) by position."""
+    return f"local {', '.join(name.upper() for name in names)} = {', '.join(str(LUA_POSITIONS[n]) for n in names)}\n"
+
+
+#: ``local STATE, FENCE, OWNER, LEASE_UNTIL_MS, EVIDENCE = 1, 2, 3, 4, 8``
+_RECORD = _lua_names("state", "fence", "owner", "lease_until_ms", "evidence")
 
 # KEYS[1]  record
 # KEYS[2]  due index of the record's shard
@@ -104,10 +118,12 @@ class RedisKeys:
 # Returns  {1} when the record was created, or already created by this owner
 #          (a retried call); {0, record}: the existing record, packed (the
 #          caller drops its evidence: a replay never needs it).
-RESERVE = """
+RESERVE = (
+    _RECORD
+    + """
 local raw = redis.call('GET', KEYS[1])
 if raw then
-  if cmsgpack.unpack(raw)[3] == ARGV[2] then return {1} end
+  if cmsgpack.unpack(raw)[OWNER] == ARGV[2] then return {1} end
   return {0, raw}
 end
 redis.call('SET', KEYS[1], ARGV[4])
@@ -115,6 +131,7 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return {1}
 """
+)
 
 # KEYS[1]  record
 # KEYS[2]  due index of the record's shard
@@ -135,18 +152,20 @@ return {1}
 # Returns  {1} applied (or already applied by this same owner and fence: a
 #          retried call); {0, record} guard failed, with the current record,
 #          packed (the caller drops its evidence); {-1} no such record.
-TRANSITION = """
+TRANSITION = (
+    _RECORD
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {-1} end
 local current = cmsgpack.unpack(raw)
-if current[1] == ARGV[4] and current[2] == tonumber(ARGV[5]) and current[3] == ARGV[6] then
+if current[STATE] == ARGV[4] and current[FENCE] == tonumber(ARGV[5]) and current[OWNER] == ARGV[6] then
   return {1}
 end
-if current[2] ~= tonumber(ARGV[2]) or not string.find(ARGV[3], ' ' .. current[1] .. ' ', 1, true) then
+if current[FENCE] ~= tonumber(ARGV[2]) or not string.find(ARGV[3], ' ' .. current[STATE] .. ' ', 1, true) then
   return {0, raw}
 end
 -- The new record's own bytes, completed by its evidence: never re-packed here.
-local record = ARGV[13] .. cmsgpack.pack(current[8] .. ARGV[9])
+local record = ARGV[13] .. cmsgpack.pack(current[EVIDENCE] .. ARGV[9])
 if tonumber(ARGV[7]) > 0 then
   redis.call('SET', KEYS[1], record, 'PX', ARGV[7])
 else
@@ -163,6 +182,7 @@ if state_index > 0 then redis.call('ZADD', KEYS[state_index], ARGV[12], ARGV[1])
 redis.call('PUBLISH', ARGV[10], ARGV[4])
 return {1}
 """
+)
 
 # KEYS[1]  record
 # KEYS[2]  due index of the record's shard
@@ -171,31 +191,37 @@ return {1}
 # ARGV[3]  owner
 # ARGV[4]  new lease expiry in ms (also the new due time)
 # Returns  1 renewed; 0 the owner no longer holds the record.
-RENEW = """
+RENEW = (
+    _RECORD
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cmsgpack.unpack(raw)
-if current[2] ~= tonumber(ARGV[2]) or current[3] ~= ARGV[3] then return 0 end
-if current[1] ~= 'PENDING' and current[1] ~= 'UNKNOWN' then return 0 end
-current[4] = tonumber(ARGV[4])
+if current[FENCE] ~= tonumber(ARGV[2]) or current[OWNER] ~= ARGV[3] then return 0 end
+if current[STATE] ~= 'PENDING' and current[STATE] ~= 'UNKNOWN' then return 0 end
+current[LEASE_UNTIL_MS] = tonumber(ARGV[4])
 redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return 1
 """
+)
 
 # KEYS[1]  record
 # ARGV[1]  evidence entry (packed), appended
 # Returns  1 appended; 0 no such record.
-NOTE = """
+NOTE = (
+    _RECORD
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cmsgpack.unpack(raw)
-current[8] = current[8] .. ARGV[1]
+current[EVIDENCE] = current[EVIDENCE] .. ARGV[1]
 redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
 return 1
 """
+)
 
-# -- budgets (appended for idemproxy.budgets) ---------------------------------------------
+# -- budgets (appended for idemproxy.edge.budgets) ---------------------------------------------
 
 # KEYS[1..n] budget counters (sorted sets of charge ids scored by time in ms), one hash tag
 # ARGV[1]  now in ms
@@ -235,14 +261,17 @@ return {}
 # ARGV[3]  owner of the reservation
 # ARGV[4]  pub/sub channel announcing the change
 # Returns  1 deleted; 0 the record is not PENDING with that owner and fence (or is gone).
-UNRESERVE = """
+UNRESERVE = (
+    _RECORD
+    + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cmsgpack.unpack(raw)
-if current[1] ~= 'PENDING' or current[2] ~= tonumber(ARGV[2]) or current[3] ~= ARGV[3] then return 0 end
+if current[STATE] ~= 'PENDING' or current[FENCE] ~= tonumber(ARGV[2]) or current[OWNER] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[4], 'GONE')
 return 1
 """
+)

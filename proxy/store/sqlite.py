@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from idemproxy.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
+from idemproxy.lifecycle.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
+from idemproxy.lifecycle.transitions import Transition
 from idemproxy.store import codec
 from idemproxy.store.base import (
     Counter,
@@ -27,50 +28,63 @@ from idemproxy.store.base import (
     RecordNotStorable,
     Store,
     StoreUnavailable,
-    Transition,
     matches,
 )
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS operations (
-    op_id      TEXT PRIMARY KEY,
-    s          TEXT NOT NULL,
-    f          INTEGER NOT NULL,
-    fp         TEXT NOT NULL,
-    a          INTEGER NOT NULL,
-    o          TEXT NOT NULL,
-    l          INTEGER NOT NULL,
-    m          BLOB NOT NULL,
-    b          BLOB,
-    q          BLOB,
-    e          BLOB NOT NULL,
-    due_ms     INTEGER,  -- when the reconciler must look at it; NULL: not due
-    updated_ms INTEGER NOT NULL,
-    expires_ms INTEGER   -- NULL: kept until resolved
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS operations_due ON operations (due_ms) WHERE due_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS operations_expiry ON operations (expires_ms) WHERE expires_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS operations_unresolved ON operations (s, updated_ms)
-    WHERE s IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION');
-CREATE TABLE IF NOT EXISTS seen (   -- names remembered once (remember_once), until expires_ms
+#: The schema, as statements that leave what exists alone (run in one transaction).
+#: The record columns are ``codec``'s (named after the record's fields); the others
+#: are the store's own.
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS operations (
+    op_id          TEXT PRIMARY KEY,
+    state          TEXT NOT NULL,
+    fence          INTEGER NOT NULL,
+    fingerprint    TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    owner          TEXT NOT NULL,
+    lease_until_ms INTEGER NOT NULL,
+    meta           BLOB NOT NULL,
+    response_body  BLOB,
+    request_body   BLOB,
+    evidence       BLOB NOT NULL,
+    due_ms         INTEGER,  -- when the reconciler must look at it; NULL: not due
+    updated_ms     INTEGER NOT NULL,
+    expires_ms     INTEGER   -- NULL: kept until resolved
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS operations_due ON operations (due_ms) WHERE due_ms IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS operations_expiry ON operations (expires_ms) WHERE expires_ms IS NOT NULL",
+    """CREATE INDEX IF NOT EXISTS operations_unresolved ON operations (state, updated_ms)
+    WHERE state IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION')""",
+    """CREATE TABLE IF NOT EXISTS seen (   -- names remembered once (remember_once), until expires_ms
     name       TEXT PRIMARY KEY,
     expires_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS budget_charges (  -- charges to budget counters, until they slide out
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS budget_charges (  -- charges to budget counters, until they slide out
     counter    TEXT NOT NULL,    -- SHA-256 of the counter's name
     charge_id  TEXT NOT NULL,
     at_ms      INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL, -- at_ms + the window it was charged under
     PRIMARY KEY (counter, charge_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS budget_charges_time ON budget_charges (counter, at_ms);
-CREATE INDEX IF NOT EXISTS budget_charges_expiry ON budget_charges (expires_ms);
-"""
-_SCHEMA_VERSION = 1
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS budget_charges_time ON budget_charges (counter, at_ms)",
+    "CREATE INDEX IF NOT EXISTS budget_charges_expiry ON budget_charges (expires_ms)",
+)
+#: 1: the record columns named ``s f fp a o l m b q e`` (``codec.V1_COLUMNS``); 2: as above.
+_SCHEMA_VERSION = 2
+#: ``ALTER TABLE ... RENAME COLUMN``, which the migration from version 1 uses.
+_RENAME_COLUMN_SQLITE = (3, 25, 0)
 _COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM operations WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?)"
+_INSERT = (
+    f"INSERT OR REPLACE INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms, expires_ms)"
+    f" VALUES (?, {', '.join('?' * len(_COLUMNS))}, ?, ?, NULL)"
+)
+_UPDATE = (
+    f"UPDATE operations SET {', '.join(f'{name} = ?' for name in codec.WRITTEN_FIELDS)},"
+    f" {codec.EVIDENCE} = {codec.EVIDENCE} || ?, due_ms = ?, updated_ms = ?, expires_ms = ? WHERE op_id = ?"
+)
 _PURGE_BATCH = 500
 _PURGE_INTERVAL_S = 60.0
 
@@ -145,7 +159,7 @@ class SqliteStore(Store):
         clauses = ["(expires_ms IS NULL OR expires_ms > ?)"]
         params: list[Any] = [_now_ms()]
         if query.state is not None:
-            clauses.append("s = ?")
+            clauses.append("state = ?")
             params.append(query.state.value)
         if query.updated_before_ms is not None:
             clauses.append("updated_ms < ?")
@@ -172,7 +186,8 @@ class SqliteStore(Store):
             lambda: (
                 self._conn()
                 .execute(
-                    "SELECT s, COUNT(*) FROM operations WHERE s IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION') GROUP BY s"
+                    "SELECT state, COUNT(*) FROM operations"
+                    " WHERE state IN ('PENDING', 'UNKNOWN', 'NEEDS_ATTENTION') GROUP BY state"
                 )
                 .fetchall()
             )
@@ -193,10 +208,32 @@ class SqliteStore(Store):
             self._notify_local(op_id)
         return deleted
 
+    async def read_marker(self, name: str) -> bytes | None:
+        return await self._run(self._read_marker, name)
+
+    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
+        return await self._run(self._write_marker, name, value, only_if_absent)
+
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
 
     # -- on the store thread -------------------------------------------------------------
+
+    def _markers(self) -> sqlite3.Connection:
+        db = self._conn()
+        db.execute("CREATE TABLE IF NOT EXISTS markers (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        return db
+
+    def _read_marker(self, name: str) -> bytes | None:
+        row = self._markers().execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _write_marker(self, name: str, value: bytes, only_if_absent: bool) -> bytes:
+        db = self._markers()
+        verb = "INSERT OR IGNORE" if only_if_absent else "INSERT OR REPLACE"
+        db.execute(f"{verb} INTO markers (name, value) VALUES (?, ?)", (name, value))  # autocommit: atomic
+        row = db.execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
 
     def _open(self) -> None:
         if self.path.parent != Path():
@@ -205,15 +242,12 @@ class SqliteStore(Store):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        try:
+            with _immediate(db):  # one transaction: a second process opening the file waits for it
+                _prepare(db, self.path)
+        except BaseException:
             db.close()
-            raise StoreUnavailable(
-                f"{self.path} holds ledger schema version {version}; this idemproxy reads version "
-                f"{_SCHEMA_VERSION}. Use a new file or the matching idemproxy version."
-            )
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            raise
         self._db = db
 
     def _conn(self) -> sqlite3.Connection:
@@ -231,11 +265,10 @@ class SqliteStore(Store):
                 return None if existing.owner == record.owner else existing.evolve(evidence=())
             fields = codec.encode(record)
             db.execute(
-                f"INSERT OR REPLACE INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms,"
-                " expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                _INSERT,
                 (
                     record.op_id,
-                    *_sql_values(fields),
+                    *_written(fields),
                     codec.encode_evidence(evidence),
                     record.lease_until_ms,
                     record.updated_ms,
@@ -259,10 +292,9 @@ class SqliteStore(Store):
             fields = codec.encode(new)
             ttl_ms = transition.ttl_ms
             db.execute(
-                "UPDATE operations SET s = ?, f = ?, fp = ?, a = ?, o = ?, l = ?, m = ?, b = ?, q = ?,"
-                " e = e || ?, due_ms = ?, updated_ms = ?, expires_ms = ? WHERE op_id = ?",
+                _UPDATE,
                 (
-                    *_sql_values(fields),
+                    *_written(fields),
                     b"\n" + codec.encode_evidence(transition.evidence),
                     transition.due_at_ms or None,
                     new.updated_ms,
@@ -278,8 +310,8 @@ class SqliteStore(Store):
         with _immediate(db):
             for lease in leases:
                 cursor = db.execute(
-                    "UPDATE operations SET l = ?, due_ms = ? WHERE op_id = ? AND f = ? AND o = ?"
-                    " AND s IN ('PENDING', 'UNKNOWN')",
+                    "UPDATE operations SET lease_until_ms = ?, due_ms = ? WHERE op_id = ? AND fence = ?"
+                    " AND owner = ? AND state IN ('PENDING', 'UNKNOWN')",
                     (lease.until_ms, lease.until_ms, lease.op_id, lease.fence, lease.owner),
                 )
                 renewed.append(cursor.rowcount == 1)
@@ -289,7 +321,7 @@ class SqliteStore(Store):
         db = self._conn()
         with _immediate(db):
             cursor = db.execute(
-                "UPDATE operations SET e = e || ? WHERE op_id = ?",
+                "UPDATE operations SET evidence = evidence || ? WHERE op_id = ?",
                 (b"\n" + codec.encode_evidence(evidence), op_id),
             )
         return cursor.rowcount == 1
@@ -338,7 +370,8 @@ class SqliteStore(Store):
         db = self._conn()
         with _immediate(db):
             cursor = db.execute(
-                "DELETE FROM operations WHERE op_id = ? AND s = 'PENDING' AND f = ? AND o = ?", (op_id, fence, owner)
+                "DELETE FROM operations WHERE op_id = ? AND state = 'PENDING' AND fence = ? AND owner = ?",
+                (op_id, fence, owner),
             )
         return cursor.rowcount == 1
 
@@ -397,22 +430,42 @@ class _immediate:
         self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
-_INTEGER_FIELDS = frozenset({codec.FENCE, codec.ATTEMPT, codec.LEASE})
-_TEXT_FIELDS = frozenset({codec.STATE, codec.FINGERPRINT, codec.OWNER})
+def _written(fields: dict[str, str | int | bytes]) -> list[str | int | bytes]:
+    """The values of ``codec.WRITTEN_FIELDS``, in that order."""
+    return [fields[name] for name in codec.WRITTEN_FIELDS]
 
 
-def _sql_values(fields: dict[str, bytes]) -> list[int | str | bytes]:
-    """Typed column values, so SQL comparisons (state, fence, owner) work on them."""
-    values: list[int | str | bytes] = []
-    for name in codec.WRITTEN_FIELDS:
-        raw = fields[name]
-        if name in _INTEGER_FIELDS:
-            values.append(int(raw))
-        elif name in _TEXT_FIELDS:
-            values.append(raw.decode())
-        else:
-            values.append(raw)
-    return values
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    """Create the schema, or bring a file an earlier version wrote up to this one, inside
+    the caller's transaction (nothing of it stays if any step fails).
+
+    Version 1 differs only in the names of the record columns: they are renamed
+    (``codec.V1_COLUMNS``), the values left as they are. An idemproxy that still
+    reads version 1 refuses the file from then on, and one that had it open
+    fails its next statement (no such column): it never reads a record under
+    the wrong name."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version not in (0, 1, _SCHEMA_VERSION):
+        raise StoreUnavailable(
+            f"{path} holds ledger schema version {version}; this idemproxy reads versions up to "
+            f"{_SCHEMA_VERSION}. Use a new file or the matching idemproxy version."
+        )
+    old = [name for name in _columns(db) if name in codec.V1_COLUMNS]
+    if old and sqlite3.sqlite_version_info < _RENAME_COLUMN_SQLITE:
+        raise StoreUnavailable(
+            f"{path} holds ledger schema version 1, which needs SQLite 3.25 or later to migrate "
+            f"(this Python has {sqlite3.sqlite_version})"
+        )
+    for name in old:
+        db.execute(f"ALTER TABLE operations RENAME COLUMN {name} TO {codec.V1_COLUMNS[name]}")
+    for statement in _SCHEMA:
+        db.execute(statement)
+    db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+
+def _columns(db: sqlite3.Connection) -> list[str]:
+    """The ``operations`` table's column names, none when there is no such table yet."""
+    return [row[1] for row in db.execute("PRAGMA table_info(operations)")]
 
 
 def _decode(op_id: str, row: tuple[Any, ...]) -> OperationRecord:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from idemproxy.adapters import AgentRun, NoOperation, Operation, current_operation, operation_headers
-from idemproxy.config import HeaderNames
+from idemproxy.protocol import HeaderNames
 
 URL = "http://proxy:8080/items"
 

@@ -15,7 +15,7 @@ from idemproxy.adapters import (
     key_from_call_id,
     operation_key,
 )
-from idemproxy.fingerprint import canonical_body, canonical_json, validate_key
+from idemproxy.protocol.keys import canonical_body, canonical_json, validate_key
 
 ARGS = {"title": "disk full", "priority": 2, "tags": ["ops", "urgent"]}
 

@@ -19,7 +19,7 @@ from idemproxy.adapters import (
     Verifier,
     expected_operation_id,
 )
-from idemproxy.records import State
+from idemproxy.lifecycle.records import State
 from tests.conftest import ProxyFactory
 from tests.support.redis_server import free_port
 

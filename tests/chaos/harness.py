@@ -45,9 +45,9 @@ import aiohttp
 import orjson
 import yaml
 
-from idemproxy.config import StoreConfig
-from idemproxy.fingerprint import operation_id
-from idemproxy.records import UNRESOLVED_STATES, OperationRecord, Scope, State
+from idemproxy.config.settings import StoreConfig
+from idemproxy.lifecycle.records import UNRESOLVED_STATES, OperationRecord, State
+from idemproxy.protocol.keys import Scope, operation_id
 from idemproxy.store import open_store
 from tests.support.redis_server import RedisServer, free_port, restartable_port
 

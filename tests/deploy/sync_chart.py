@@ -1,7 +1,7 @@
 """The chart's copies of the monitoring kit, and the step that refreshes them.
 
 Helm reads only files inside the chart, so ``helm/idemproxy/files/`` holds copies
-of the dashboard and the alert rules from ``monitoring/``. ``test_chart.py`` fails
+of the dashboard and the alert rules from ``monitoring/``. ``test_chart_render.py`` fails
 when they drift; ``python -m tests.deploy.sync_chart`` copies them again.
 """
 

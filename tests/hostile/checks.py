@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from idemproxy.protocol import PROBLEM_CONTENT_TYPE
 from tests.hostile.stack import Stack
-from tests.hostile.wire import PROBLEM, Reply
+from tests.support.wire import Reply
 
 
 def assert_refusal(reply: Reply, problems: Collection[str] | None = None, *, parser: bool = False) -> None:
@@ -23,7 +24,7 @@ def assert_refusal(reply: Reply, problems: Collection[str] | None = None, *, par
         assert parser, "the server closed the connection without an answer"
         return
     assert 400 <= reply.status < 500, reply
-    assert reply.content_type == PROBLEM, f"expected problem+json, got {reply}"
+    assert reply.content_type == PROBLEM_CONTENT_TYPE, f"expected problem+json, got {reply}"
     if reply.body:  # an answer to HEAD has none
         problem = reply.problem
         assert problems is None or problem in problems, f"unexpected problem {problem!r}: {reply}"

@@ -24,10 +24,10 @@ from aiohttp import web
 
 from idemproxy import metrics
 from idemproxy.app import build_proxy_app, serving_proxy
-from idemproxy.config import ProxyConfig, parse_config
+from idemproxy.config.settings import ProxyConfig, parse_config
 from idemproxy.store import Store, open_store
 from idemproxy.store.base import OpsQuery
-from tests.hostile.wire import Reply, exchange, request
+from tests.support.wire import Reply, exchange, request
 
 HEALTH_PATH = "/items/__health"
 #: Routes of the hostile stack: prefix -> what the recorder sees for it.

@@ -23,15 +23,15 @@ import requests
 import schemathesis
 from schemathesis import Case, CheckContext, Response
 
-from idemproxy.admin import openapi_document
 from idemproxy.app import build_admin_app
-from idemproxy.config import parse_config
-from idemproxy.fingerprint import operation_id
-from idemproxy.inbound import server_options
-from idemproxy.records import Evidence, OperationRecord, RetryClass, Scope, State, StoredResponse
+from idemproxy.config.settings import parse_config
+from idemproxy.lifecycle.records import Evidence, OperationRecord, RetryClass, State, StoredResponse
+from idemproxy.ops.admin import openapi_document
+from idemproxy.protocol import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
+from idemproxy.protocol.keys import Scope, operation_id
 from idemproxy.store import Store, Transition, open_store
+from idemproxy.wire.inbound import server_options
 from tests.hostile.stack import serving
-from tests.hostile.wire import PROBLEM, PROBLEM_PREFIX
 from tests.support.redis_server import RedisServer
 
 #: One seeded operation per state an operator meets; the PENDING one's lease is long expired.
@@ -159,9 +159,9 @@ def errors_are_problems(ctx: CheckContext, response: Response, case: Case[Any]) 
     if response.status_code < 400:
         return None
     content_type = response.headers.get("content-type", [""])[0].split(";", 1)[0]
-    assert content_type == PROBLEM, f"{response.status_code} answered as {content_type!r}"
+    assert content_type == PROBLEM_CONTENT_TYPE, f"{response.status_code} answered as {content_type!r}"
     body = response.json()
-    assert str(body["type"]).startswith(PROBLEM_PREFIX), body
+    assert str(body["type"]).startswith(PROBLEM_TYPE_PREFIX), body
     assert body["status"] == response.status_code, body
     return True
 
@@ -214,8 +214,8 @@ def test_the_description_is_served_and_is_the_shipped_one(admin: AdminThread) ->
 def test_list_query_values_that_do_not_parse_are_400(admin: AdminThread, query: dict[str, str]) -> None:
     response = requests.get(f"{admin.url}/_idem/ops", params=query, timeout=10)
     assert response.status_code == 400, response.text
-    assert response.headers["Content-Type"] == PROBLEM
-    assert response.json()["type"] == f"{PROBLEM_PREFIX}invalid-query"
+    assert response.headers["Content-Type"] == PROBLEM_CONTENT_TYPE
+    assert response.json()["type"] == f"{PROBLEM_TYPE_PREFIX}invalid-query"
 
 
 def test_an_age_beyond_the_epoch_lists_nothing(admin: AdminThread) -> None:
@@ -228,6 +228,6 @@ def test_an_age_beyond_the_epoch_lists_nothing(admin: AdminThread) -> None:
 def test_unknown_paths_and_methods_are_problems(admin: AdminThread, method: str, path: str, status: int) -> None:
     response = requests.request(method, f"{admin.url}{path}", timeout=10)
     assert response.status_code == status
-    assert response.headers["Content-Type"] == PROBLEM
+    assert response.headers["Content-Type"] == PROBLEM_CONTENT_TYPE
     if status == 405:
         assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}

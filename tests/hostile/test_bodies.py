@@ -15,7 +15,7 @@ from tests.hostile.checks import assert_refusal, assert_refused
 from tests.hostile.conftest import fuzz
 from tests.hostile.stack import ITEMS_MAX_BODY, Stack
 from tests.hostile.strategies import BAD_CHUNK_SIZES, chunk_extensions, chunked_bodies
-from tests.hostile.wire import request
+from tests.support.wire import request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from idemproxy.app import build_proxy_app, serving_proxy
-from idemproxy.config import ConfigError, ProxyConfig, parse_config
-from idemproxy.http_messages import Request, Response, StreamResponse
-from idemproxy.http_server import MAX_PIPELINED, HttpServer
+from idemproxy.config.settings import ConfigError, ProxyConfig, parse_config
 from idemproxy.store import open_store
+from idemproxy.wire.http_messages import Request, Response, StreamResponse
+from idemproxy.wire.http_server import MAX_PIPELINED, HttpServer
 from tests.hostile.conftest import fuzz
 from tests.hostile.strategies import chunked_bodies
-from tests.hostile.wire import BOUND_S, Connection, request
+from tests.support.wire import BOUND_S, Connection, Serve, Served, connected, request, until
 
 #: Requests a pipelining caller sends in one write.
 REQUESTS = 1000
@@ -53,83 +52,18 @@ SMALL_BUFFER = 8 * 1024
 #: ``client_header_timeout`` where a test waits for it to pass.
 SHORT_TIMEOUT_S = 0.2
 
-Handler = Callable[[Request], Awaitable[StreamResponse]]
+
+# -- the listener's callers -----------------------------------------------------------------------------
 
 
-# -- the listener and its callers ----------------------------------------------------------------------
-
-
-@dataclass
-class Listener:
-    http: HttpServer
-    server: asyncio.Server
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def queued(self) -> int:
-        """Requests parsed ahead of the one being answered, on every connection."""
-        return sum(connection.queued for connection in self.http.connections)
-
-
-Listen = Callable[..., Awaitable[Listener]]
-
-
-@pytest.fixture
-async def listen() -> AsyncIterator[Listen]:
-    """``await listen(handler, header_timeout_s=...)``: an ``HttpServer`` on a loopback port."""
-    started: list[Listener] = []
-
-    async def start(handler: Handler, *, header_timeout_s: float = BOUND_S) -> Listener:
-        http = HttpServer(handler, header_timeout_s=header_timeout_s, max_body=1 << 20)
-        server = await asyncio.get_running_loop().create_server(http, "127.0.0.1", 0)
-        listener = Listener(http, server)
-        started.append(listener)
-        return listener
-
-    yield start
-    for listener in started:
-        listener.server.close()
-        await listener.http.shutdown(0)
-        await listener.server.wait_closed()
-
-
-async def reluctant_caller(port: int) -> Connection:
+def reluctant_caller(port: int) -> contextlib.AbstractAsyncContextManager[Connection]:
     """A connection whose caller reads nothing until told: a small receive buffer, and a stream
     reader that stops taking bytes from the socket after 2 x 8 KiB."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    reader, writer = await asyncio.open_connection(sock=sock, limit=SMALL_BUFFER)
-    return Connection(reader, writer)
-
-
-@contextlib.asynccontextmanager
-async def caller(connection: Connection) -> AsyncIterator[Connection]:
-    try:
-        yield connection
-    finally:
-        await connection.close()
+    return connected(port, rcvbuf=SMALL_BUFFER, limit=SMALL_BUFFER)
 
 
 def pipelined(count: int, *headers: tuple[str, str]) -> bytes:
     return b"".join(request("GET", f"/{number}", headers, close=False, length=False) for number in range(count))
-
-
-async def until(predicate: Callable[[], bool], bound_s: float = BOUND_S) -> None:
-    """Wait until ``predicate`` holds: state the listener exposes no event for."""
-    async with asyncio.timeout(bound_s):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.001)
 
 
 @dataclass
@@ -140,7 +74,7 @@ class Answers:
     ahead; it shrinks the listener's send buffer, so a caller that does not read backs it up soon."""
 
     size: int = ANSWER_SIZE
-    listener: Listener | None = None
+    listener: Served | None = None
     seen: list[str] = field(default_factory=list)
     queued: list[int] = field(default_factory=list)
     transport: asyncio.Transport | None = None
@@ -171,19 +105,19 @@ class Answers:
 
 
 async def answering(
-    listen: Listen, *, size: int = ANSWER_SIZE, header_timeout_s: float = BOUND_S
-) -> tuple[Listener, Answers]:
+    serve: Serve, *, size: int = ANSWER_SIZE, header_timeout_s: float = BOUND_S
+) -> tuple[Served, Answers]:
     answers = Answers(size)
-    answers.listener = await listen(answers, header_timeout_s=header_timeout_s)
+    answers.listener = await serve(answers, header_timeout_s=header_timeout_s)
     return answers.listener, answers
 
 
 # -- pipelining ----------------------------------------------------------------------------------------
 
 
-async def test_a_caller_pipelining_without_reading_is_read_no_further_than_the_bound(listen: Listen) -> None:
-    listener, answers = await answering(listen)
-    async with caller(await reluctant_caller(listener.port)) as pipelining:
+async def test_a_caller_pipelining_without_reading_is_read_no_further_than_the_bound(serve: Serve) -> None:
+    listener, answers = await answering(serve)
+    async with reluctant_caller(listener.port) as pipelining:
         await pipelining.send(pipelined(REQUESTS))
         await until(answers.backed_up)
         # The caller reads nothing: the listener is stuck on an answer, and reads nothing more.
@@ -200,10 +134,10 @@ async def test_a_caller_pipelining_without_reading_is_read_no_further_than_the_b
     assert max(answers.queued) == MAX_PIPELINED  # read ahead up to the bound, never past it
 
 
-async def test_a_caller_that_does_not_read_its_answer_is_not_read_either(listen: Listen) -> None:
+async def test_a_caller_that_does_not_read_its_answer_is_not_read_either(serve: Serve) -> None:
     """Without pipelining too: while an answer waits for its caller, the next request is not read."""
-    listener, answers = await answering(listen, size=1024 * 1024)  # more than the buffers hold
-    async with caller(await reluctant_caller(listener.port)) as reluctant:
+    listener, answers = await answering(serve, size=1024 * 1024)  # more than the buffers hold
+    async with reluctant_caller(listener.port) as reluctant:
         await reluctant.send(pipelined(1))
         await until(answers.backed_up)
         assert answers.transport is not None
@@ -216,9 +150,9 @@ async def test_a_caller_that_does_not_read_its_answer_is_not_read_either(listen:
     assert answers.seen == ["/0", "/1"]
 
 
-async def test_a_pipelining_caller_that_never_reads_is_disconnected(listen: Listen) -> None:
-    listener, answers = await answering(listen, header_timeout_s=SHORT_TIMEOUT_S)
-    async with caller(await reluctant_caller(listener.port)) as never_reading:
+async def test_a_pipelining_caller_that_never_reads_is_disconnected(serve: Serve) -> None:
+    listener, answers = await answering(serve, header_timeout_s=SHORT_TIMEOUT_S)
+    async with reluctant_caller(listener.port) as never_reading:
         await never_reading.send(pipelined(REQUESTS))
         # The listener gives up on it one client_header_timeout after its writer stalled.
         async with asyncio.timeout(SHORT_TIMEOUT_S + BOUND_S):
@@ -229,7 +163,7 @@ async def test_a_pipelining_caller_that_never_reads_is_disconnected(listen: List
     assert len(answers.seen) < REQUESTS
 
 
-async def test_a_pipelined_stream_longer_than_one_read_is_served_whole_in_order(listen: Listen) -> None:
+async def test_a_pipelined_stream_longer_than_one_read_is_served_whole_in_order(serve: Serve) -> None:
     """A caller that pipelines and reads as it goes: the reads end anywhere, mid-head too."""
     count = 3000
     seen: list[str] = []
@@ -238,9 +172,9 @@ async def test_a_pipelined_stream_longer_than_one_read_is_served_whole_in_order(
         seen.append(request.raw_path)
         return Response(body=request.raw_path.encode())
 
-    listener = await listen(echo)
+    listener = await serve(echo)
     padding = ("X-Padding", "p" * 150)  # 3000 heads of about 200 bytes: several reads
-    async with caller(await Connection.open(listener.port)) as pipelining:
+    async with connected(listener.port) as pipelining:
         sending = asyncio.create_task(pipelining.send(pipelined(count, padding)))
         replies = [await pipelining.read_reply() for _ in range(count)]
         assert await sending

@@ -22,7 +22,7 @@ from tests.hostile.strategies import (
     obs_folds,
     values_with_a_control,
 )
-from tests.hostile.wire import request
+from tests.support.wire import request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

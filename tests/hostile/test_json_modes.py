@@ -17,7 +17,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from idemproxy.mcp_messages import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
+from idemproxy.modes.mcp_messages import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR
 from tests.hostile.conftest import fuzz
 from tests.hostile.stack import Stack
 from tests.hostile.strategies import (
@@ -28,7 +28,7 @@ from tests.hostile.strategies import (
     json_values,
     malformed_json,
 )
-from tests.hostile.wire import Reply, request
+from tests.support.wire import Reply, request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

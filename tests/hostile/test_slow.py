@@ -17,7 +17,7 @@ import pytest
 
 from tests.hostile.checks import assert_refusal
 from tests.hostile.stack import Stack
-from tests.hostile.wire import Connection, request
+from tests.support.wire import Connection, request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -16,7 +16,7 @@ from tests.hostile.checks import assert_refusal, assert_refused
 from tests.hostile.conftest import fuzz
 from tests.hostile.stack import Stack
 from tests.hostile.strategies import paths
-from tests.hostile.wire import request
+from tests.support.wire import request
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

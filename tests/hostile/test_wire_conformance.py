@@ -30,17 +30,17 @@ import pytest_asyncio
 from aiohttp import web
 
 from idemproxy.app import build_admin_app, build_proxy_app, serving_proxy
-from idemproxy.auth import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
-from idemproxy.config import parse_config
-from idemproxy.http_messages import Request, Response, StreamResponse
-from idemproxy.http_server import HttpServer
-from idemproxy.inbound import server_options
+from idemproxy.config.settings import parse_config
+from idemproxy.edge.auth import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from idemproxy.store import Store, open_store
 from idemproxy.store.base import OpsQuery
+from idemproxy.wire.http_messages import Request, Response, StreamResponse
+from idemproxy.wire.http_server import HttpServer
+from idemproxy.wire.inbound import server_options
 from tests.hostile.stack import internal_errors
-from tests.hostile.wire import BOUND_S, PROBLEM, PROBLEM_PREFIX
 from tests.support.auth import EXECUTOR_TOKEN, PLANNER_TOKEN, auth_setup, signed
 from tests.support.redis_server import RedisServer
+from tests.support.wire import BOUND_S, Connection, Reply, connected
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -55,86 +55,7 @@ CREATED_HEX = b"Created".hex().encode()
 MAX_STORED = 16 * 1024
 
 
-# -- the caller's side ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One response as it arrived: its status line exactly, its fields, its body."""
-
-    status_line: bytes
-    status: int
-    headers: dict[str, str]  # lower-case names; last value wins
-    body: bytes
-
-    @property
-    def problem(self) -> str:
-        """The problem type after ``urn:idemproxy:problem:``; fails unless this is problem+json."""
-        assert self.headers.get("content-type", "").startswith(PROBLEM), self
-        document = orjson.loads(self.body)
-        assert document["status"] == self.status, document
-        return str(document["type"]).removeprefix(PROBLEM_PREFIX)
-
-    @property
-    def closes(self) -> bool:
-        return self.headers.get("connection", "").lower() == "close"
-
-
-class Caller:
-    """One raw connection: every read is bounded, so a server that neither answers nor closes fails."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def answer(self) -> Answer:
-        async with asyncio.timeout(BOUND_S):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            status_line, *lines = head[:-4].split(b"\r\n")
-            headers: dict[str, str] = {}
-            for line in lines:
-                name, _, value = line.partition(b":")
-                headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
-            status = int(status_line.split(b" ", 2)[1])
-            if status < 200 or status in (204, 304):
-                body = b""
-            elif headers.get("transfer-encoding") == "chunked":
-                body = await self._chunked()
-            else:
-                body = await self.reader.readexactly(int(headers["content-length"]))
-        return Answer(status_line, status, headers, body)
-
-    async def _chunked(self) -> bytes:
-        parts: list[bytes] = []
-        while size := int(await self.reader.readuntil(b"\r\n"), 16):
-            parts.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
-        await self.reader.readuntil(b"\r\n")
-        return b"".join(parts)
-
-    async def rest(self) -> bytes:
-        """Whatever the server still sends until it closes the connection."""
-        parts: list[bytes] = []
-        async with asyncio.timeout(BOUND_S):
-            with contextlib.suppress(ConnectionError):
-                while data := await self.reader.read(65536):
-                    parts.append(data)
-        return b"".join(parts)
-
-
-@contextlib.asynccontextmanager
-async def connected(port: int) -> AsyncIterator[Caller]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield Caller(reader, writer)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+# -- requests, byte for byte ----------------------------------------------------------------------
 
 
 def head(
@@ -197,14 +118,14 @@ class Conformance:
     tool: RawTool
     store: Store
 
-    def caller(self, port: int | None = None) -> contextlib.AbstractAsyncContextManager[Caller]:
+    def caller(self, port: int | None = None) -> contextlib.AbstractAsyncContextManager[Connection]:
         """A connection to the proxy listener (or to ``port``)."""
         return connected(port or self.proxy_port)
 
-    async def exchange(self, data: bytes, port: int | None = None) -> Answer:
+    async def exchange(self, data: bytes, port: int | None = None) -> Reply:
         async with self.caller(port) as caller:
             await caller.send(data)
-            return await caller.answer()
+            return await caller.reply()
 
     async def records(self) -> int:
         return len(await self.store.query(OpsQuery(limit=1000)))
@@ -228,7 +149,7 @@ async def assert_untouched_since(stack: Conformance, before: Mark) -> None:
     assert internal_errors() == before.errors, "the proxy answered with internal-error (a bug; see the log)"
 
 
-async def assert_closed_after(caller: Caller, answer: Answer) -> None:
+async def assert_closed_after(caller: Connection, answer: Reply) -> None:
     """The answer said the connection closes, and nothing after it was answered."""
     assert answer.closes, answer
     assert await caller.rest() == b""
@@ -324,7 +245,7 @@ async def test_non_ascii_credentials_are_refused_as_such_on_both_listeners(
 
     answer = await stack.exchange(head(method, target, fields) + body, port)
 
-    assert (answer.status, answer.problem) == (status, problem), answer
+    assert (answer.status, answer.slug()) == (status, problem), answer
     assert ("www-authenticate" in answer.headers) is (status == 401)
     await assert_untouched_since(stack, before)
 
@@ -336,7 +257,7 @@ async def test_a_well_formed_signature_still_authenticates_on_both_listeners(sta
     admin = await stack.exchange(head("GET", "/_idem/ops", hmac_fields("GET", "/_idem/ops", b"", "")), stack.admin_port)
 
     assert proxied.status == 201, proxied
-    assert (admin.status, admin.problem) == (403, "forbidden"), admin  # authenticated: the signer has no ops access
+    assert (admin.status, admin.slug()) == (403, "forbidden"), admin  # authenticated: the signer has no ops access
 
 
 # -- 10: Transfer-Encoding in HTTP/1.0 --------------------------------------------------------------
@@ -353,9 +274,9 @@ async def test_transfer_encoding_in_http_1_0_is_refused_and_the_connection_close
     before = await mark(stack)
     async with stack.caller() as caller:
         await caller.send(head("POST", "/items", fields, version=b"HTTP/1.0") + b"2\r\n{}\r\n0\r\n\r\n" + smuggled)
-        answer = await caller.answer()
+        answer = await caller.reply()
 
-        assert (answer.status, answer.problem) == (400, "malformed-request"), answer
+        assert (answer.status, answer.slug()) == (400, "malformed-request"), answer
         await assert_closed_after(caller, answer)
     await assert_untouched_since(stack, before)
 
@@ -387,9 +308,9 @@ async def test_a_version_other_than_http_1_gets_505_and_the_connection_closes(st
     before = await mark(stack)
     async with stack.caller() as caller:
         await caller.send(data + head("GET", "/items/after", [EXECUTOR]))
-        answer = await caller.answer()
+        answer = await caller.reply()
 
-        assert (answer.status, answer.problem) == (505, "http-version-not-supported"), answer
+        assert (answer.status, answer.slug()) == (505, "http-version-not-supported"), answer
         assert answer.status_line == b"HTTP/1.1 505 HTTP Version Not Supported"
         await assert_closed_after(caller, answer)
     await assert_untouched_since(stack, before)
@@ -421,9 +342,9 @@ async def test_http_0_9_and_a_missing_or_bad_host_get_400_and_the_connection_clo
     before = await mark(stack)
     async with stack.caller() as caller:
         await caller.send(data + head("GET", "/items/after", [EXECUTOR]))
-        answer = await caller.answer()
+        answer = await caller.reply()
 
-        assert (answer.status, answer.problem) == (400, "malformed-request"), answer
+        assert (answer.status, answer.slug()) == (400, "malformed-request"), answer
         await assert_closed_after(caller, answer)
     await assert_untouched_since(stack, before)
 
@@ -487,10 +408,10 @@ async def test_a_caller_refused_by_its_head_is_not_invited_to_send_its_body(stac
     before = await mark(stack)
     async with stack.caller() as caller:
         await caller.send(expecting(fields, key, len(body)))
-        answer = await caller.answer()  # the final answer, not "100 Continue"
+        answer = await caller.reply()  # the final answer, not "100 Continue"
 
         assert answer.status in (401, 403), answer.status_line
-        assert answer.problem == ("forbidden" if case == "scope-forbids" else "unauthenticated")
+        assert answer.slug() == ("forbidden" if case == "scope-forbids" else "unauthenticated")
         await caller.send(body)  # sent anyway, as a caller that waited long enough does: dropped
         await assert_closed_after(caller, answer)
     await assert_untouched_since(stack, before)
@@ -502,9 +423,9 @@ async def test_an_authenticated_caller_is_invited_to_send_its_body(stack: Confor
     fields = [EXECUTOR] if credentials == "bearer" else fields_of(signed("POST", "/items", body, key))
     async with stack.caller() as caller:
         await caller.send(expecting(fields, key, len(body)))
-        interim = await caller.answer()
+        interim = await caller.reply()
         await caller.send(body)
-        final = await caller.answer()
+        final = await caller.reply()
 
     assert interim.status_line == b"HTTP/1.1 100 Continue"
     assert final.status == 201, final
@@ -529,7 +450,7 @@ async def test_a_caller_that_sends_its_body_unasked_is_not_invited_again() -> No
             async with asyncio.timeout(BOUND_S):
                 await reading.wait()
             await caller.send(b"tail")
-            answer = await caller.answer()
+            answer = await caller.reply()
     finally:
         server.close()
         await http.shutdown(0)

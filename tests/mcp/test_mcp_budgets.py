@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from idemproxy.app import build_proxy_app
-from idemproxy.config import parse_config
-from idemproxy.mcp_messages import PROXY_PROBLEM
+from idemproxy.config.settings import parse_config
+from idemproxy.modes.mcp_messages import PROXY_PROBLEM
 from idemproxy.store import Store
 from tests.mcp.test_mcp_route import RawSession, call, reply_of
 from tests.mcp.ticket_server import Tickets

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from idemproxy.mcp_messages import INVALID_PARAMS
+from idemproxy.modes.mcp_messages import INVALID_PARAMS
 from idemproxy.store import Store
 from idemproxy.store.base import OpsQuery
 from tests.mcp.conftest import McpProxyFactory

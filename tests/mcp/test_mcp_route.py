@@ -20,12 +20,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 
 from idemproxy.app import build_proxy_app
-from idemproxy.config import StoreConfig
-from idemproxy.fingerprint import operation_id
-from idemproxy.mcp_messages import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, PROXY_PROBLEM
-from idemproxy.records import Scope, State
+from idemproxy.config.settings import StoreConfig
+from idemproxy.lifecycle.records import State
+from idemproxy.modes.mcp_messages import HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, PROXY_PROBLEM
+from idemproxy.protocol.keys import Scope, operation_id, tool_call_key
 from idemproxy.store import Store, open_store
-from idemproxy.tool_keys import tool_call_key
 from tests.conftest import proxy_config
 from tests.mcp.conftest import McpProxyFactory
 from tests.mcp.ticket_server import Tickets

@@ -11,32 +11,31 @@ from typing import Any
 import orjson
 import pytest
 
-from idemproxy.config import ConfigError, KeyMode, parse_config
-from idemproxy.decisions import COMPLETED
-from idemproxy.errors import FingerprintMismatch, MissingKey
-from idemproxy.mcp_config import DEFAULT_KEY_META, McpConfig, RouteMode, parse_mcp
-from idemproxy.mcp_messages import (
+from idemproxy.config.mcp import McpConfig, RouteMode, parse_mcp
+from idemproxy.config.settings import ConfigError, KeyMode, parse_config
+from idemproxy.lifecycle.decisions import AMBIGUOUS, COMPLETED, NOT_APPLIED
+from idemproxy.lifecycle.records import RetryClass, State
+from idemproxy.modes.mcp_messages import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
-    NOT_APPLIED,
     PARSE_ERROR,
     PROXY_PROBLEM,
-    UNKNOWN_REPLY,
     JsonRpcError,
     Message,
     accepts_only_sse,
     check_mirrored_headers,
     classify_reply,
     classify_status,
-    loads,
     parse_messages,
     problem_error,
     recorded_call,
     response_to,
     with_id,
 )
-from idemproxy.records import RetryClass, State
-from idemproxy.sse import SseParser
+from idemproxy.protocol import DEFAULT_KEY_META
+from idemproxy.protocol.errors import FingerprintMismatch, MissingKey
+from idemproxy.protocol.exact_json import loads
+from idemproxy.wire.sse import SseParser
 from tests.conftest import proxy_config
 
 CONFIG = McpConfig(read_only_tools=frozenset({"list_tickets"}))
@@ -209,15 +208,15 @@ def test_the_routes_status_lists_still_apply() -> None:
         ({"result": {"resultType": "incomplete", "inputRequests": {}}}, NOT_APPLIED),  # asks for input first
         ({"error": {"code": -32602, "message": "Unknown tool"}}, COMPLETED),  # refused before any tool ran
         ({"error": {"code": -32601, "message": "Method not found"}}, COMPLETED),
-        ({"error": {"code": -32603, "message": "Internal error"}}, UNKNOWN_REPLY),
-        ({"error": {"code": 0, "message": "handler raised"}}, UNKNOWN_REPLY),
-        ({"error": "not an object"}, UNKNOWN_REPLY),
-        (None, UNKNOWN_REPLY),
+        ({"error": {"code": -32603, "message": "Internal error"}}, AMBIGUOUS),
+        ({"error": {"code": 0, "message": "handler raised"}}, AMBIGUOUS),
+        ({"error": "not an object"}, AMBIGUOUS),
+        (None, AMBIGUOUS),
     ],
 )
 def test_json_rpc_answers(reply: dict[str, Any] | None, outcome: Any) -> None:
     assert classify_reply(reply) == outcome
-    assert UNKNOWN_REPLY.retry_class is RetryClass.AMBIGUOUS_STATUS
+    assert AMBIGUOUS.retry_class is RetryClass.AMBIGUOUS_STATUS
 
 
 @pytest.mark.parametrize(
@@ -324,7 +323,7 @@ def test_an_mcp_route() -> None:
     [
         ({"mode": "grpc"}, "routes[0].mode: expected one of http, mcp, got str 'grpc'"),
         ({"mcp": ["x"]}, "routes[0].mcp: expected a mapping"),
-        ({"mcp": {"read_only": []}}, "read_only: unknown key; expected one of key_meta, read_only_tools"),
+        ({"mcp": {"read_only": []}}, "read_only: unknown key; did you mean 'read_only_tools'?"),
         ({"mcp": {"read_only_tools": "list_tickets"}}, "read_only_tools: expected a list of tool names"),
         ({"mcp": {"read_only_tools": [""]}}, "read_only_tools: expected a list of tool names"),
         ({"mcp": {"key_meta": "has space"}}, "key_meta: expected an MCP _meta key"),
@@ -345,7 +344,7 @@ def test_meta_keys_without_a_prefix_or_under_other_prefixes_are_fine() -> None:
 
 def test_the_proxy_and_the_mcp_adapter_never_import_the_mcp_sdk() -> None:
     code = (
-        "import sys, idemproxy.app, idemproxy.mcp, idemproxy.adapters.mcp; "
+        "import sys, idemproxy.app, idemproxy.modes.mcp, idemproxy.adapters.mcp; "
         "print(sorted(name for name in sys.modules if name == 'mcp' or name.startswith('mcp.')))"
     )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False)

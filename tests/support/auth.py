@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from idemproxy.auth import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from idemproxy.config import ProxyConfig, parse_config
+from idemproxy.config.settings import ProxyConfig, parse_config
+from idemproxy.edge.auth import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 PLANNER_TOKEN = "planner-token-0123456789"
 EXECUTOR_TOKEN = "executor-token-0123456789"

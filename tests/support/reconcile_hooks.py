@@ -1,11 +1,18 @@
-"""A reconcile hook (``module:function``) used by the tests: looks the effect up at the tool."""
+"""Reconcile hooks (``reconcile.hook: tests.support.reconcile_hooks:<name>``) used by the tests.
+
+``lookup_effect`` looks the effect up at the tool (``tests/ledger/test_reconcile.py``); the
+others answer without I/O, for the config and probe tests (``tests/config/test_reconcile_config.py``,
+``tests/ledger/test_probes.py``), and include what the config must refuse as a hook.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
-from idemproxy.probes import ProbeResult
-from idemproxy.records import OperationRecord
+from idemproxy.ledger.probes import ProbeResult
+from idemproxy.lifecycle.records import OperationRecord
 
 #: Set by the test to the upstream's base URL.
 UPSTREAM_URL = ""
@@ -19,3 +26,25 @@ async def lookup_effect(record: OperationRecord, session: aiohttp.ClientSession)
     if not matches:
         return ProbeResult.absent(source="hook")
     return ProbeResult.found(200, b'{"found_by": "hook"}', source="hook")
+
+
+async def found_hook(record: OperationRecord, session: aiohttp.ClientSession) -> ProbeResult:
+    """Always finds the effect; quotes the key so a test can tell it saw the right record."""
+    body = f'{{"found_by": "hook", "key": "{record.scope.key}"}}'.encode()
+    return ProbeResult.found(201, body, source="support_hooks")
+
+
+async def raising_hook(record: OperationRecord, session: aiohttp.ClientSession) -> ProbeResult:
+    raise RuntimeError("the tool's lookup API exploded")
+
+
+async def wrong_type_hook(record: OperationRecord, session: aiohttp.ClientSession) -> Any:
+    return {"outcome": "found"}
+
+
+def sync_hook(record: OperationRecord, session: aiohttp.ClientSession) -> ProbeResult:
+    """Not a coroutine function: the config must refuse it."""
+    return ProbeResult.absent()
+
+
+NOT_CALLABLE = "a module attribute that is not a function"

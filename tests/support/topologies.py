@@ -18,13 +18,15 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.crc import key_slot
 
-from idemproxy.config import StoreConfig
+from idemproxy.config.settings import StoreConfig
 from idemproxy.store import open_store
 from idemproxy.store.redis import RedisStore
+from tests.support.records import new_op_id
 from tests.support.redis_server import RedisServer, free_port
 
 #: How long a topology may take to form, or a failover to complete.
@@ -339,3 +341,18 @@ async def started_store(config: StoreConfig) -> AsyncIterator[RedisStore]:
         yield store
     finally:
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def started(url: str, **settings: Any) -> AsyncIterator[RedisStore]:
+    """``started_store`` for the store at ``url`` with ``settings``."""
+    async with started_store(StoreConfig(url=url, **settings)) as store:
+        yield store
+
+
+def op_id_on(cluster: RedisClusterTopology, master: RedisNode, store: RedisStore) -> str:
+    """A fresh op id whose keys live on ``master``."""
+    while True:
+        op_id = new_op_id()
+        if cluster.node_for_key(store.keys.record(op_id)) is master:
+            return op_id

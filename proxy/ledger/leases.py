@@ -1,0 +1,158 @@
+"""Keeping the leases of in-flight attempts alive.
+
+While a request is in flight its owner renews the lease, so only a crashed or
+stuck instance's lease runs out. All leases of one process are renewed
+together, in one store round trip, a third of the way through their term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from idemproxy import metrics
+from idemproxy.lifecycle.records import OperationRecord
+from idemproxy.store import Store, StoreUnavailable
+from idemproxy.store.base import Lease
+
+log = logging.getLogger(__name__)
+
+_MIN_TICK_S = 0.05
+
+
+@dataclass(slots=True, init=False)
+class _Held:
+    fence: int
+    owner: str
+    lease_s: float
+    renew_at: float  # monotonic
+    until_ms: int  # wall clock: the lease the store last confirmed
+    #: Monotonic: the lease's end as this process can vouch for it, counted from before the
+    #: request that set it, so no jump of the wall clock can make a lease look longer.
+    valid_until: float
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, fence: int, owner: str, lease_s: float, renew_at: float, until_ms: int, valid_until: float
+    ) -> None:
+        self.fence = fence
+        self.owner = owner
+        self.lease_s = lease_s
+        self.renew_at = renew_at
+        self.until_ms = until_ms
+        self.valid_until = valid_until
+
+
+class LeaseKeeper:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._held: dict[str, _Held] = {}
+        self._changed = asyncio.Event()
+        self._wake_at = math.inf  # monotonic: when the keeper will look at the leases next
+        self._task: asyncio.Task[None] | None = None
+
+    def hold(self, record: OperationRecord, lease_s: float, requested_at: float) -> None:
+        """Keep ``record``'s lease alive; ``requested_at``: ``time.monotonic()`` before the
+        store call that granted it."""
+        renew_at = time.monotonic() + lease_s / 3
+        self._held[record.op_id] = _Held(
+            record.fence, record.owner, lease_s, renew_at, record.lease_until_ms, requested_at + lease_s
+        )
+        # Most new leases are due after the ones already held: waking the keeper
+        # for each of them would cost every request a scan of all leases.
+        if renew_at < self._wake_at:
+            self._changed.set()
+
+    def release(self, op_id: str) -> None:
+        self._held.pop(op_id, None)
+
+    def still_held(self, op_id: str) -> bool:
+        """Whether this process may still act as the owner: its confirmed lease has a
+        safety margin left. A process that was paused past its lease (a zombie) must
+        not send the request, because a reconciler may already have taken over."""
+        held = self._held.get(op_id)
+        if held is None:
+            return False
+        margin_s = min(1.0, held.lease_s / 10)  # a tenth of the lease, at most 1 s
+        return time.monotonic() < held.valid_until - margin_s
+
+    @property
+    def holding(self) -> int:
+        return len(self._held)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="idemproxy-lease-keeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = {op_id: held for op_id, held in self._held.items() if held.renew_at <= now}
+            if due:
+                await self._renew(due)
+            self._changed.clear()
+            next_at = min((held.renew_at for held in self._held.values()), default=None)
+            timeout = None if next_at is None else max(_MIN_TICK_S, next_at - time.monotonic())
+            self._wake_at = math.inf if timeout is None else time.monotonic() + timeout
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+
+    async def _renew(self, due: dict[str, _Held]) -> None:
+        requested_at = time.monotonic()
+        wall_ms = int(time.time() * 1000)
+        leases = [
+            Lease(op_id, held.fence, held.owner, wall_ms + round(held.lease_s * 1000)) for op_id, held in due.items()
+        ]
+        try:
+            renewed = await self.store.renew(leases)
+        except StoreUnavailable as exc:
+            log.warning("cannot renew leases; retrying", extra={"leases": len(leases), "error": str(exc)})
+            for held in due.values():
+                held.renew_at = time.monotonic() + min(1.0, held.lease_s / 10)
+            return
+        now = time.monotonic()
+        lost: list[str] = []
+        for (op_id, held), lease, ok in zip(due.items(), leases, renewed, strict=True):
+            if ok:
+                held.renew_at = now + held.lease_s / 3
+                held.until_ms = lease.until_ms
+                held.valid_until = requested_at + held.lease_s
+            elif self._held.get(op_id) is held:
+                del self._held[op_id]
+                lost.append(op_id)
+        for op_id in lost:
+            await self._report_lost(op_id)
+
+    async def _report_lost(self, op_id: str) -> None:
+        """Say why a lease could not be renewed: another owner took the operation over
+        (fenced), or the store lost the record (a failover), which finishing recreates."""
+        try:
+            current = await self.store.get(op_id)
+        except StoreUnavailable:
+            current = None
+            vanished = False
+        else:
+            vanished = current is None
+        if vanished:
+            metrics.RECORDS_VANISHED.labels("lease").inc()
+            log.error(
+                "operation record vanished while its attempt was in flight (store failover?); "
+                "its outcome will recreate it",
+                extra={"op": op_id},
+            )
+        elif current is not None:
+            log.warning(
+                "lease lost: another owner took the operation over",
+                extra={"op": op_id, "owner": current.owner, "state": current.state.value},
+            )
+        else:
+            log.warning("lease lost; the store cannot say to whom", extra={"op": op_id})

@@ -1,0 +1,1 @@
+"""How each kind of route turns its wire messages into operations: plain HTTP and MCP."""

@@ -1,0 +1,1 @@
+"""The request path every mode shares: relay a forward, answer from a record."""

@@ -1,0 +1,1 @@
+"""Reading configuration (``idemproxy.config``): settings, routes, budgets, reconcile blocks, units, examples."""

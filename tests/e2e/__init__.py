@@ -1,0 +1,1 @@
+"""End to end across layers: real ``idemproxy run`` processes, several instances, trust edges."""

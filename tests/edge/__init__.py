@@ -1,0 +1,1 @@
+"""What both listeners put in front of a request (``idemproxy.edge``): authentication and budgets."""

@@ -1,0 +1,1 @@
+"""An operation's life (``idemproxy.lifecycle``): records, states and the decisions tables."""

@@ -1,0 +1,38 @@
+"""Child processes in tests: the `idemproxy` command as a user runs it, and reading what a
+child (``idemproxy run``, a worker) writes, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float = 20.0) -> list[bytes]:
+    """Lines up to and including the first containing ``marker``."""
+    lines: list[bytes] = []
+    async with asyncio.timeout(limit_s):
+        while True:
+            line = await stream.readline()
+            if not line:
+                raise AssertionError(f"stream ended before {marker!r}; got {b''.join(lines)!r}")
+            lines.append(line)
+            if marker in line:
+                return lines
+
+
+def idemproxy_cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m idemproxy ARGS`` in ``cwd``, with none of this environment's ``IDEMPROXY_*``
+    settings (only ``env``'s): what a user's shell would run."""
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("IDEMPROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "idemproxy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        timeout=60,
+        check=False,
+    )

@@ -1,0 +1,1 @@
+"""HTTP on the wire (``idemproxy.wire``): the listener's server, the upstream client, header hygiene."""
