@@ -89,7 +89,7 @@ OVERHEAD_SECONDS = Histogram(
 )
 LEDGER_LOST = Gauge(
     "idemproxy_ledger_lost",
-    "1 while this instance found the ledger lost or replaced (its epoch marker gone or older) and "
+    "1 while this instance found the ledger lost or replaced (its epoch marker gone or another's) and "
     "refuses new reservations until an operator confirms (idemproxy ops confirm-ledger).",
     multiprocess_mode="livemax",
 )

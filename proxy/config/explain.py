@@ -183,7 +183,7 @@ class _Explainer:
         probe = reconcile.probe
         if probe is not None:
             self.heading(6, "probe")
-            self.row(8, "url", probe.url, self.origin(f"{base}.probe.url"))
+            self.row(8, "url", _without_secrets(probe.url), self.origin(f"{base}.probe.url"))
             self.row(8, "match", probe.match_source, self.origin(f"{base}.probe.match"))
             self.row(8, "method", probe.method, self.origin(f"{base}.probe.method"))
             self.row(8, "timeout", duration(probe.timeout_s), self.origin(f"{base}.probe.timeout"))
@@ -247,3 +247,23 @@ def _rate(rate: Rate | None) -> str:
 
 def _names(items: Iterable[tuple[str, str]]) -> list[str]:
     return [name for name, _ in items]
+
+
+def _without_secrets(url: str) -> str:
+    """A probe URL as written, but with the query's values and any userinfo masked: an
+    absolute probe URL may carry an API key."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = "***@" + rest.split("@", 1)[1]
+        url = scheme + sep + rest
+    path, question, query = url.partition("?")
+    if not question:
+        return url
+    return f"{path}?{'&'.join(_masked(part) for part in query.split('&'))}"
+
+
+def _masked(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    if not equals or value.startswith("{"):  # a flag, or a placeholder filled per operation
+        return parameter
+    return f"{name}=***"

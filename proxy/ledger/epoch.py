@@ -1,9 +1,9 @@
 """Noticing that the ledger itself was lost or replaced, and failing closed until a person says so.
 
 A store can lose every record at once without anyone deleting one: ``FLUSHALL``,
-a Redis restarted without persistence, a failover to an empty replica, an
-SQLite file restored from an older backup. Retries of operations that
-completed would then be forwarded again. So the first instance writes an epoch
+a Redis restarted without persistence, a failover to an empty replica, a store
+swapped for another one. Retries of operations that completed would then be
+forwarded again. So the first instance writes an epoch
 marker into the store (an id and a generation), every instance remembers the
 one it saw, and reads it again every second and whenever a record vanished:
 
@@ -16,9 +16,9 @@ one it saw, and reads it again every second and whenever a record vanished:
 - a marker of a higher generation: an operator confirmed a loss; accepted.
 
 An instance that never saw a marker accepts the one it finds (or writes the
-first). What this cannot see: a loss in the second between two checks, when
-no reservation ran into a vanished record (docs/stores.md), and a ledger
-emptied before any instance that knew it was started again.
+first). Every write of the marker is a compare-and-set against what was read, so
+a flag never undoes a confirmation, nor lowers the generation. What this cannot
+see is in docs/stores.md ("Ledger loss").
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import weakref
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from idemproxy.store import Store, StoreUnavailable
 log = logging.getLogger(__name__)
 
 MARKER = "epoch"
+_ID = re.compile(r"[0-9a-z-]{1,64}")
+_MAX_TEXT = 500
 #: How often every instance reads the marker again.
 CHECK_INTERVAL_S = 1.0
 
@@ -57,11 +60,33 @@ class Epoch:
 
     @classmethod
     def decode(cls, raw: bytes) -> Epoch:
+        """The marker as stored; one that idemproxy did not write (or that is damaged) reads
+        as a lost ledger, never as a trusted epoch. Its text is checked before anyone sees it."""
         try:
             data = orjson.loads(raw)
-            return cls(str(data["id"]), int(data["generation"]), data.get("lost"), data.get("confirmed_by"))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return cls("unreadable", 0, f"the epoch marker is not one idemproxy wrote: {raw[:80]!r}")
+            epoch = cls(data["id"], data["generation"], data.get("lost"), data.get("confirmed_by"))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            epoch = None
+        if epoch is None or not epoch._well_formed():
+            return cls("unreadable", 0, f"the epoch marker is not one idemproxy wrote: {_shown(raw)}")
+        return epoch
+
+    def _well_formed(self) -> bool:
+        return (
+            isinstance(self.id, str)
+            and _ID.fullmatch(self.id) is not None
+            and type(self.generation) is int
+            and self.generation >= 0
+            and (self.lost is None or (isinstance(self.lost, str) and len(self.lost) <= _MAX_TEXT))
+            and (
+                self.confirmed_by is None
+                or (isinstance(self.confirmed_by, str) and len(self.confirmed_by) <= _MAX_TEXT)
+            )
+        )
+
+
+def _shown(raw: bytes) -> str:
+    return raw[:80].decode("ascii", "backslashreplace")
 
 
 def new_epoch(generation: int, confirmed_by: str | None = None) -> Epoch:
@@ -109,35 +134,40 @@ class EpochWatch:
             raise LostLedger(self.lost)
 
     async def check(self) -> None:
-        raw = await self.store.read_marker(MARKER)
-        if raw is None and self.known is None:
-            first = new_epoch(1)
-            raw = await self.store.write_marker(MARKER, first.encode(), only_if_absent=True)
-        current = None if raw is None else Epoch.decode(raw)
         known = self.known
+        raw = await self.store.read_marker(MARKER)
+        if raw is None and known is None:  # the first instance of a new ledger
+            raw = await self.store.swap_marker(MARKER, None, new_epoch(1).encode())
+        if self.known is not known:
+            return  # a confirmation landed while this read was in flight: read again next time
+        current = None if raw is None else Epoch.decode(raw)
         if current is None:
-            await self._found_lost("the ledger's epoch marker is gone: the store lost every record")
+            await self._found_lost("the ledger's epoch marker is gone: the store lost every record", raw, current)
         elif current.lost is not None:
-            await self._found_lost(current.lost)
+            await self._found_lost(current.lost, raw, current)
         elif known is None or current.id == known.id or current.generation > known.generation:
             self._trust(current)
         else:
-            await self._found_lost(
+            reason = (
                 f"the ledger was replaced: epoch {current.id} (generation {current.generation}) "
                 f"where {known.id} (generation {known.generation}) was"
             )
+            await self._found_lost(reason, raw, current)
 
     async def confirm(self, by: str) -> Epoch:
         """An operator accepts that the records are gone: a new generation every instance
         trusts. Retries of operations the lost records answered will be forwarded again."""
-        raw = await self.store.read_marker(MARKER)
-        current = None if raw is None else Epoch.decode(raw)
-        generation = max(current.generation if current else 0, self.known.generation if self.known else 0) + 1
-        confirmed = new_epoch(generation, confirmed_by=by)
-        await self.store.write_marker(MARKER, confirmed.encode())
-        log.warning("ledger loss confirmed; reservations resume", extra={"by": by, "generation": generation})
-        self._trust(confirmed)
-        return confirmed
+        for _ in range(5):  # another instance may flag or confirm at the same moment
+            raw = await self.store.read_marker(MARKER)
+            current = None if raw is None else Epoch.decode(raw)
+            floor = max(current.generation if current else 0, self.known.generation if self.known else 0)
+            confirmed = new_epoch(floor + 1, confirmed_by=by)
+            encoded = confirmed.encode()
+            if await self.store.swap_marker(MARKER, raw, encoded) == encoded:
+                log.warning("ledger loss confirmed; reservations resume", extra={"by": by, "generation": floor + 1})
+                self._trust(confirmed)
+                return confirmed
+        raise StoreUnavailable("the epoch marker kept changing while it was being confirmed; try again")
 
     def _trust(self, epoch: Epoch) -> None:
         if self.lost is not None:
@@ -147,23 +177,28 @@ class EpochWatch:
         self.found_lost.clear()
         metrics.LEDGER_LOST.set(0)
 
-    async def _found_lost(self, reason: str) -> None:
-        first = self.lost is None
+    async def _found_lost(self, reason: str, raw: bytes | None, current: Epoch | None) -> None:
+        if self.lost is None:
+            log.error(
+                "the ledger was lost; refusing new reservations until an operator confirms "
+                "(idemproxy ops confirm-ledger)",
+                extra={"reason": reason},
+            )
+            for forget in self.on_lost:
+                forget()
         self.lost = reason
         self.found_lost.set()
         metrics.LEDGER_LOST.set(1)
-        if not first:
-            return
-        log.error(
-            "the ledger was lost; refusing new reservations until an operator confirms (idemproxy ops confirm-ledger)",
-            extra={"reason": reason},
-        )
-        for forget in self.on_lost:
-            forget()
-        known = self.known or new_epoch(0)
-        flagged = Epoch(known.id, known.generation, reason, known.confirmed_by)
-        with contextlib.suppress(StoreUnavailable):  # instances started later fail closed too
-            await self.store.write_marker(MARKER, flagged.encode())
+        if current is not None and current.lost is not None:
+            return  # flagged already
+        # Flag the marker, so that an instance started later refuses too: on every check until
+        # it holds (a write can fail, or be lost with the store again), never over a change made
+        # meanwhile (a confirmation), and never lowering the generation.
+        known = self.known
+        generation = max(known.generation if known else 0, current.generation if current else 0)
+        flagged = Epoch(known.id if known else "lost", generation, reason, None)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.swap_marker(MARKER, raw, flagged.encode())
 
     async def _watch(self) -> None:
         while True:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from idemproxy import metrics
@@ -49,6 +50,9 @@ class _Held:
 class LeaseKeeper:
     def __init__(self, store: Store) -> None:
         self.store = store
+        #: Called when a lease was lost because its record vanished (the ledger checks its epoch).
+        self.on_vanished: Callable[[], None] = lambda: None
+        self._reports: set[asyncio.Task[None]] = set()
         self._held: dict[str, _Held] = {}
         self._changed = asyncio.Event()
         self._wake_at = math.inf  # monotonic: when the keeper will look at the leases next
@@ -87,10 +91,11 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._run(), name="idemproxy-lease-keeper")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        tasks = [task for task in (self._task, *self._reports) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
@@ -129,8 +134,17 @@ class LeaseKeeper:
             elif self._held.get(op_id) is held:
                 del self._held[op_id]
                 lost.append(op_id)
-        for op_id in lost:
-            await self._report_lost(op_id)
+        if lost:
+            # Off the renewal path: the leases still held must not wait for these reads.
+            report = asyncio.create_task(self._report_all(lost), name="idemproxy-lost-leases")
+            self._reports.add(report)
+            report.add_done_callback(self._reports.discard)
+
+    async def _report_all(self, op_ids: list[str]) -> None:
+        try:
+            await asyncio.gather(*(self._report_lost(op_id) for op_id in op_ids))
+        except Exception:  # a report must never take anything down with it
+            log.exception("could not say why leases were lost", extra={"leases": len(op_ids)})
 
     async def _report_lost(self, op_id: str) -> None:
         """Say why a lease could not be renewed: another owner took the operation over
@@ -142,6 +156,8 @@ class LeaseKeeper:
             vanished = False
         else:
             vanished = current is None
+            if vanished:
+                self.on_vanished()
         if vanished:
             metrics.RECORDS_VANISHED.labels("lease").inc()
             log.error(

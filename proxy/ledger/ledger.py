@@ -134,6 +134,8 @@ class Ledger:
         self.instance_id = instance_id or new_instance_id()
         self.reconciler = reconciler
         self.leases = LeaseKeeper(store)
+        if epoch is not None:
+            self.leases.on_vanished = epoch.check_soon  # one record vanished, or all of them?
         self._attempts = itertools.count(1)
 
     def start(self) -> None:
@@ -221,6 +223,22 @@ class Ledger:
             await self._release_not_durable(transition.new, not_replicated, request.retention_s)
             raise not_replicated
         return self._own(transition.new, request, requested_at) if current is None else current
+
+    async def _put_back(self, restore: Transition) -> OperationRecord | None:
+        """``_recreate``'s reservation, retried through a brief outage as outcomes are (the
+        failover that lost the record is often still settling). Retrying is safe: the same
+        owner's reservation counts as made. Too few replicas acknowledging it does not stop
+        the outcome: the record is on the master, and an outcome never waits for replicas."""
+        for delay in (*_FINISH_RETRY_DELAYS_S, None):
+            try:
+                return await self.store.reserve(restore.new, restore.evidence)
+            except NotDurable:
+                return None
+            except StoreUnavailable:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _release_not_durable(self, owned: OperationRecord, refused: NotDurable, retention_s: float) -> None:
         """Release ``owned``, a reservation too few replicas acknowledged: it is not
@@ -323,7 +341,7 @@ class Ledger:
         )
         why: dict[str, object] = {"owner": owned.owner, "outcome": outcome, "reason": "the store lost the record"}
         restore = transitions.recreate(owned, now, now + _RECREATE_LEASE_MS, why)
-        existing = await self.store.reserve(restore.new, restore.evidence)
+        existing = await self._put_back(restore)
         if existing is not None:
             # A retry reserved the key anew after the record vanished: a second attempt may
             # have been forwarded. Its record stays; ours becomes evidence on it.

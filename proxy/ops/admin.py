@@ -108,7 +108,7 @@ async def confirm_ledger(request: web.Request) -> web.Response:
         raise InvalidResolution(f"The body must be JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidResolution('The body must be a JSON object, such as {"by": "alice"}.')
-    by = payload.get("by", "unknown")
+    by = payload.get("by") or "unknown"
     if not isinstance(by, str) or len(by) > _MAX_BY:
         raise InvalidResolution(f"'by' must be a string of at most {_MAX_BY} characters.")
     if identity is not None:  # the marker names who confirmed, not who they say they are

@@ -115,7 +115,7 @@ def add_ops_commands(commands: Any) -> None:
     ledger.set_defaults(func=_ledger)
 
     confirm = verb("confirm-ledger", help="accept a ledger loss: reservations resume everywhere")
-    confirm.add_argument("--by", default=os.environ.get("USER"), help="who confirms (default $USER)")
+    confirm.add_argument("--by", default=os.environ.get("USER") or "unknown", help="who confirms (default $USER)")
     confirm.set_defaults(func=_confirm_ledger)
 
 

@@ -185,9 +185,9 @@ class Store(ABC):
         """The value of the store-wide marker ``name`` (the ledger's epoch), or ``None``."""
 
     @abstractmethod
-    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
-        """Set the marker ``name`` (never expires, survives like a record would); with
-        ``only_if_absent``, only where there is none. Its value afterwards."""
+    async def swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
+        """Set the marker ``name`` to ``value`` if it is still ``expected`` (``None``: there is
+        none), atomically; it never expires. Its value afterwards: ``value`` when swapped."""
 
     @abstractmethod
     async def ping(self) -> None:

@@ -68,6 +68,7 @@ from idemproxy.store.redis_schema import (
     NOTE,
     RENEW,
     RESERVE,
+    SWAP_MARKER,
     TRANSITION,
     UNRESERVE,
     RedisKeys,
@@ -632,17 +633,15 @@ class RedisStore(Store):
         value = await self._call(lambda: self._redis.get(key))
         return cast(bytes | None, value)  # the clients do not decode
 
-    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
-        key = self.keys.marker(name)
+    @functools.cached_property
+    def _swap_marker(self) -> AsyncScript:
+        return self._redis.register_script(SWAP_MARKER)
 
-        async def write() -> Any:
-            async with self._redis.pipeline(transaction=not isinstance(self._redis, RedisCluster)) as pipe:
-                pipe.set(key, value, nx=only_if_absent)
-                pipe.get(key)
-                return await pipe.execute()
-
-        _, current = await self._call(write)
-        return cast(bytes, current)
+    async def swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
+        keys = [self.keys.marker(name)]
+        args = [b"" if expected is None else b"=" + expected, value]
+        current = await self._call(lambda: self._swap_marker(keys=keys, args=args))  # loads it when missing
+        return cast(bytes | None, current if current else None)
 
     # -- budgets and withdrawn reservations (appended for idemproxy.edge.budgets) ---------------
 

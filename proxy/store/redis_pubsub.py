@@ -153,9 +153,11 @@ class ChangeFeed:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel.encode()] = confirmed
         try:
-            async with self._lock:
-                await self._pubsub.subscribe(channel)
+            # Bounded as a whole: while the pub/sub connection reconnects (a failover),
+            # subscribing itself can wait on it, and a waiter must never hang on pub/sub.
             async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                async with self._lock:
+                    await self._pubsub.subscribe(channel)
                 await confirmed
         except TimeoutError:
             log.warning("pub/sub subscription not confirmed in time; waiters will poll", extra={"op": op_id})
@@ -170,9 +172,9 @@ class ChangeFeed:
         if self._pubsub is None:
             return
         try:
-            async with self._lock:
+            async with asyncio.timeout(_CONFIRM_TIMEOUT_S), self._lock:
                 await self._pubsub.unsubscribe(self.keys.channel(op_id))
-        except Exception as exc:  # see subscribe; a stray subscription is harmless
+        except Exception as exc:  # see subscribe; a stray subscription is harmless (TimeoutError too)
             log.warning("pub/sub unsubscribe failed", extra={"error": repr(exc)})
 
     async def _listen(self) -> None:

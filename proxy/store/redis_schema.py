@@ -275,3 +275,21 @@ redis.call('PUBLISH', ARGV[4], 'GONE')
 return 1
 """
 )
+
+
+#: KEYS[1] the marker; ARGV[1] "" (expect none) or "=" .. the expected value; ARGV[2] the new
+#: value. Returns the value afterwards (false: none).
+SWAP_MARKER = """
+local current = redis.call('GET', KEYS[1])
+local matches
+if ARGV[1] == '' then
+  matches = current == false
+else
+  matches = current == string.sub(ARGV[1], 2)
+end
+if matches then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return current
+"""

@@ -211,8 +211,8 @@ class SqliteStore(Store):
     async def read_marker(self, name: str) -> bytes | None:
         return await self._run(self._read_marker, name)
 
-    async def write_marker(self, name: str, value: bytes, *, only_if_absent: bool = False) -> bytes:
-        return await self._run(self._write_marker, name, value, only_if_absent)
+    async def swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
+        return await self._run(self._swap_marker, name, expected, value)
 
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
@@ -228,12 +228,15 @@ class SqliteStore(Store):
         row = self._markers().execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def _write_marker(self, name: str, value: bytes, only_if_absent: bool) -> bytes:
+    def _swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
         db = self._markers()
-        verb = "INSERT OR IGNORE" if only_if_absent else "INSERT OR REPLACE"
-        db.execute(f"{verb} INTO markers (name, value) VALUES (?, ?)", (name, value))  # autocommit: atomic
-        row = db.execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
-        return bytes(row[0])
+        with _immediate(db):
+            row = db.execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
+            current = None if row is None else bytes(row[0])
+            if current != expected:
+                return current
+            db.execute("INSERT OR REPLACE INTO markers (name, value) VALUES (?, ?)", (name, value))
+            return value
 
     def _open(self) -> None:
         if self.path.parent != Path():

@@ -131,16 +131,15 @@ async def test_an_instance_started_after_the_loss_refuses_too(
     assert upstream.count("/items") == 1
 
 
-async def test_a_ledger_restored_from_an_older_backup_is_a_loss(
-    aiohttp_client: Any, upstream: Upstream, ledger: Ledger
-) -> None:
+async def test_a_ledger_swapped_for_another_is_a_loss(aiohttp_client: Any, upstream: Upstream, ledger: Ledger) -> None:
     store = await ledger.instance()
     proxy = await proxy_on(aiohttp_client, upstream, store)
     watch = proxy_app(proxy).epoch
     known = watch.known
     assert known is not None
     await watch.confirm("drill")  # generation 2, as after an earlier confirmed loss
-    await store.write_marker(MARKER, Epoch("an-older-backup", 1).encode())  # the backup's marker
+    current = await store.read_marker(MARKER)
+    await store.swap_marker(MARKER, current, Epoch("another-ledger", 1).encode())  # another store's marker
 
     await watch.check()
 
@@ -195,3 +194,54 @@ async def test_the_ops_cli_shows_the_loss_and_confirms_it(
     assert confirmed.out.startswith("confirmed: epoch ")
     assert "(generation 2); reservations resume" in confirmed.out
     assert "LOST" not in after.out
+
+
+async def test_the_lost_flag_is_written_again_until_it_holds(
+    aiohttp_client: Any, upstream: Upstream, ledger: Ledger
+) -> None:
+    first = await proxy_on(aiohttp_client, upstream, await ledger.instance())
+    watch = proxy_app(first).epoch
+    ledger.lose()
+    await watch.check()
+    ledger.lose()  # the flag was lost too (or its write failed)
+
+    await watch.check()
+    later = await proxy_on(aiohttp_client, upstream, await ledger.instance())
+
+    await assert_problem(await later.post("/items", json={}, headers=KEY), 503, "ledger-lost")
+
+
+async def test_a_stale_flag_never_undoes_a_confirmation(
+    aiohttp_client: Any, upstream: Upstream, ledger: Ledger
+) -> None:
+    store = await ledger.instance()
+    proxy = await proxy_on(aiohttp_client, upstream, store)
+    admin = await aiohttp_client(build_admin_app(store, proxy_config(upstream.url)))
+    watch = proxy_app(proxy).epoch
+    ledger.lose()
+    await watch.check()
+
+    confirmed = await admin.post("/_idem/ledger/confirm", json={"by": None})  # `ops` without $USER
+    await watch._found_lost("a check that read the marker before the confirmation", None, None)
+    await watch.check()
+
+    assert confirmed.status == 200
+    assert (await confirmed.json())["confirmed_by"] == "unknown"
+    raw = await store.read_marker(MARKER)
+    assert raw is not None
+    assert Epoch.decode(raw).lost is None
+    assert Epoch.decode(raw).generation == 2
+    assert watch.lost is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b'{"id": "x\\u001b[31m", "generation": 1}', b'{"id": "a", "generation": "1"}', b"[]"],
+    ids=["garbage", "escape-in-id", "string-generation", "a-list"],
+)
+def test_a_marker_idemproxy_did_not_write_reads_as_lost_and_printable(raw: bytes) -> None:
+    epoch = Epoch.decode(raw)
+
+    assert epoch.lost is not None
+    assert epoch.lost.isprintable()
+    assert "\x1b" not in epoch.lost
