@@ -640,7 +640,11 @@ class RedisStore(Store):
     async def swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
         keys = [self.keys.marker(name)]
         args = [b"" if expected is None else b"=" + expected, value]
-        current = await self._call(lambda: self._swap_marker(keys=keys, args=args))  # loads it when missing
+        script = self._swap_marker
+        if self._mux is not None:
+            current = await self._muxed_script(script, keys, list(args))
+        else:
+            current = await self._call(lambda: script(keys=keys, args=args))
         return cast(bytes | None, current if current else None)
 
     # -- budgets and withdrawn reservations (appended for idemproxy.edge.budgets) ---------------
