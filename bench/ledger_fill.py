@@ -31,14 +31,13 @@ import redis
 
 from bench.procs import LOOPBACK, BenchError, die_with_parent, find_binary
 from bench.results import LedgerMemory
-from bench.scenarios import CALLER, REQUEST_BODY, REQUEST_PATH, ROUTE, UPSTREAM_BODY
+from bench.scenarios import CALLER, HTTP_WORKLOAD, ROUTE, Workload
 from idemproxy.config.settings import StoreConfig
 from idemproxy.lifecycle.records import OperationRecord, State
 from idemproxy.protocol.keys import Scope, operation_id
 from idemproxy.store import redis_record
 from idemproxy.store.redis_schema import RedisKeys
 
-_HEADERS = {"Content-Type": "application/json"}
 _CHUNK = 20_000
 _KEYS = RedisKeys(StoreConfig().key_prefix)
 
@@ -50,16 +49,19 @@ class Answer:
     body: bytes
 
 
-async def _post(session: aiohttp.ClientSession, url: str, key: str) -> Answer:
+async def _post(session: aiohttp.ClientSession, url: str, key: str, workload: Workload) -> Answer:
     async with session.post(
-        url + REQUEST_PATH, data=REQUEST_BODY, headers={**_HEADERS, "Idempotency-Key": key}
+        url + workload.path, data=workload.body_for(key), headers=workload.headers_for(key)
     ) as response:
         body = await response.read()
         return Answer(response.status, response.headers.get("Idempotent-Replayed") == "true", body)
 
 
-def complete_through_proxy(url: str, keys: Sequence[str], concurrency: int = 32) -> None:
-    """POST every key once through the proxy; each must be forwarded and answered 200."""
+def complete_through_proxy(
+    url: str, keys: Sequence[str], concurrency: int = 32, workload: Workload = HTTP_WORKLOAD
+) -> None:
+    """POST ``workload``'s request once per key through the proxy; each must be forwarded
+    and answered 200 with the upstream's answer."""
 
     async def main() -> None:
         queue = iter(keys)
@@ -68,8 +70,8 @@ def complete_through_proxy(url: str, keys: Sequence[str], concurrency: int = 32)
 
             async def worker() -> None:
                 for key in queue:
-                    answer = await _post(session, url, key)
-                    if answer.status != 200 or answer.replayed:
+                    answer = await _post(session, url, key, workload)
+                    if answer.status != 200 or answer.replayed or answer.body != workload.answer:
                         raise BenchError(
                             f"completing {key!r} through the proxy: status {answer.status}, "
                             f"replayed={answer.replayed}: {answer.body[:300]!r}"
@@ -80,15 +82,15 @@ def complete_through_proxy(url: str, keys: Sequence[str], concurrency: int = 32)
     asyncio.run(main())
 
 
-def check_replays(url: str, key: str) -> None:
+def check_replays(url: str, key: str, workload: Workload = HTTP_WORKLOAD) -> None:
     """``key`` must come back as a replay of the upstream's answer, byte for byte."""
 
     async def main() -> Answer:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            return await _post(session, url, key)
+            return await _post(session, url, key, workload)
 
     answer = asyncio.run(main())
-    if answer.status != 200 or not answer.replayed or answer.body != UPSTREAM_BODY:
+    if answer.status != 200 or not answer.replayed or answer.body != workload.answer:
         raise BenchError(
             f"{key!r} did not replay through the proxy: status {answer.status}, "
             f"replayed={answer.replayed}, body {answer.body[:300]!r}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from bench.procs import BENCH_DIR, BenchError, die_with_parent
-from bench.scenarios import REQUEST_BODY, REQUEST_PATH, Mode
+from bench.scenarios import HTTP_WORKLOAD, Mode, Workload
 
 SCRIPT = BENCH_DIR / "wrk" / "workload.lua"
 _MARKER = "BENCH_RESULT "
@@ -71,8 +71,10 @@ def run_wrk(
     threads: int = 1,
     pool: int = 0,
     request_timeout_s: int = 10,
+    workload: Workload = HTTP_WORKLOAD,
 ) -> LoadResult:
-    """One bounded wrk run; ``run_id`` must be unique per call so fresh keys never repeat."""
+    """One bounded wrk run of ``workload``'s request; ``run_id`` must be unique per call so
+    fresh keys never repeat."""
     argv = [
         wrk,
         f"-t{min(threads, concurrency)}",
@@ -82,7 +84,8 @@ def run_wrk(
         "-s", str(SCRIPT),
         url,
         "--",
-        mode.value, run_id, REQUEST_PATH, REQUEST_BODY.decode(), str(pool),
+        mode.value, run_id, workload.path, workload.body.decode(), str(pool),
+        *(f"{name}: {value}" for name, value in workload.headers),
     ]  # fmt: skip
     try:
         done = subprocess.run(

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,11 +175,14 @@ http {{
 _UPSTREAM_SERVER = """\
     server {{
         listen {host}:{port} backlog=4096;
-        location / {{
-            default_type application/json;
-            return 200 '{body}';
-        }}
+        default_type application/json;
+{locations}
     }}"""
+
+_UPSTREAM_LOCATION = """\
+        location {match} {{
+            return 200 '{body}';
+        }}"""
 
 _PROXY_SERVER = """\
     upstream tool {{
@@ -211,10 +214,21 @@ def start_nginx(children: Children, name: str, server_block: str, **values: str)
     return child, port
 
 
-def start_upstream(children: Children, body: bytes) -> tuple[Child, int]:
-    if b"'" in body or b"\\" in body:
-        raise BenchError("the upstream body must not contain quotes or backslashes (nginx string)")
-    return start_nginx(children, "upstream-nginx", _UPSTREAM_SERVER, body=body.decode())
+def start_upstream(children: Children, answers: Mapping[str, bytes]) -> tuple[Child, int]:
+    """nginx answering every request with 200 and a fixed JSON body: ``answers[path]`` for
+    that exact path, ``answers["/"]`` for any other."""
+    return start_nginx(children, "upstream-nginx", _UPSTREAM_SERVER, locations=upstream_locations(answers))
+
+
+def upstream_locations(answers: Mapping[str, bytes]) -> str:
+    """nginx ``location`` blocks returning each fixed body."""
+    blocks = []
+    for path, body in answers.items():
+        if any(char in body for char in b"'\\$"):
+            raise BenchError(f"the upstream body for {path} must not contain quotes, backslashes or $ (nginx string)")
+        match = "/" if path == "/" else f"= {path}"
+        blocks.append(_UPSTREAM_LOCATION.format(match=match, body=body.decode()))
+    return "\n".join(blocks)
 
 
 def start_nginx_proxy(children: Children, upstream_port: int) -> tuple[Child, int]:
@@ -300,12 +314,27 @@ def idemproxy_build(python: str) -> str:
 
 
 def start_idemproxy(
-    children: Children, name: str, python: str, upstream_port: int, store_url: str, workers: int = 1
+    children: Children,
+    name: str,
+    python: str,
+    upstream_port: int,
+    store_url: str,
+    workers: int = 1,
+    mcp_path: str | None = None,
 ) -> tuple[Child, int]:
+    """idemproxy in front of the upstream: one plain route for ``/`` (``--upstream``), or,
+    with ``mcp_path``, one MCP route (``mode: mcp``) on that prefix from a config file."""
     port, admin_port = free_port(), free_port()
+    upstream = f"http://{LOOPBACK}:{upstream_port}"
+    if mcp_path is None:
+        routes = ["--upstream", upstream]
+    else:
+        config = children.workdir / f"{name}.yaml"
+        config.write_text(mcp_config(upstream, mcp_path))
+        routes = ["--config", str(config)]
     argv = [
         python, "-m", "idemproxy", "run",
-        "--upstream", f"http://{LOOPBACK}:{upstream_port}",
+        *routes,
         "--listen", f"{LOOPBACK}:{port}",
         "--admin-listen", f"{LOOPBACK}:{admin_port}",
         "--store", store_url,
@@ -315,6 +344,13 @@ def start_idemproxy(
     child = children.spawn(name, argv, env=_idemproxy_env())
     wait_until(child, lambda: http_ok(f"http://{LOOPBACK}:{admin_port}/readyz"), name)
     return child, port
+
+
+def mcp_config(upstream: str, path: str) -> str:
+    """A configuration with one MCP route on ``path``; listeners and store come as flags."""
+    return (
+        f"routes:\n  - name: mcp\n    prefix: {path}\n    upstream: {upstream}\n    mode: mcp\n    key_mode: require\n"
+    )
 
 
 def _idemproxy_env() -> dict[str, str]:

@@ -9,6 +9,7 @@ both sides of each ratio.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,50 @@ from typing import Any
 import orjson
 
 from bench.results import LedgerMemory, Measurement
-from bench.scenarios import Run, Subject, settled
-
-KB = 1024
+from bench.scenarios import SCENARIOS, Run, Shape, Subject, settled
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """One target, judged on this run: ``measured`` against ``bound``."""
+
     text: str
-    value: str
-    met: bool | None  # None: could not be evaluated in this run
+    bound: float
+    #: True: met when measured ≥ bound; False: met when measured ≤ bound.
+    at_least: bool
+    measured: float | None = None  # None: could not be evaluated in this run
+    unit: str = "x"
+    #: How it was measured, or why it was not.
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured >= self.bound if self.at_least else self.measured <= self.bound
+
+    @property
+    def quotient(self) -> float | None:
+        """measured ÷ target: met at ≥ 1 for a lower bound, at ≤ 1 for an upper one."""
+        return None if self.measured is None or self.bound == 0 else self.measured / self.bound
+
+    @property
+    def goal(self) -> str:
+        bound = _amount(self.bound, self.unit) if self.unit == "x" else f"{self.bound:,g}{self.unit}"
+        return f"{'≥' if self.at_least else '≤'} {bound}"
+
+    @property
+    def value(self) -> str:
+        if self.measured is None:
+            return self.note or "not measured in this run"
+        return f"{_amount(self.measured, self.unit)} (target {self.goal})"
+
+
+_DIGITS = {"x": 2, " MB": 1, " B": 0}
+
+
+def _amount(value: float, unit: str) -> str:
+    return f"{value:,.{_DIGITS.get(unit, 2)}f}{unit}"
 
 
 def baseline(results: Sequence[Measurement], of: Run, subject: Subject) -> Measurement | None:
@@ -36,7 +71,7 @@ def baseline(results: Sequence[Measurement], of: Run, subject: Subject) -> Measu
             candidate.ok
             and run.subject is subject
             and run.concurrency == of.concurrency
-            and run.mode.shape == of.mode.shape
+            and run.shape == of.shape
             and run.awake == of.awake
         ):
             return candidate
@@ -98,21 +133,25 @@ _LEFT_ALIGNED = {"run", "notes"}
 
 def table(results: Sequence[Measurement]) -> str:
     """The markdown table: one row per run, ratios against that run's baselines."""
-    rows = [_row(results, m) for m in results]
-    widths = [max(len(_COLUMNS[i]), *(len(row[i]) for row in rows)) for i in range(len(_COLUMNS))]
+    return markdown(_COLUMNS, [_row(results, m) for m in results], _LEFT_ALIGNED)
+
+
+def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]], left_aligned: set[int] | set[str]) -> str:
+    """A padded markdown table; columns named (or numbered) in ``left_aligned`` align left, others right."""
+    widths = [max(len(columns[i]), *(len(row[i]) for row in rows)) for i in range(len(columns))]
+    left = [i in left_aligned or name in left_aligned for i, name in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
         padded = (
-            cell.ljust(width) if name in _LEFT_ALIGNED else cell.rjust(width)
-            for name, cell, width in zip(_COLUMNS, cells, widths, strict=True)
+            cell.ljust(width) if is_left else cell.rjust(width)
+            for cell, width, is_left in zip(cells, widths, left, strict=True)
         )
         return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join(
-        ("-" * (w + 1) + ":" if name not in _LEFT_ALIGNED else ":" + "-" * (w + 1))
-        for name, w in zip(_COLUMNS, widths, strict=True)
+        (":" + "-" * (w + 1) if is_left else "-" * (w + 1) + ":") for w, is_left in zip(widths, left, strict=True)
     )
-    return "\n".join([line(_COLUMNS), rule + "|", *(line(row) for row in rows)])
+    return "\n".join([line(columns), rule + "|", *(line(row) for row in rows)])
 
 
 def _row(results: Sequence[Measurement], m: Measurement) -> list[str]:
@@ -148,90 +187,175 @@ def _find(results: Sequence[Measurement], scenario: str, concurrency: int) -> Me
     return next((m for m in results if m.run.scenario == scenario and m.run.concurrency == concurrency), None)
 
 
-def targets(results: Sequence[Measurement], ledger: LedgerMemory | None) -> list[Target]:
-    """The issue's targets, evaluated on this run's ratios."""
-    found: list[Target] = []
-
-    def compare(text: str, m: Measurement | None, ref: Measurement | None, metric: _Metric, goal: str) -> None:
-        value = ratio(metric(m), metric(ref)) if m and ref and m.ok and ref.ok else None
-        if value is None:
-            reason = m.missing if m and m.missing else "not measured in this run"
-            found.append(Target(text, reason, None))
-            return
-        bound = float(goal[2:])
-        met = value >= bound if goal.startswith(">=") else value <= bound
-        found.append(Target(text, f"{value:.2f}x (target {goal.replace('>=', '≥ ').replace('<=', '≤ ')}x)", met))
-
-    for m in results:
-        if m.run.scenario == "forward-redis":
-            compare(
-                f"forward path, Redis, 1 worker, c={m.run.concurrency}: throughput vs naive",
-                m,
-                baseline(results, m.run, Subject.NAIVE),
-                _rps,
-                ">=1.0",
-            )
-    replay = _find(results, "replay-redis", 64)
-    compare(
-        "replay path, c=64: throughput vs naive",
-        replay,
-        baseline(results, replay.run, Subject.NAIVE) if replay else None,
-        _rps,
-        ">=1.5",
-    )
-    compare(
-        "2 workers vs 1 worker (forward path, Redis, c=64): throughput",
-        _find(results, "forward-redis-2w", 64),
-        _find(results, "forward-redis", 64),
-        _rps,
-        ">=1.8",
-    )
-    for scenario, text in (
-        ("forward-redis", "concurrency 1: p50 latency through idemproxy vs naive"),
-        (
-            "forward-redis-awake",
-            "concurrency 1 with the CPUs kept out of idle (both proxies): p50 latency through idemproxy vs naive",
+def targets(results: Sequence[Measurement], ledger: LedgerMemory | None, cores: int | None = None) -> list[Target]:
+    """The issue's targets, each judged on this run's ratios (baselines of the same run)."""
+    cores = cores or os.cpu_count() or 1
+    forward_64 = _find(results, "forward-redis", 64)
+    return [
+        _versus(
+            "forward-sqlite c=64 req/s ÷ forward-redis c=64 (SQLite synchronous=FULL)",
+            _find(results, "forward-sqlite", 64),
+            forward_64,
+            _rps,
+            bound=1.0,
         ),
-    ):
-        single = _find(results, scenario, 1)
-        compare(text, single, baseline(results, single.run, Subject.NAIVE) if single else None, _p50, "<=1.5")
-    empty = _find(results, "forward-redis", 64)
-    first_window = _find(results, "forward-redis-1m", 64)
-    compare(
-        "forward path with the ledger preloaded vs empty ledger (c=64): throughput",
-        _find(results, settled(first_window.run).scenario, 64) if first_window else None,
-        empty,
-        _rps,
-        ">=0.95",
+        _versus(
+            "forward-sqlite c=1 p50 ÷ forward-redis c=1 p50, CPUs kept out of idle",
+            _find(results, "forward-sqlite-awake", 1),
+            _find(results, "forward-redis-awake", 1),
+            _p50,
+            bound=1.2,
+            at_least=False,
+        ),
+        _against_baseline(results, "forward-redis-awake", 1, Subject.NAIVE, "p50", 1.2, at_least=False),
+        _against_baseline(results, "forward-redis", 8, Subject.NAIVE, "req/s", 1.0),
+        _against_baseline(results, "forward-redis", 64, Subject.NAIVE, "req/s", 1.3),
+        _against_baseline(results, "forward-redis", 64, Subject.NGINX, "CPU µs/req", 4.5, at_least=False),
+        _scaling(results, "forward-redis-2w", forward_64, cores),
+        _against_baseline(results, "replay-redis", 64, Subject.NAIVE, "req/s", 1.5),
+        _against_baseline(results, "forward-mcp", 64, Subject.NAIVE, "req/s", 1.0),
+        _against_baseline(results, "replay-mcp", 64, Subject.NAIVE, "req/s", 1.5),
+        *_preloaded(results, forward_64, ledger),
+        _ledger_memory(ledger),
+        _peak_rss(results),
+    ]
+
+
+def _versus(
+    text: str,
+    m: Measurement | None,
+    reference: Measurement | None,
+    metric: _Metric,
+    *,
+    bound: float,
+    at_least: bool = True,
+) -> Target:
+    """``metric`` of ``m`` divided by that of ``reference``, against ``bound``."""
+    if m is None or reference is None or not m.ok or not reference.ok:
+        missing = next((x.missing for x in (m, reference) if x is not None and x.missing), None)
+        return Target(text, bound, at_least, note=missing or "not measured in this run")
+    return Target(text, bound, at_least, ratio(metric(m), metric(reference)))
+
+
+_METRICS: dict[str, _Metric] = {"req/s": _rps, "p50": _p50, "CPU µs/req": _cpu}
+_BASELINE_NAMES = {Subject.NAIVE: "naive proxy", Subject.NGINX: "nginx proxy_pass", Subject.DIRECT: "direct"}
+
+
+def _against_baseline(
+    results: Sequence[Measurement],
+    scenario: str,
+    concurrency: int,
+    subject: Subject,
+    metric: str,
+    bound: float,
+    *,
+    at_least: bool = True,
+) -> Target:
+    """``scenario`` at ``concurrency`` divided by ``subject``'s baseline of the same shape and regime."""
+    m = _find(results, scenario, concurrency)
+    reference = baseline(results, m.run, subject) if m is not None else None
+    defined = next(s for s in SCENARIOS if s.name == scenario)
+    shape = "" if defined.shape is Shape.POST else f" {defined.shape}"
+    regime = " (both with the CPUs kept out of idle)" if defined.awake else ""
+    text = f"{scenario} c={concurrency} {metric} ÷ {_BASELINE_NAMES[subject]}{shape}{regime}"
+    return _versus(text, m, reference, _METRICS[metric], bound=bound, at_least=at_least)
+
+
+def scaling_ceiling(one: Measurement, workers: int, cores: int) -> float | None:
+    """The throughput ``workers`` workers could reach here, from the 1-worker run: ``workers``
+    times its throughput, but no more than the machine's cores carry at its whole cost per
+    request (the CPU that proxy, Redis, upstream and wrk took together: they share the cores)."""
+    if not one.ok or one.load is None or not one.bench_cores:
+        return None
+    rps = one.load.rps
+    return min(workers * rps, rps * cores / one.bench_cores)
+
+
+def _scaling(results: Sequence[Measurement], scenario: str, one: Measurement | None, cores: int) -> Target:
+    workers = next(s.workers for s in SCENARIOS if s.name == scenario)
+    text = f"{scenario} c=64 req/s ÷ the {workers}-worker ceiling measured in this run (scaling efficiency)"
+    many = _find(results, scenario, 64)
+    target = dataclasses.replace(_versus(text, many, one, _rps, bound=0.9), unit="")
+    if target.measured is None or many is None or many.load is None or one is None or one.load is None:
+        return target
+    ceiling = scaling_ceiling(one, many.run.workers, cores)
+    if ceiling is None:
+        return dataclasses.replace(target, measured=None, note="the 1-worker run's CPU was not measured")
+    note = (
+        f"ceiling {ceiling:,.0f} req/s: the lower of {many.run.workers} x 1 worker's {one.load.rps:,.0f} req/s "
+        f"and {cores} cores at 1 worker's cost ({one.bench_cores or 0:.2f} cores for {one.load.rps:,.0f} req/s)"
     )
-    compare(
-        "the same, in the first window after the preload, while Redis doubles its key table: throughput",
-        first_window,
-        empty,
-        _rps,
-        ">=0.95",
-    )
-    if ledger is not None:
-        found.append(
-            Target(
-                "Redis memory per completed record, excluding the stored body",
-                f"{ledger.without_body:,.0f} B (target < 1,024 B)",
-                ledger.without_body < KB,
-            )
-        )
-    else:
-        found.append(Target("Redis memory per completed record", "not measured in this run", None))
+    return dataclasses.replace(target, measured=many.load.rps / ceiling, unit="", note=note)
+
+
+def _preloaded(results: Sequence[Measurement], empty: Measurement | None, ledger: LedgerMemory | None) -> list[Target]:
+    """Holding the preloaded records (judged once Redis's key table settled), and the first window."""
+    first = _find(results, "forward-redis-1m", 64)
+    settled_window = _find(results, settled(first.run).scenario, 64) if first is not None else None
+    records = f"{ledger.records:,}" if ledger is not None else "1,000,000"
+    return [
+        _versus(
+            f"forward-redis-1m-settled c=64 req/s ÷ forward-redis c=64 ({records} records vs an empty ledger)",
+            settled_window,
+            empty,
+            _rps,
+            bound=0.95,
+        ),
+        _versus(
+            "forward-redis-1m c=64 req/s ÷ forward-redis c=64: the first window, while Redis doubles its key table",
+            first,
+            empty,
+            _rps,
+            bound=0.95,
+        ),
+    ]
+
+
+def _ledger_memory(ledger: LedgerMemory | None) -> Target:
+    text = "Redis memory per completed record, besides the stored body"
+    if ledger is None:
+        return Target(text, 400, at_least=False, unit=" B", note="not measured in this run")
+    note = f"{ledger.bytes_per_record:,.0f} B per record, {ledger.body_bytes} B of it the body"
+    return Target(text, 400, at_least=False, measured=ledger.without_body, unit=" B", note=note)
+
+
+def _peak_rss(results: Sequence[Measurement]) -> Target:
+    text = "peak RSS per idemproxy worker under load"
     proxies = [m for m in results if m.ok and m.run.subject is Subject.IDEMPROXY and m.peak_rss_mb]
-    if proxies:
-        worst = max(proxies, key=lambda m: m.peak_rss_mb or 0.0)
-        found.append(
-            Target(
-                "peak RSS per idemproxy worker under load",
-                f"{worst.peak_rss_mb:.1f} MB in {worst.run.label} c={worst.run.concurrency} (target < 150 MB)",
-                (worst.peak_rss_mb or 0.0) < 150,
-            )
-        )
-    return found
+    if not proxies:
+        return Target(text, 150, at_least=False, unit=" MB", note="not measured in this run")
+    worst = max(proxies, key=lambda m: m.peak_rss_mb or 0.0)
+    note = f"in {worst.run.label} c={worst.run.concurrency}"
+    return Target(text, 150, at_least=False, measured=worst.peak_rss_mb, unit=" MB", note=note)
+
+
+_TARGET_COLUMNS = ("target", "measured", "target", "measured ÷ target", "", "notes")
+
+
+def targets_table(found: Sequence[Target]) -> str:
+    """One row per target: measured, the target, measured ÷ target, met or not."""
+    rows = [
+        [
+            t.text,
+            _amount(t.measured, t.unit) if t.measured is not None else "n/a",
+            t.goal,
+            f"{t.quotient:.2f}" if t.quotient is not None else "",
+            {True: "met", False: "MISSED", None: "n/a"}[t.met],
+            t.note,
+        ]
+        for t in found
+    ]
+    return markdown(_TARGET_COLUMNS, rows, {0, 4, 5})
+
+
+def targets_summary(found: Sequence[Target]) -> str:
+    met = sum(1 for t in found if t.met)
+    missed = sum(1 for t in found if t.met is False)
+    unmeasured = sum(1 for t in found if t.met is None)
+    return (
+        f"{met} of {len(found)} targets met, {missed} missed, {unmeasured} not measured in this run. "
+        "measured ÷ target: a target of ≥ is met at 1.00 or more, one of ≤ at 1.00 or less."
+    )
 
 
 def render(
@@ -263,9 +387,8 @@ def render(
         "## Targets",
         "",
     ]
-    for target in targets(results, ledger):
-        mark = {True: "met", False: "MISSED", None: "n/a"}[target.met]
-        lines.append(f"- [{mark}] {target.text}: {target.value}")
+    found = targets(results, ledger)
+    lines += [targets_summary(found), "", targets_table(found)]
     if ledger is not None:
         lines += [
             "",
@@ -322,7 +445,10 @@ def to_json(
             "elapsed_s": elapsed_s,
             "results": [encode(m) for m in results],
             "ledger": dataclasses.asdict(ledger) if ledger else None,
-            "targets": [dataclasses.asdict(t) for t in targets(results, ledger)],
+            "targets": [
+                {**dataclasses.asdict(t), "met": t.met, "measured_per_target": t.quotient}
+                for t in targets(results, ledger)
+            ],
         },
         option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
     )

@@ -22,6 +22,8 @@ class Measurement:
     host_busy_pct: float | None = None
     #: Cores' worth of CPU that processes outside the benchmark used meanwhile (noise).
     foreign_cores: float | None = None
+    #: Cores' worth of CPU the benchmark's own processes used meanwhile (subject, store, upstream, wrk).
+    bench_cores: float | None = None
     #: Warnings and errors the process under test logged while measuring: summary -> count.
     log_problems: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -37,8 +37,9 @@ from bench.results import LedgerMemory, Measurement
 from bench.scenarios import (
     BASELINES,
     SCENARIOS,
-    UPSTREAM_BODY,
+    UPSTREAM_ANSWERS,
     Mode,
+    Protocol,
     Run,
     Scenario,
     StoreKind,
@@ -49,6 +50,10 @@ from bench.scenarios import (
 from bench.sysinfo import CpuSnapshot, CpuSpent, machine_info, peak_rss_mb
 
 DEFAULT_OUT = procs.BENCH_DIR / "results" / "latest.md"
+#: Seconds measured per run by default: the whole of ``make bench`` stays under 10 minutes.
+DEFAULT_DURATION_S = 10
+#: Seconds measured per run with ``--quick`` (and no warm-up): the whole run stays under 90 seconds.
+QUICK_DURATION_S = 1
 #: The last line of a plain-text traceback (the naive proxy logs through aiohttp's defaults).
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)(:|$)")
 
@@ -60,6 +65,7 @@ class TimeBudgetExceeded(Exception):
 @dataclass(frozen=True, slots=True)
 class Settings:
     duration_s: int
+    #: wrk's run before each measured window (0: none, ``--quick``).
     warmup_s: int
     replay_keys: int
     #: Overrides a scenario's preloaded record count (``--quick``), or None.
@@ -71,8 +77,9 @@ class Settings:
     idemproxy_python: str = sys.executable
 
     def describe(self) -> dict[str, Any]:
+        warmup = f"after a {self.warmup_s}s warm-up" if self.warmup_s else "without a warm-up"
         described: dict[str, Any] = {
-            "duration": f"{self.duration_s}s per run after a {self.warmup_s}s warm-up",
+            "duration": f"{self.duration_s}s per run {warmup}",
             "wrk threads": self.wrk_threads,
             "replay pool": f"{self.replay_keys:,} keys",
         }
@@ -95,7 +102,7 @@ class Bench:
         self._workers_supported: bool | None = None
 
     def start(self) -> None:
-        self.upstream, self.upstream_port = procs.start_upstream(self.children, UPSTREAM_BODY)
+        self.upstream, self.upstream_port = procs.start_upstream(self.children, UPSTREAM_ANSWERS)
 
     def measure(self, run: Run) -> list[Measurement]:
         """The run's measurement; a preloaded run gives two (see ``_measure_preloaded``)."""
@@ -131,18 +138,19 @@ class Bench:
             store_dir = self.children.workdir / name
             store_dir.mkdir(parents=True, exist_ok=True)
             store_url = f"sqlite:///{store_dir / 'ledger.db'}"
+        mcp_path = run.workload.path if run.protocol is Protocol.MCP else None
         try:
             with self._child(
-                *procs.start_idemproxy(self.children, name, python, self.upstream_port, store_url, run.workers)
+                *procs.start_idemproxy(
+                    self.children, name, python, self.upstream_port, store_url, run.workers, mcp_path
+                )
             ) as (proxy, port):
                 url = f"http://{LOOPBACK}:{port}"
                 notes: list[str] = []
                 pool_prefix, pool = "", 0
                 if run.mode is Mode.REPLAY:
                     pool_prefix, pool = f"replay-{secrets.token_hex(3)}", self.settings.replay_keys
-                    keys = [f"{pool_prefix}-{i}" for i in range(pool)]
-                    ledger_fill.complete_through_proxy(url, keys)
-                    ledger_fill.check_replays(url, keys[0])
+                    self._complete(url, run, [f"{pool_prefix}-{i}" for i in range(pool)])
                     notes.append(f"{pool:,} keys completed through the proxy first")
                 if run.preloaded:
                     if redis is None:
@@ -155,6 +163,12 @@ class Bench:
         finally:
             if redis is not None:
                 self.children.stop(redis)
+
+    @staticmethod
+    def _complete(url: str, run: Run, keys: list[str]) -> None:
+        """Complete ``keys`` through the proxy, and check the first one replays."""
+        ledger_fill.complete_through_proxy(url, keys, workload=run.workload)
+        ledger_fill.check_replays(url, keys[0], run.workload)
 
     def _preload(self, run: Run, url: str, redis_port: int, redis_dir: Path) -> str:
         count = self.settings.preload if self.settings.preload is not None else run.preloaded
@@ -211,9 +225,11 @@ class Bench:
                 duration_s=duration_s,
                 threads=self.settings.wrk_threads,
                 pool=pool,
+                workload=run.workload,
             )
 
-        wrk("warmup", self.settings.warmup_s)
+        if self.settings.warmup_s > 0:
+            wrk("warmup", self.settings.warmup_s)
         log_offset = subject.log.stat().st_size
         pids = {"subject": subject.pid}
         if store is not None:
@@ -238,6 +254,7 @@ class Bench:
             peak_rss_mb=peak_rss_mb(subject.pid),
             host_busy_pct=spent.host_busy_pct,
             foreign_cores=spent.foreign_cores,
+            bench_cores=spent.bench_cores,
             log_problems=problems,
         )
         if profiling is not None:
@@ -295,8 +312,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark idemproxy against nginx and a naive proxy; print one table.",
     )
-    parser.add_argument("--duration", type=int, metavar="S", help="seconds measured per run (default 20)")
-    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run of every scenario")
+    parser.add_argument(
+        "--duration", type=int, metavar="S", help=f"seconds measured per run (default {DEFAULT_DURATION_S})"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every scenario, under 90 seconds")
     parser.add_argument(
         "--only",
         action="append",
@@ -328,15 +347,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"bench: --idemproxy-python {args.idemproxy_python} is not an executable")
     if args.quick:
         return Settings(
-            duration_s=args.duration or 1,
-            warmup_s=1,
+            duration_s=args.duration or QUICK_DURATION_S,
+            warmup_s=0,
             replay_keys=500,
             preload=50_000,
             wrk_threads=args.wrk_threads,
             profile_dir=args.out.parent if args.profile else None,
             idemproxy_python=args.idemproxy_python,
         )
-    duration = args.duration or 20
+    duration = args.duration or DEFAULT_DURATION_S
     return Settings(
         duration_s=duration,
         warmup_s=min(3, max(1, duration // 5)),
@@ -360,15 +379,26 @@ def _select(args: argparse.Namespace) -> tuple[list[Scenario], list[Subject]]:
     return scenarios, baselines
 
 
+#: Seconds to start and stop what a run measures, besides its windows (measured on 2 cores).
+_SETUP_S = {Subject.IDEMPROXY: 1.5, Subject.NAIVE: 0.7, Subject.NGINX: 0.2, Subject.DIRECT: 0.1}
+#: Checking the tools and builds before the first run.
+_START_S = 4.0
+#: Operations completed through the proxy per second (replay pools), and records preloaded per second.
+_COMPLETED_PER_S = 1500
+_PRELOADED_PER_S = 25_000
+
+
 def _estimate_s(runs: Sequence[Run], settings: Settings) -> float:
-    total = 3.0
+    """How long the runs take, set-up included (calibrated on `--quick` runs on 2 cores)."""
+    total = _START_S
     for run in runs:
-        total += settings.warmup_s + settings.duration_s + (2.0 if run.subject is Subject.IDEMPROXY else 0.5)
+        window = settings.warmup_s + settings.duration_s
+        total += window + _SETUP_S[run.subject]
         if run.mode is Mode.REPLAY:
-            total += settings.replay_keys / 1500
+            total += settings.replay_keys / _COMPLETED_PER_S
         if run.preloaded:
-            total += settings.warmup_s + settings.duration_s  # its second window
-            total += (settings.preload if settings.preload is not None else run.preloaded) / 25_000
+            total += window  # its second window
+            total += (settings.preload if settings.preload is not None else run.preloaded) / _PRELOADED_PER_S
     return total
 
 

@@ -30,6 +30,7 @@ PACKAGES = {
     "uvloop": "uvloop",
 }
 _PROC = Path("/proc")
+_CPUS = Path("/sys/devices/system/cpu")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -126,6 +127,8 @@ class CpuSpent:
     foreign_s: float
     #: ``foreign_s`` per second of wall time: how many cores other work took.
     foreign_cores: float
+    #: Cores' worth of CPU the benchmark's own processes took (subject, store, upstream, wrk).
+    bench_cores: float
 
     @classmethod
     def between(cls, before: CpuSnapshot, after: CpuSnapshot) -> CpuSpent:
@@ -141,6 +144,7 @@ class CpuSpent:
             after.host.busy_pct_since(before.host),
             foreign,
             foreign / wall_s if wall_s else 0.0,
+            ours / wall_s if wall_s else 0.0,
         )
 
 
@@ -149,11 +153,12 @@ def machine_info(tools: dict[str, str]) -> dict[str, str]:
     info = {
         "cpu": _cpu_model(),
         "cores": str(os.cpu_count()),
+        "frequency": describe_frequency(),
         "memory": f"{_meminfo_kb('MemTotal') / 1024 / 1024:.1f} GiB",
         "kernel": platform.release(),
         "os": _os_release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "load at start": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
+        "load average before the run": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }
     for package, label in PACKAGES.items():
         try:
@@ -188,6 +193,42 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def describe_frequency(cpus: Path = _CPUS, cpuinfo: Path = _PROC / "cpuinfo") -> str:
+    """The cpufreq governor and frequencies, or, without cpufreq, what ``/proc/cpuinfo`` says."""
+    policies = sorted(cpus.glob("cpu[0-9]*/cpufreq"))
+    governors = sorted({governor for policy in policies if (governor := _read(policy / "scaling_governor"))})
+    if not governors:
+        mhz = _cpuinfo_mhz(cpuinfo)
+        return "no cpufreq governor (fixed, or set by the host)" + (f", cpuinfo {_span(mhz)} MHz" if mhz else "")
+    lowest, highest = _mhz(policies, "scaling_min_freq"), _mhz(policies, "scaling_max_freq")
+    allowed = _span([min(lowest), max(highest)]) if lowest and highest else "?"
+    now = _mhz(policies, "scaling_cur_freq")
+    return f"governor {'/'.join(governors)}, {allowed} MHz allowed, {_span(now) if now else '?'} MHz now"
+
+
+def _mhz(policies: list[Path], name: str) -> list[int]:
+    """Each policy's ``name`` file (kHz) in MHz."""
+    return [int(khz) // 1000 for policy in policies if (khz := _read(policy / name)) and khz.isdigit()]
+
+
+def _cpuinfo_mhz(cpuinfo: Path) -> list[int]:
+    text = _read(cpuinfo) or ""
+    values = re.findall(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
+    return [round(float(value)) for value in values]
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _meminfo_kb(field: str) -> int:

@@ -1,6 +1,10 @@
 -- The one wrk script every benchmark run uses; the mode picks the workload.
 --
---   wrk -t1 -c64 -d20s -s bench/wrk/workload.lua http://127.0.0.1:8080 -- MODE RUN_ID PATH BODY [POOL]
+--   wrk -t1 -c64 -d20s -s bench/wrk/workload.lua http://127.0.0.1:8080 -- MODE RUN_ID PATH BODY [POOL [HEADER...]]
+--
+-- The key goes in the Idempotency-Key header, unless BODY holds the placeholder
+-- @KEY@: then it goes there instead (an MCP tools/call carries its key in
+-- params._meta). Each HEADER ("Name: value") is sent with every request.
 --
 -- MODE
 --   fresh   POST BODY to PATH with a new Idempotency-Key per request:
@@ -27,6 +31,9 @@ function setup(thread)
 end
 
 local mode, run_id, path, body, pool
+-- The body around the key's placeholder, when the key goes in the body.
+local body_head, body_tail
+local KEY_SLOT = "@KEY@"
 local headers = {}
 local n = 0
 statuses = {}
@@ -43,6 +50,17 @@ function init(args)
   end
   if mode ~= "get" then
     headers["Content-Type"] = "application/json"
+  end
+  local at = body:find(KEY_SLOT, 1, true)
+  if at then
+    body_head, body_tail = body:sub(1, at - 1), body:sub(at + #KEY_SLOT)
+  end
+  for i = 6, #args do
+    local name, value = args[i]:match("^([^:]+):%s*(.*)$")
+    if not name then
+      error("a HEADER is 'Name: value', got " .. args[i])
+    end
+    headers[name] = value
   end
 end
 
@@ -61,6 +79,9 @@ function request()
   n = n + 1
   if mode == "get" then
     return wrk.format("GET", path, headers, nil)
+  end
+  if body_head then
+    return wrk.format("POST", path, headers, body_head .. key() .. body_tail)
   end
   headers["Idempotency-Key"] = key()
   return wrk.format("POST", path, headers, body)
