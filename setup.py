@@ -37,6 +37,7 @@ COMPILED = (
     "pipeline/operations",
     "pipeline/relay",
     "protocol/keys",
+    "store/clock",
     "store/codec",
     "store/redis",
     "store/redis_mux",

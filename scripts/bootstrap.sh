@@ -5,7 +5,9 @@
 #   bootstrap.sh sync DIR LOCK     make the venv DIR hold exactly what LOCK pins, hashes checked
 #   bootstrap.sh redis             make redis-server available on PATH
 #   bootstrap.sh bench-tools       make nginx and wrk available on PATH (for `make bench`)
-#   bootstrap.sh test-tools        make nginx available (for the conformance corpus in `make test`)
+#   bootstrap.sh test-tools        make nginx (the conformance corpus) and chromium with chromium-driver
+#                                  (the console's browser tests) and libfaketime (the clock-skew
+#                                  faults) available for `make test`
 #   bootstrap.sh monitoring        make prometheus and promtool available on PATH (for the monitoring tests)
 #   bootstrap.sh compiler PYTHON   a C compiler and PYTHON's headers (for the mypyc-compiled build)
 #   bootstrap.sh has-compiler PYTHON  exit 0 when both are present (installs nothing)
@@ -92,13 +94,22 @@ bench-tools)
 test-tools)
     # tests/hostile/test_conformance_corpus.py sends its corpus through nginx as well, which
     # it starts itself. Debian installs nginx under /usr/sbin, which is not on every user's PATH.
-    if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi
-    apt_install nginx || {
-        echo "bootstrap: nginx is not installed and could not be installed; install it (apt-get install nginx) and retry" >&2
+    # tests/ops/test_console.py drives the operator's console in Debian's headless Chromium,
+    # through Debian's chromedriver (both under /usr/bin).
+    missing=""
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
+    [ -x /usr/bin/chromium ] || missing="$missing chromium"
+    [ -x /usr/bin/chromedriver ] || missing="$missing chromium-driver"
+    # tests/faults/test_clock_skew.py shifts one proxy's wall clock with libfaketime.
+    ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing libfaketime"
+    [ -z "$missing" ] && exit 0
+    # shellcheck disable=SC2086  # one word per package
+    apt_install $missing || {
+        echo "bootstrap: could not install$missing; install them (apt-get install$missing) and retry" >&2
         exit 1
     }
     # The Debian package starts a system nginx on :80; the tests run their own.
-    as_root service nginx stop >/dev/null 2>&1 || true
+    case "$missing" in *nginx*) as_root service nginx stop >/dev/null 2>&1 || true ;; esac
     ;;
 monitoring)
     command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && exit 0

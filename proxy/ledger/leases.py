@@ -31,19 +31,19 @@ class _Held:
     owner: str
     lease_s: float
     renew_at: float  # monotonic
-    until_ms: int  # wall clock: the lease the store last confirmed
-    #: Monotonic: the lease's end as this process can vouch for it, counted from before the
-    #: request that set it, so no jump of the wall clock can make a lease look longer.
+    #: Monotonic: the lease's end as this process can vouch for it. Counted from before the
+    #: request that set it, against the latest the store's clock can have read then, so
+    #: neither a jump of this instance's wall clock nor its disagreement with the store's
+    #: can make a lease look longer here than the store will hold it.
     valid_until: float
 
     def __init__(  # compiled by mypyc, unlike a generated one
-        self, fence: int, owner: str, lease_s: float, renew_at: float, until_ms: int, valid_until: float
+        self, fence: int, owner: str, lease_s: float, renew_at: float, valid_until: float
     ) -> None:
         self.fence = fence
         self.owner = owner
         self.lease_s = lease_s
         self.renew_at = renew_at
-        self.until_ms = until_ms
         self.valid_until = valid_until
 
 
@@ -60,11 +60,10 @@ class LeaseKeeper:
 
     def hold(self, record: OperationRecord, lease_s: float, requested_at: float) -> None:
         """Keep ``record``'s lease alive; ``requested_at``: ``time.monotonic()`` before the
-        store call that granted it."""
+        store call that granted it (its reply is among the store clock's readings)."""
         renew_at = time.monotonic() + lease_s / 3
-        self._held[record.op_id] = _Held(
-            record.fence, record.owner, lease_s, renew_at, record.lease_until_ms, requested_at + lease_s
-        )
+        granted_s = (record.lease_until_ms - self.store.clock.latest_ms(requested_at)) / 1000
+        self._held[record.op_id] = _Held(record.fence, record.owner, lease_s, renew_at, requested_at + granted_s)
         # Most new leases are due after the ones already held: waking the keeper
         # for each of them would cost every request a scan of all leases.
         if renew_at < self._wake_at:
@@ -113,10 +112,7 @@ class LeaseKeeper:
 
     async def _renew(self, due: dict[str, _Held]) -> None:
         requested_at = time.monotonic()
-        wall_ms = int(time.time() * 1000)
-        leases = [
-            Lease(op_id, held.fence, held.owner, wall_ms + round(held.lease_s * 1000)) for op_id, held in due.items()
-        ]
+        leases = [Lease(op_id, held.fence, held.owner, round(held.lease_s * 1000)) for op_id, held in due.items()]
         try:
             renewed = await self.store.renew(leases)
         except StoreUnavailable as exc:
@@ -126,10 +122,10 @@ class LeaseKeeper:
             return
         now = time.monotonic()
         lost: list[str] = []
-        for (op_id, held), lease, ok in zip(due.items(), leases, renewed, strict=True):
+        for (op_id, held), ok in zip(due.items(), renewed, strict=True):
             if ok:
                 held.renew_at = now + held.lease_s / 3
-                held.until_ms = lease.until_ms
+                # The store counted the new term from its clock's reading after requested_at.
                 held.valid_until = requested_at + held.lease_s
             elif self._held.get(op_id) is held:
                 del self._held[op_id]

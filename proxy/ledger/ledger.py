@@ -9,6 +9,7 @@ attempt's outcome, guarded by the owner's fencing token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -109,10 +110,6 @@ class OnDemandReconciler(Protocol):
     async def on_demand(self, record: OperationRecord) -> OperationRecord: ...
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def new_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -144,6 +141,13 @@ class Ledger:
     async def close(self) -> None:
         await self.leases.close()
 
+    def _no_longer_waiting(self, record: OperationRecord | None, request: OperationRequest) -> bool:
+        if record is None:
+            return True
+        return (
+            decide(record, request.fingerprint, self.store.clock.earliest_ms(), request.max_attempts) is not Action.WAIT
+        )
+
     def _new_owner(self) -> str:
         return f"{self.instance_id}:{next(self._attempts)}"
 
@@ -156,10 +160,16 @@ class Ledger:
         """Reserve ``request``'s operation, or say why it must not be forwarded."""
         if self.epoch is not None:
             self.epoch.refuse_if_lost()  # LostLedger
-        now = now_ms()
-        requested_at = time.monotonic()
+        clock = self.store.clock
         if self.completed is not None and (completed := self.completed.get(request.op_id)) is not None:
-            return Answered(decide(completed, request.fingerprint, now, request.max_attempts), completed)
+            return Answered(decide(completed, request.fingerprint, clock.now_ms(), request.max_attempts), completed)
+        if not clock.fresh:
+            # Before the first reservation, or after a long idle spell: leases are written in
+            # the store's time, which this instance's clock may be far from.
+            with contextlib.suppress(StoreUnavailable):  # then the reservation fails the same way
+                await self.store.read_clock()
+        now = clock.now_ms()
+        requested_at = time.monotonic()
         reservation = transitions.reserve(
             request.op_id,
             request.scope,
@@ -167,7 +177,7 @@ class Ledger:
             request.method,
             request.target,
             self._new_owner(),
-            now + round(request.lease_s * 1000),
+            clock.latest_ms(requested_at) + round(request.lease_s * 1000),
             now,
             request.stored_request,
         )
@@ -185,7 +195,8 @@ class Ledger:
         deadline: float | None = None  # set when this caller starts waiting
         reconciled = False
         while True:
-            action = decide(existing, request.fingerprint, now_ms(), request.max_attempts)
+            # A lease counts as ended only once the store's clock has surely passed it.
+            action = decide(existing, request.fingerprint, self.store.clock.earliest_ms(), request.max_attempts)
             if action is Action.UNKNOWN and self.reconciler is not None and not reconciled:
                 reconciled = True  # at most one on-demand reconciliation per request
                 existing = await self.reconciler.on_demand(existing)
@@ -201,7 +212,7 @@ class Ledger:
                     deadline = time.monotonic() + request.wait_s
                 if time.monotonic() < deadline:
                     current = await self.store.wait_for(
-                        request.op_id, deadline, lambda record: _no_longer_waiting(record, request)
+                        request.op_id, deadline, lambda record: self._no_longer_waiting(record, request)
                     )
                     if current is None:  # a released record expired meanwhile: start afresh
                         return await self.begin(request)
@@ -212,9 +223,9 @@ class Ledger:
             return Answered(action, existing, waited=deadline is not None, reconciled=reconciled)
 
     async def _take_over(self, request: OperationRequest, released: OperationRecord) -> Owned | OperationRecord:
-        now = now_ms()
+        now = self.store.clock.now_ms()
         requested_at = time.monotonic()
-        lease_until_ms = now + round(request.lease_s * 1000)
+        lease_until_ms = self.store.clock.latest_ms(requested_at) + round(request.lease_s * 1000)
         transition = transitions.take_over(released, self._new_owner(), lease_until_ms, now, request.stored_request)
         try:
             with metrics.ledger_timer("take_over"):
@@ -245,7 +256,9 @@ class Ledger:
         forwarded. If even that fails, the record stays PENDING and its lease expiry
         hands it to the reconciler."""
         detail = {"replicas": refused.acked, "required": refused.required, "owner": owned.owner}
-        release = transitions.release_unsent(owned, now_ms(), "not-durable", detail, retention_s or _NOT_DURABLE_TTL_S)
+        release = transitions.release_unsent(
+            owned, self.store.clock.now_ms(), "not-durable", detail, retention_s or _NOT_DURABLE_TTL_S
+        )
         try:
             await self.store.transition(release)
         except RecordMissing:
@@ -261,7 +274,7 @@ class Ledger:
         the same key is forwarded later. Waiters are woken either way."""
         self.leases.release(owned.op_id)
         metrics.IN_FLIGHT.dec()
-        withdrawal = transitions.withdraw(owned, now_ms(), detail, retention_s)
+        withdrawal = transitions.withdraw(owned, self.store.clock.now_ms(), detail, retention_s)
         if isinstance(withdrawal, Unreserve):
             await self.store.unreserve(withdrawal.op_id, withdrawal.owner, withdrawal.fence)
         else:
@@ -292,7 +305,7 @@ class Ledger:
         """
         self.leases.release(owned.op_id)
         metrics.IN_FLIGHT.dec()
-        now = now_ms()
+        now = self.store.clock.now_ms()
         transition = transitions.finish(owned, outcome.state, outcome.retry_class, response, now, detail, retention_s)
         try:
             return await self._record(owned, transition, now, retention_s)
@@ -426,9 +439,3 @@ def _plain(value: object) -> bool:
 
 def _printable(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")[:_CAUSE_MAX]
-
-
-def _no_longer_waiting(record: OperationRecord | None, request: OperationRequest) -> bool:
-    if record is None:
-        return True
-    return decide(record, request.fingerprint, now_ms(), request.max_attempts) is not Action.WAIT

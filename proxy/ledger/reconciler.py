@@ -38,10 +38,6 @@ _DEFAULT_ON_DEMAND_TIMEOUT_S = 5.0
 _CLAIM_MARGIN_S = 5.0
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -92,8 +88,9 @@ class Reconciler:
             else _DEFAULT_ON_DEMAND_TIMEOUT_S
         )
         deadline = time.monotonic() + timeout_s
+        clock = self.store.clock
         while True:
-            now = now_ms()
+            now = clock.earliest_ms()
             task = self._running.get(record.op_id)
             if task is None and needs_reconciling(record, now) and record.next_probe_ms <= now:
                 task = self._spawn(record)
@@ -102,13 +99,13 @@ class Reconciler:
                     await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
             # Another instance may hold the claim: wait, bounded, for its result.
             current = await self.store.wait_for(
-                record.op_id, deadline, lambda current: current is None or not current.claimed(now_ms())
+                record.op_id, deadline, lambda current: current is None or not current.claimed(clock.earliest_ms())
             )
-            if current is None or current.state is not State.UNKNOWN or current.claimed(now_ms()):
+            if current is None or current.state is not State.UNKNOWN or current.claimed(clock.earliest_ms()):
                 return current or record
             # The next probe is due within this request's bound (e.g. "absent" was not
             # yet settled): wait for it rather than answer "unknown".
-            wait_s = (current.next_probe_ms - now_ms()) / 1000
+            wait_s = (current.next_probe_ms - clock.earliest_ms()) / 1000
             if wait_s <= 0 or time.monotonic() + wait_s >= deadline:
                 return current
             await asyncio.sleep(wait_s)
@@ -129,11 +126,12 @@ class Reconciler:
     async def scan_once(self) -> int:
         """Start reconciling every due operation; returns how many were started."""
         started = 0
-        for op_id in await self.store.due(now_ms(), self.batch):
+        clock = self.store.clock
+        for op_id in await self.store.due(clock.earliest_ms(), self.batch):
             if op_id in self._running:
                 continue
             record = await self.store.get(op_id)
-            if record is not None and needs_reconciling(record, now_ms()):
+            if record is not None and needs_reconciling(record, clock.earliest_ms()):
                 self._spawn(record)
                 started += 1
         return started
@@ -175,28 +173,34 @@ class Reconciler:
         claimed = await self._claim(record, route)
         if claimed is None:
             return None
+        # Nothing of the probe is sent before this: the store's clock had surely reached
+        # probe_sent_ms when the tool was asked (the settle window is judged by it).
+        probe_sent_ms = self.store.clock.earliest_ms()
         result = await run_probe(route, claimed, self.forwarder)
-        return await self._record(claimed, route, result)
+        return await self._record(claimed, route, result, probe_sent_ms)
 
     async def _claim(self, record: OperationRecord, route: RouteConfig) -> OperationRecord | None:
+        """``record``, claimed; ``None`` when another owner has it, or the store's clock says
+        its holder's lease has not ended (whatever this instance's clock says)."""
         assert route.reconcile is not None
-        now = now_ms()
+        clock = self.store.clock
+        now = clock.now_ms()
         probe_s = route.reconcile.probe.timeout_s if route.reconcile.probe is not None else route.read_timeout_s
-        lease_until_ms = now + round((probe_s * 2 + _CLAIM_MARGIN_S) * 1000)
+        lease_until_ms = clock.latest_ms() + round((probe_s * 2 + _CLAIM_MARGIN_S) * 1000)
         claim = transitions.claim(record, self._owner(), lease_until_ms, now, route.reconcile.method)
         claimed = claim.new
         current = await self.store.transition(claim)
         return claimed if current is None else None
 
     async def _record(
-        self, claimed: OperationRecord, route: RouteConfig, result: ProbeResult
+        self, claimed: OperationRecord, route: RouteConfig, result: ProbeResult, probe_sent_ms: int
     ) -> OperationRecord | None:
         assert route.reconcile is not None
-        now = now_ms()
+        now = self.store.clock.now_ms()
         config = route.reconcile
         settle_s = config.settle_s if config.settle_s is not None else route.connect_timeout_s + route.read_timeout_s
         settled_ms = claimed.attempt_ms + round(settle_s * 1000)
-        unsettled = result.outcome is ProbeOutcome.ABSENT and now < settled_ms
+        unsettled = result.outcome is ProbeOutcome.ABSENT and probe_sent_ms < settled_ms
         # An absence seen while the tool may still be committing the attempt
         # proves nothing, and does not use up one of the route's probes.
         probes = claimed.probes if unsettled else claimed.probes + 1
@@ -235,7 +239,7 @@ class Reconciler:
         return final
 
     async def _escalate(self, record: OperationRecord, reason: str) -> OperationRecord | None:
-        now = now_ms()
+        now = self.store.clock.now_ms()
         escalation = transitions.escalate(record, self._owner(), now, reason)
         metrics.RECONCILED.labels(record.scope.route, "escalated").inc()
         current = await self.store.transition(escalation)

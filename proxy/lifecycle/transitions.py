@@ -102,6 +102,14 @@ NEW_OWNER = frozenset(
 )
 
 
+#: Events that take an operation from whoever may still hold it. The store applies them only
+#: once the holder's lease has ended on the store's own clock, never on the clock of the
+#: instance asking (``Transition.after_the_lease``); an operator's verdict counts among them
+#: only for a PENDING operation (an UNKNOWN one's claim is a probe, which a verdict overrides).
+_TAKEN_FROM_HOLDER = frozenset({Event.CLAIM, Event.ESCALATE})
+_VERDICTS = frozenset({Event.RESOLVE_DONE, Event.RESOLVE_NOT_DONE})
+
+
 class TransitionNotAllowed(ValueError):
     """A transition outside ``ALLOWED``: a bug in the caller, never a data condition."""
 
@@ -160,6 +168,12 @@ class Transition:
     def with_record(self, new: OperationRecord, evidence: Evidence) -> Transition:
         """The same guarded change, writing ``new`` and ``evidence`` instead."""
         return Transition(new, self.expect_fence, self.expect_states, evidence, self.ttl_s, self.due_ms, self.event)
+
+    @property
+    def after_the_lease(self) -> bool:
+        """Whether the store may apply it only once the current lease has ended (its clock)."""
+        event = self.event
+        return event in _TAKEN_FROM_HOLDER or (event in _VERDICTS and State.PENDING in self.expect_states)
 
     @property
     def due_at_ms(self) -> int:

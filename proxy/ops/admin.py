@@ -10,6 +10,9 @@ evidence with who and when.
 With authentication on, ``/_idem/ops`` needs an identity with ``ops: read``
 (its own operations: those whose ``scope.caller`` is its name) or ``ops:
 admin`` (every caller's operations, ``?caller=`` to filter, and resolve).
+
+``/_idem/console`` is the same for a person with a browser (``idemproxy.ops.console``),
+through the same functions and behind the same authentication.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from idemproxy.lifecycle import transitions
 from idemproxy.lifecycle.decisions import next_step
 from idemproxy.lifecycle.records import OperationRecord, State, StoredResponse
 from idemproxy.lifecycle.transitions import Transition
+from idemproxy.ops.console import Desk, mount_console
 from idemproxy.protocol.errors import (
     Forbidden,
     InvalidQuery,
@@ -136,64 +140,101 @@ def _ledger_view(watch: EpochWatch) -> dict[str, Any]:
 
 
 async def show_operation(request: web.Request) -> web.Response:
-    record = await _load(request)
+    return _json(await _operation_view(request, request.match_info["op_id"]))
+
+
+async def _operation_view(request: web.Request, op_id: str) -> dict[str, Any]:
+    record = await _load(request, op_id)
     identity = request.get(IDENTITY)
     if identity is not None and not identity.can_see(record.scope.caller):
         raise Forbidden(f"Identity {identity.name!r} may only see its own operations.")
-    return _json(record_view(record, request.app[ROUTES_KEY].get(record.scope.route)))
+    return record_view(record, request.app[ROUTES_KEY].get(record.scope.route))
 
 
 async def list_operations(request: web.Request) -> web.Response:
-    query = _parse_query(request.query)
+    records = await _visible_records(request, parse_query(request.query))
+    routes = request.app[ROUTES_KEY]
+    return _json({"operations": [summary_view(record, routes.get(record.scope.route)) for record in records]})
+
+
+async def _visible_records(request: web.Request, query: OpsQuery) -> list[OperationRecord]:
+    """What ``query`` finds, of the operations the request's identity may see."""
     identity = request.get(IDENTITY)
     if identity is not None and identity.ops is not OpsAccess.ADMIN:
         if query.caller not in (None, identity.name):
             raise Forbidden(f"Identity {identity.name!r} may only list its own operations.")
         query = dataclasses.replace(query, caller=identity.name)
     try:
-        records = await request.app[STORE_KEY].query(query)
+        return await request.app[STORE_KEY].query(query)
     except StoreUnavailable as exc:
         raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+
+
+async def _record_views(request: web.Request, query: OpsQuery) -> list[dict[str, Any]]:
     routes = request.app[ROUTES_KEY]
-    return _json({"operations": [summary_view(record, routes.get(record.scope.route)) for record in records]})
+    return [record_view(record, routes.get(record.scope.route)) for record in await _visible_records(request, query)]
 
 
 async def resolve_operation(request: web.Request) -> web.Response:
-    identity = request.get(IDENTITY)
-    if identity is not None and identity.ops is not OpsAccess.ADMIN:
-        raise Forbidden(f"Identity {identity.name!r} may not resolve operations; that takes 'ops: admin'.")
-    record = await _load(request)
+    _may_resolve(request)
+    record = await _load(request, request.match_info["op_id"])
     try:
         payload = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
         raise InvalidResolution(f"The body must be JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidResolution("The body must be a JSON object with 'outcome': 'done' or 'not_done'.")
+    return _json(await _settle(request, record, payload))
+
+
+async def _resolve_view(request: web.Request, op_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The console's resolve: the same checks, in the same order, as ``POST /_idem/ops/{id}/resolve``."""
+    _may_resolve(request)
+    return await _settle(request, await _load(request, op_id), payload)
+
+
+def _may_resolve(request: web.Request) -> None:
+    identity = request.get(IDENTITY)
+    if identity is not None and identity.ops is not OpsAccess.ADMIN:
+        raise Forbidden(f"Identity {identity.name!r} may not resolve operations; that takes 'ops: admin'.")
+
+
+async def _settle(request: web.Request, record: OperationRecord, payload: dict[str, Any]) -> dict[str, Any]:
+    """Apply the operator's resolution of ``record``; the resolved operation's view."""
+    identity = request.get(IDENTITY)
     if identity is not None:  # the evidence names who proved it, not who they say they are
         payload = {**payload, "by": identity.name}
     route = request.app[ROUTES_KEY].get(record.scope.route)
-    transition = resolution(record, payload, route, f"{request.app[RESOLVER_KEY]}:{next(_resolutions)}")
     store = request.app[STORE_KEY]
+    resolver = f"{request.app[RESOLVER_KEY]}:{next(_resolutions)}"
+    # A PENDING operation's lease must have ended by the store's clock; the store checks it again.
+    transition = resolution(record, payload, route, resolver, store.clock.earliest_ms())
     try:
         current = await store.transition(transition)
     except StoreUnavailable as exc:
         raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
     if current is None:
         metrics.RECONCILED.labels(record.scope.route, "resolved").inc()
+    elif current.fence == record.fence and current.state is State.PENDING:
+        raise InvalidTransition(
+            "Only UNKNOWN and NEEDS_ATTENTION operations can be resolved; this one is PENDING "
+            "with a lease that has not ended by the ledger's clock.",
+            operation=record.op_id,
+            state=current.state.value,
+        )
     else:
         raise InvalidTransition(
             "The operation changed while it was being resolved; look at it again.",
             operation=record.op_id,
             state=current.state.value,
         )
-    return _json(record_view(transition.new.evolve(evidence=(*record.evidence, transition.evidence)), route))
+    return record_view(transition.new.evolve(evidence=(*record.evidence, transition.evidence)), route)
 
 
 def resolution(
-    record: OperationRecord, payload: dict[str, Any], route: RouteConfig | None, resolver: str
+    record: OperationRecord, payload: dict[str, Any], route: RouteConfig | None, resolver: str, now: int
 ) -> Transition:
-    """The transition an operator's ``payload`` asks for (validated)."""
-    now = int(time.time() * 1000)
+    """The transition an operator's ``payload`` asks for (validated); ``now``: the store's clock."""
     if not transitions.resolvable(record, now):
         raise InvalidTransition(
             f"Only UNKNOWN and NEEDS_ATTENTION operations can be resolved; this one is {record.state.value}"
@@ -340,7 +381,8 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _parse_query(params: Mapping[str, str]) -> OpsQuery:
+def parse_query(params: Mapping[str, str]) -> OpsQuery:
+    """The store query ``GET /_idem/ops`` makes of its parameters (``InvalidQuery`` when invalid)."""
     unknown = set(params) - {"state", "route", "task", "caller", "older_than", "limit"}
     if unknown:
         raise InvalidQuery(
@@ -379,8 +421,7 @@ def _parse_query(params: Mapping[str, str]) -> OpsQuery:
     )
 
 
-async def _load(request: web.Request) -> OperationRecord:
-    op_id = request.match_info["op_id"]
+async def _load(request: web.Request, op_id: str) -> OperationRecord:
     if not _OP_ID.fullmatch(op_id):
         raise OperationNotFound(
             f"{op_id!r} is not an operation id (32 lower-case hex characters, as in Idempotency-Operation)."
@@ -420,3 +461,5 @@ def admin_routes(app: web.Application, expect: ExpectHandler) -> None:
     app.router.add_post("/_idem/ops/{op_id}/resolve", resolve_operation, expect_handler=expect)
     app.router.add_get("/_idem/ledger", show_ledger, expect_handler=expect)
     app.router.add_post("/_idem/ledger/confirm", confirm_ledger, expect_handler=expect)
+    desk = Desk(parse_query=parse_query, find=_record_views, show=_operation_view, resolve=_resolve_view)
+    mount_console(app, desk, expect)

@@ -2,7 +2,9 @@
 
 A store does not decide anything. It creates a record if none exists
 (``reserve``), and applies a transition only if the record is still in one of
-the expected states with the expected fencing token (``transition``). The
+the expected states with the expected fencing token, and, for a transition that
+takes an operation from its holder, once the holder's lease has ended by the
+store's own clock (``transition``; ``store.clock``). The
 decisions and transitions live in ``idemproxy.lifecycle``.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from idemproxy.lifecycle.records import Evidence, OperationRecord, State
 from idemproxy.lifecycle.transitions import Transition
+from idemproxy.store.clock import StoreClock
 
 
 class StoreError(Exception):
@@ -70,12 +73,13 @@ class Hazard:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A lease renewal: extend ``op_id``'s lease if ``owner`` still holds it with ``fence``."""
+    """A lease renewal: if ``owner`` still holds ``op_id`` with ``fence`` and its lease has
+    not ended, it ends ``term_ms`` from now by the store's clock."""
 
     op_id: str
     fence: int
     owner: str
-    until_ms: int
+    term_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,8 @@ class Store(ABC):
     poll_interval_s: float = 1.0
 
     def __init__(self) -> None:
+        #: The clock every lease, settle window and probe schedule in this store is measured on.
+        self.clock = StoreClock()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._subscriptions: dict[str, asyncio.Future[None]] = {}
 
@@ -131,7 +137,9 @@ class Store(ABC):
     @abstractmethod
     async def transition(self, transition: Transition) -> OperationRecord | None:
         """Apply ``transition``. ``None`` when applied; otherwise the current
-        record without its evidence: it shows why the guard failed.
+        record without its evidence: it shows why the guard failed (the
+        state, the fence, or, for ``after_the_lease``, a lease that has not
+        ended by the store's own clock).
         ``RecordNotStorable`` when the new record cannot be held (nothing changed)."""
 
     @abstractmethod
@@ -140,8 +148,8 @@ class Store(ABC):
 
     @abstractmethod
     async def renew(self, leases: list[Lease]) -> list[bool]:
-        """Extend each lease still held by its owner (one round trip for all);
-        ``False`` where the owner lost the record."""
+        """Extend each lease still held by its owner, and not yet ended by the store's clock
+        (one round trip for all); ``False`` where the owner lost the record."""
 
     @abstractmethod
     async def note(self, op_id: str, evidence: Evidence) -> bool:
@@ -200,6 +208,10 @@ class Store(ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections and start background work."""
 
+    async def read_clock(self) -> None:  # noqa: B027 - optional hook
+        """Take a reading of the store's clock (``clock``), for a clock that has none recent
+        (``StoreClock.fresh``); ``StoreUnavailable`` when the store does not answer."""
+
     def hazards(self) -> tuple[Hazard, ...]:
         """What can make this store lose records, as last checked (``/readyz`` fails
         while one is not ``accepted``). Stores that check nothing have none."""
@@ -249,7 +261,7 @@ class Store(ABC):
                 wake_in = min(remaining, self.poll_interval_s)
                 if current is not None and current.lease_until_ms:
                     # Wake when a lease runs out, so its expiry is seen without a notification.
-                    wake_in = min(wake_in, max(0.001, current.lease_until_ms / 1000 - time.time()))
+                    wake_in = min(wake_in, max(0.001, (current.lease_until_ms - self.clock.earliest_ms()) / 1000))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), wake_in)
 

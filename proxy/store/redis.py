@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -190,6 +191,8 @@ class RedisStore(Store):
             except (RedisError, OSError) as exc:
                 log.warning("redis cluster unreachable at start; will retry", extra={"error": str(exc)})
         await self._check_at_start()
+        with contextlib.suppress(StoreUnavailable):  # unreachable: the first reservation reads it
+            await self.read_clock()
         await self._feed.start()
         if self._sentinel is not None:
             self._master_watch = asyncio.create_task(self._follow_master(), name="idemproxy-redis-sentinel")
@@ -224,11 +227,13 @@ class RedisStore(Store):
             redis_record.pack(record, redis_record.pack_evidence(evidence)),
             record.updated_ms,
         ]
+        sent = time.monotonic()
         reply, acked = await self._run(self._reserve, self.keys.script_keys(record.op_id), args, durable=True)
+        self.clock.observe(reply[1], sent, time.monotonic())
         if reply[0] == 1:
             self._check_durable(acked)
             return None
-        return redis_record.unpack(record.op_id, reply[1], with_evidence=False)
+        return redis_record.unpack(record.op_id, reply[2], with_evidence=False)
 
     async def transition(self, transition: Transition) -> OperationRecord | None:
         new = transition.new
@@ -246,10 +251,13 @@ class RedisStore(Store):
             INDEXED_STATES.index(new.state) + 3 if new.state in INDEXED_STATES else 0,
             new.updated_ms,
             redis_record.pack_head(new),
+            "1" if transition.after_the_lease else "0",
         ]
         # A transition to PENDING is a take-over: a new attempt is reserved.
         durable = new.state is State.PENDING
+        sent = time.monotonic()
         reply, acked = await self._run(self._transition, self.keys.script_keys(new.op_id), args, durable=durable)
+        self.clock.observe(reply[1], sent, time.monotonic())
         if reply[0] == 1:
             self._notify_local(new.op_id)
             if durable:
@@ -257,7 +265,7 @@ class RedisStore(Store):
             return None
         if reply[0] == -1:
             raise RecordMissing(new.op_id)
-        return redis_record.unpack(new.op_id, reply[1], with_evidence=False)
+        return redis_record.unpack(new.op_id, reply[2], with_evidence=False)
 
     async def get(self, op_id: str) -> OperationRecord | None:
         key = self.keys.record(op_id)
@@ -270,28 +278,35 @@ class RedisStore(Store):
     async def renew(self, leases: list[Lease]) -> list[bool]:
         if not leases:
             return []
+        sent = time.monotonic()
         if self._mux is not None:
             replies = await asyncio.gather(
                 *(
                     self._muxed_script(
                         self._renew,
                         [self.keys.record(lease.op_id), self.keys.due(lease.op_id)],
-                        [lease.op_id, lease.fence, lease.owner, lease.until_ms],
+                        [lease.op_id, lease.fence, lease.owner, lease.term_ms],
                     )
                     for lease in leases
                 )
             )
-            return [bool(renewed) for renewed in replies]
+        else:
 
-        async def run() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for lease in leases:
-                    keys = [self.keys.record(lease.op_id), self.keys.due(lease.op_id)]
-                    args = (lease.op_id, lease.fence, lease.owner, lease.until_ms)
-                    pipe.execute_command("EVALSHA", self._renew.sha, len(keys), *keys, *args)
-                return await pipe.execute()
+            async def run() -> list[Any]:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for lease in leases:
+                        keys = [self.keys.record(lease.op_id), self.keys.due(lease.op_id)]
+                        args = (lease.op_id, lease.fence, lease.owner, lease.term_ms)
+                        pipe.execute_command("EVALSHA", self._renew.sha, len(keys), *keys, *args)
+                    return await pipe.execute()
 
-        return [bool(renewed) for renewed in await self._call(lambda: self._loading(self._renew, run))]
+            replies = await self._call(lambda: self._loading(self._renew, run))
+        received = time.monotonic()
+        for now in replies:
+            if now:
+                self.clock.observe(int(now), sent, received)
+                break
+        return [bool(now) for now in replies]
 
     async def note(self, op_id: str, evidence: Evidence) -> bool:
         keys = [self.keys.record(op_id)]
@@ -332,6 +347,14 @@ class RedisStore(Store):
         counts = await self._call(run)
         per_state = len(counts) // len(INDEXED_STATES)
         return {state: sum(counts[i * per_state : (i + 1) * per_state]) for i, state in enumerate(INDEXED_STATES)}
+
+    async def read_clock(self) -> None:
+        sent = time.monotonic()
+        if self._mux is not None:
+            seconds, micros = await self._muxed("TIME")
+        else:
+            seconds, micros = await self._call(self._redis.time)
+        self.clock.observe(int(seconds) * 1000 + int(micros) // 1000, sent, time.monotonic())
 
     async def ping(self) -> None:
         if self._mux is not None:

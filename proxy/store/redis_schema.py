@@ -106,6 +106,11 @@ def _lua_names(*names: str) -> str:
 
 #: ``local STATE, FENCE, OWNER, LEASE_UNTIL_MS, EVIDENCE = 1, 2, 3, 4, 8``
 _RECORD = _lua_names("state", "fence", "owner", "lease_until_ms", "evidence")
+#: ``now``: the server's clock in ms, the one clock every lease is measured on
+#: (``store.clock``). Scripts reply with it, so each call is also a reading of it.
+_NOW = """local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
 
 # KEYS[1]  record
 # KEYS[2]  due index of the record's shard
@@ -115,21 +120,23 @@ _RECORD = _lua_names("state", "fence", "owner", "lease_until_ms", "evidence")
 # ARGV[3]  due time in ms (the lease expiry)
 # ARGV[4]  the new record, packed with its first evidence
 # ARGV[5]  now in ms (the state index score)
-# Returns  {1} when the record was created, or already created by this owner
-#          (a retried call); {0, record}: the existing record, packed (the
-#          caller drops its evidence: a replay never needs it).
+# Returns  {1, now} when the record was created, or already created by this owner
+#          (a retried call); {0, now, record}: the existing record, packed (the
+#          caller drops its evidence: a replay never needs it). ``now``: the
+#          server's clock (ms) when it ran.
 RESERVE = (
     _RECORD
+    + _NOW
     + """
 local raw = redis.call('GET', KEYS[1])
 if raw then
-  if cmsgpack.unpack(raw)[OWNER] == ARGV[2] then return {1} end
-  return {0, raw}
+  if cmsgpack.unpack(raw)[OWNER] == ARGV[2] then return {1, now} end
+  return {0, now, raw}
 end
 redis.call('SET', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-return {1}
+return {1, now}
 """
 )
 
@@ -149,21 +156,25 @@ return {1}
 # ARGV[11] index of the new state's KEYS entry (3..5), 0 for a resolved state
 # ARGV[12] now in ms (the state index score)
 # ARGV[13] the new record, packed up to its evidence (redis_record.pack_head)
-# Returns  {1} applied (or already applied by this same owner and fence: a
-#          retried call); {0, record} guard failed, with the current record,
-#          packed (the caller drops its evidence); {-1} no such record.
+# ARGV[14] "1": apply only once the current lease has ended by this server's clock
+#          (Transition.after_the_lease), "0": regardless
+# Returns  {1, now} applied (or already applied by this same owner and fence: a
+#          retried call); {0, now, record} guard failed, with the current record,
+#          packed (the caller drops its evidence); {-1, now} no such record.
 TRANSITION = (
     _RECORD
+    + _NOW
     + """
 local raw = redis.call('GET', KEYS[1])
-if not raw then return {-1} end
+if not raw then return {-1, now} end
 local current = cmsgpack.unpack(raw)
 if current[STATE] == ARGV[4] and current[FENCE] == tonumber(ARGV[5]) and current[OWNER] == ARGV[6] then
-  return {1}
+  return {1, now}
 end
 if current[FENCE] ~= tonumber(ARGV[2]) or not string.find(ARGV[3], ' ' .. current[STATE] .. ' ', 1, true) then
-  return {0, raw}
+  return {0, now, raw}
 end
+if ARGV[14] == '1' and current[LEASE_UNTIL_MS] > now then return {0, now, raw} end
 -- The new record's own bytes, completed by its evidence: never re-packed here.
 local record = ARGV[13] .. cmsgpack.pack(current[EVIDENCE] .. ARGV[9])
 if tonumber(ARGV[7]) > 0 then
@@ -180,7 +191,7 @@ for i = 3, 5 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 local state_index = tonumber(ARGV[11])
 if state_index > 0 then redis.call('ZADD', KEYS[state_index], ARGV[12], ARGV[1]) end
 redis.call('PUBLISH', ARGV[10], ARGV[4])
-return {1}
+return {1, now}
 """
 )
 
@@ -189,20 +200,25 @@ return {1}
 # ARGV[1]  op id
 # ARGV[2]  fence the owner holds
 # ARGV[3]  owner
-# ARGV[4]  new lease expiry in ms (also the new due time)
-# Returns  1 renewed; 0 the owner no longer holds the record.
+# ARGV[4]  the lease's new term in ms, from now by this server's clock (the lease's
+#          end is also the new due time)
+# Returns  now (ms, this server's clock) when renewed; 0 when the owner no longer holds
+#          the record, or its lease has already ended: an ended lease is never revived,
+#          whoever is about to take the operation over.
 RENEW = (
     _RECORD
+    + _NOW
     + """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cmsgpack.unpack(raw)
 if current[FENCE] ~= tonumber(ARGV[2]) or current[OWNER] ~= ARGV[3] then return 0 end
 if current[STATE] ~= 'PENDING' and current[STATE] ~= 'UNKNOWN' then return 0 end
-current[LEASE_UNTIL_MS] = tonumber(ARGV[4])
+if current[LEASE_UNTIL_MS] <= now then return 0 end
+current[LEASE_UNTIL_MS] = now + tonumber(ARGV[4])
 redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return 1
+redis.call('ZADD', KEYS[2], current[LEASE_UNTIL_MS], ARGV[1])
+return now
 """
 )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ from idemproxy.store.base import (
     StoreUnavailable,
     matches,
 )
+from idemproxy.store.clock import AnchoredClock, anchor_for_this_boot
 
 T = TypeVar("T")
 
@@ -70,6 +70,11 @@ _SCHEMA = (
 ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS budget_charges_time ON budget_charges (counter, at_ms)",
     "CREATE INDEX IF NOT EXISTS budget_charges_expiry ON budget_charges (expires_ms)",
+    """CREATE TABLE IF NOT EXISTS clock (  -- the store's clock: the host's monotonic clock, per boot
+    boot         TEXT PRIMARY KEY,      -- the kernel's boot id
+    wall_ms      INTEGER NOT NULL,      -- the wall clock when the first process of the boot opened it,
+    monotonic_ms INTEGER NOT NULL       -- and the monotonic clock then
+) WITHOUT ROWID""",
 )
 #: 1: the record columns named ``s f fp a o l m b q e`` (``codec.V1_COLUMNS``); 2: as above.
 _SCHEMA_VERSION = 2
@@ -157,7 +162,7 @@ class SqliteStore(Store):
 
     async def query(self, query: OpsQuery) -> list[OperationRecord]:
         clauses = ["(expires_ms IS NULL OR expires_ms > ?)"]
-        params: list[Any] = [_now_ms()]
+        params: list[Any] = [self.clock.now_ms()]
         if query.state is not None:
             clauses.append("state = ?")
             params.append(query.state.value)
@@ -248,6 +253,7 @@ class SqliteStore(Store):
         try:
             with _immediate(db):  # one transaction: a second process opening the file waits for it
                 _prepare(db, self.path)
+                self.clock = _anchored_clock(db)
         except BaseException:
             db.close()
             raise
@@ -260,7 +266,7 @@ class SqliteStore(Store):
 
     def _reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
         db = self._conn()
-        now = _now_ms()
+        now = self.clock.now_ms()
         with _immediate(db):
             row = db.execute(_SELECT, (record.op_id, now)).fetchone()
             if row is not None:
@@ -282,7 +288,7 @@ class SqliteStore(Store):
     def _transition(self, transition: Transition) -> OperationRecord | None:
         db = self._conn()
         new = transition.new
-        now = _now_ms()
+        now = self.clock.now_ms()
         with _immediate(db):
             row = db.execute(_SELECT, (new.op_id, now)).fetchone()
             if row is None:
@@ -291,6 +297,8 @@ class SqliteStore(Store):
             if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
                 return None  # a retried call whose first try was applied
             if current.fence != transition.expect_fence or current.state not in transition.expect_states:
+                return current.evolve(evidence=())
+            if transition.after_the_lease and current.lease_until_ms > now:
                 return current.evolve(evidence=())
             fields = codec.encode(new)
             ttl_ms = transition.ttl_ms
@@ -311,11 +319,13 @@ class SqliteStore(Store):
         db = self._conn()
         renewed: list[bool] = []
         with _immediate(db):
+            now = self.clock.now_ms()
             for lease in leases:
+                until_ms = now + lease.term_ms
                 cursor = db.execute(
                     "UPDATE operations SET lease_until_ms = ?, due_ms = ? WHERE op_id = ? AND fence = ?"
-                    " AND owner = ? AND state IN ('PENDING', 'UNKNOWN')",
-                    (lease.until_ms, lease.until_ms, lease.op_id, lease.fence, lease.owner),
+                    " AND owner = ? AND state IN ('PENDING', 'UNKNOWN') AND lease_until_ms > ?",
+                    (until_ms, until_ms, lease.op_id, lease.fence, lease.owner, now),
                 )
                 renewed.append(cursor.rowcount == 1)
         return renewed
@@ -330,12 +340,12 @@ class SqliteStore(Store):
         return cursor.rowcount == 1
 
     def _get(self, op_id: str) -> OperationRecord | None:
-        row = self._conn().execute(_SELECT, (op_id, _now_ms())).fetchone()
+        row = self._conn().execute(_SELECT, (op_id, self.clock.now_ms())).fetchone()
         return _decode(op_id, row) if row is not None else None
 
     def _remember_once(self, name: str, ttl_ms: int) -> bool:
         db = self._conn()
-        now = _now_ms()
+        now = self.clock.now_ms()
         with _immediate(db):
             db.execute("DELETE FROM seen WHERE name = ? AND expires_ms <= ?", (name, now))
             cursor = db.execute("INSERT OR IGNORE INTO seen (name, expires_ms) VALUES (?, ?)", (name, now + ttl_ms))
@@ -384,16 +394,16 @@ class SqliteStore(Store):
             db.execute(
                 "DELETE FROM budget_charges WHERE (counter, charge_id) IN"
                 " (SELECT counter, charge_id FROM budget_charges WHERE expires_ms <= ? LIMIT ?)",
-                (_now_ms(), _PURGE_BATCH),
+                (self.clock.now_ms(), _PURGE_BATCH),
             )
             db.execute(
                 "DELETE FROM seen WHERE name IN (SELECT name FROM seen WHERE expires_ms <= ? LIMIT ?)",
-                (_now_ms(), _PURGE_BATCH),
+                (self.clock.now_ms(), _PURGE_BATCH),
             )
             cursor = db.execute(
                 "DELETE FROM operations WHERE op_id IN (SELECT op_id FROM operations"
                 " WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?)",
-                (_now_ms(), _PURGE_BATCH),
+                (self.clock.now_ms(), _PURGE_BATCH),
             )
         return cursor.rowcount
 
@@ -471,9 +481,17 @@ def _columns(db: sqlite3.Connection) -> list[str]:
     return [row[1] for row in db.execute("PRAGMA table_info(operations)")]
 
 
+def _anchored_clock(db: sqlite3.Connection) -> AnchoredClock:
+    """This boot's clock, anchored by the first process of the boot to open the file (inside
+    the caller's transaction, so processes opening it together agree on the anchor)."""
+    boot, wall_ms, monotonic_ms = anchor_for_this_boot()
+    db.execute("DELETE FROM clock WHERE boot <> ?", (boot,))  # no process of an earlier boot is left
+    db.execute(
+        "INSERT OR IGNORE INTO clock (boot, wall_ms, monotonic_ms) VALUES (?, ?, ?)", (boot, wall_ms, monotonic_ms)
+    )
+    wall_ms, monotonic_ms = db.execute("SELECT wall_ms, monotonic_ms FROM clock WHERE boot = ?", (boot,)).fetchone()
+    return AnchoredClock(wall_ms, monotonic_ms)
+
+
 def _decode(op_id: str, row: tuple[Any, ...]) -> OperationRecord:
     return codec.decode(op_id, dict(zip(_COLUMNS, row, strict=True)))
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

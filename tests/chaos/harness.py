@@ -49,6 +49,8 @@ from idemproxy.config.settings import StoreConfig
 from idemproxy.lifecycle.records import UNRESOLVED_STATES, OperationRecord, State
 from idemproxy.protocol.keys import Scope, operation_id
 from idemproxy.store import open_store
+from tests.chaos.tool import reconcile_config
+from tests.support.processes import wait_http
 from tests.support.redis_server import RedisServer, free_port, restartable_port
 
 ROUTE = "tool"
@@ -143,7 +145,7 @@ class Deployment:
              "--seed", str(self.config.seed)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=_repo_root(),
         )  # fmt: skip
-        _wait_http(f"http://127.0.0.1:{self.tool_port}/effects?key=-")
+        wait_http(f"http://127.0.0.1:{self.tool_port}/effects?key=-")
         for index in range(len(self.proxies)):
             self.start_proxy(index)
 
@@ -164,15 +166,7 @@ class Deployment:
                     "lease": "2s",
                     "wait": "3s",
                     "max_attempts": 50,
-                    "reconcile": {
-                        "probe": {"url": "{upstream}/effects?key={key}", "match": "matches[0]", "timeout": "1s"},
-                        "found": {"status": 201, "body": "resource"},
-                        "settle": "1s",
-                        "backoff": "200ms",
-                        "max_backoff": "1s",
-                        "max_probes": 40,
-                        "on_demand_timeout": "2s",
-                    },
+                    "reconcile": reconcile_config(max_backoff="1s", max_probes=40, on_demand_timeout="2s"),
                 }
             ],
         }
@@ -183,7 +177,7 @@ class Deployment:
                 [sys.executable, "-m", "idemproxy", "run", "--config", str(path)], stdout=log, stderr=log
             )
         try:
-            _wait_http(f"http://127.0.0.1:{admin}/healthz")
+            wait_http(f"http://127.0.0.1:{admin}/healthz")
         except RuntimeError as exc:
             log_tail = (self.directory / f"proxy-{index}.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"proxy {index} did not start: {exc}\n{log_tail}") from None
@@ -397,20 +391,6 @@ def _tool_faults_seen(answers: dict[str, list[Answer]]) -> Counter[str]:
             elif b"ledger-unavailable" in answer.body:
                 seen["ledger unreachable: 503 fail-closed (seen by callers)"] += 1
     return seen
-
-
-def _wait_http(url: str, timeout_s: float = 20.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up in {timeout_s:g}s") from None
-            time.sleep(0.05)
 
 
 def _repo_root() -> str:

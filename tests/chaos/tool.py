@@ -13,6 +13,9 @@ Faults, chosen per request with the probabilities set through
 - ``reset``: commits, then drops the connection (a lost acknowledgment);
 - ``bad_gateway``: answers 502, having committed or not (a coin flip);
 - ``unavailable``: answers 503 without committing (the proxy may retry).
+
+``--commit-after S`` makes every effect land S seconds after its request arrives
+(a slow tool, for faults that need an attempt in flight).
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ from aiohttp import web
 
 FAULTS = web.AppKey("faults", dict)
 STATE = web.AppKey("state", dict)
+
+
+def reconcile_config(**overrides: Any) -> dict[str, Any]:
+    """A route's ``reconcile`` section that probes this tool's ``/effects`` (``overrides``
+    replace its timings)."""
+    return {
+        "probe": {"url": "{upstream}/effects?key={key}", "match": "matches[0]", "timeout": "1s"},
+        "found": {"status": 201, "body": "resource"},
+        "settle": "1s",
+        "backoff": "200ms",
+        **overrides,
+    }
 
 
 def effect_body(effect_id: int, key: str) -> bytes:
@@ -79,6 +94,8 @@ async def act(request: web.Request) -> web.StreamResponse:
         if random.random() < 0.5:
             log.commit(key)
         return web.json_response({"error": "bad gateway"}, status=502)
+    if commit_after_s := request.app[STATE]["commit_after_s"]:
+        await asyncio.sleep(commit_after_s)  # a slow tool: the effect lands this long after the request
     effect_id = log.commit(key)
     if fault == "reset":
         assert request.transport is not None
@@ -102,11 +119,11 @@ async def set_faults(request: web.Request) -> web.Response:
     return web.json_response(request.app[FAULTS])
 
 
-def build_app(log_path: Path, late_s: float) -> web.Application:
+def build_app(log_path: Path, late_s: float, commit_after_s: float = 0.0) -> web.Application:
     app = web.Application()
     app[LOG] = EffectLog(log_path)
     app[FAULTS] = {}
-    app[STATE] = {"late_s": late_s}
+    app[STATE] = {"late_s": late_s, "commit_after_s": commit_after_s}
     app.router.add_post("/act", act)
     app.router.add_get("/effects", effects)
     app.router.add_post("/_chaos/faults", set_faults)
@@ -118,10 +135,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--late", type=float, default=1.5, help="seconds a 'timeout' answer is late")
+    parser.add_argument("--commit-after", type=float, default=0.0, help="seconds each effect takes to land")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     random.seed(args.seed)
-    web.run_app(build_app(args.log, args.late), host="127.0.0.1", port=args.port, print=None)
+    app = build_app(args.log, args.late, args.commit_after)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -188,15 +188,17 @@ async def test_a_pending_record_of_the_previous_version_is_in_progress_and_finis
     assert problem["type"] == "urn:idemproxy:problem:operation-in-flight"
     assert upstream.count() == 0
 
-    lease = Lease(pending.op_id, pending.fence, pending.owner, pending.lease_until_ms + 1)
-    stale = Lease(pending.op_id, pending.fence - 1, pending.owner, pending.lease_until_ms + 1)
+    lease = Lease(pending.op_id, pending.fence, pending.owner, 600_000)
+    stale = Lease(pending.op_id, pending.fence - 1, pending.owner, 600_000)
     assert await store.renew([lease, stale]) == [True, False]
+    renewed = await store.get(pending.op_id)
+    assert renewed is not None and renewed.lease_until_ms >= store.clock.earliest_ms() + 590_000
     body = b'{"id":"tkt_2"}'
     response = StoredResponse(201, (("Content-Type", "application/json"),), body, len(body), "0" * 64)
     done = pending.evolve(state=State.COMPLETED, response=response, lease_until_ms=0, updated_ms=NOW_MS, evidence=())
     finished = Evidence(NOW_MS, "completed", {"status": 201})
     late = Transition(done, pending.fence - 1, frozenset({State.PENDING}), finished)
-    assert await store.transition(late) == pending.evolve(lease_until_ms=lease.until_ms, evidence=())
+    assert await store.transition(late) == pending.evolve(lease_until_ms=renewed.lease_until_ms, evidence=())
     assert await store.transition(Transition(done, pending.fence, frozenset({State.PENDING}), finished)) is None
 
     stored = await store.get(pending.op_id)

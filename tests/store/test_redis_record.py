@@ -199,14 +199,16 @@ async def test_renew_and_note_keep_binary_bodies_intact(redis_url: str) -> None:
         request = StoredRequest(
             headers=(("Content-Type", "application/octet-stream"), ("X-Ünïcode", "✓")), body=b"\xff\x00\xfe"
         )
-        pending = realistic("0123456789abcdef0123456789abcdef", 1_795_497_145_432).evolve(request=request)
+        # A lease that has not ended by the server's clock: an ended one is never renewed.
+        pending = realistic("0123456789abcdef0123456789abcdef", store.clock.now_ms()).evolve(request=request)
         reserved = Evidence(pending.created_ms, "reserved", {"attempt": 1, "owner": pending.owner})
         assert await store.reserve(pending, reserved) is None
-        lease = Lease(pending.op_id, pending.fence, pending.owner, pending.lease_until_ms + 5_000)
-        assert await store.renew([lease]) == [True]
+        assert await store.renew([Lease(pending.op_id, pending.fence, pending.owner, 60_000)]) == [True]
         probe = Evidence(pending.created_ms + 1, "probe", {"result": "unknown", "body": "non-ascii ✓"})
         assert await store.note(pending.op_id, probe)
-        expected = pending.evolve(lease_until_ms=lease.until_ms, evidence=(reserved, probe))
+        renewed = await store.get(pending.op_id)
+        assert renewed is not None and renewed.lease_until_ms > pending.lease_until_ms
+        expected = pending.evolve(lease_until_ms=renewed.lease_until_ms, evidence=(reserved, probe))
         assert await store.get(pending.op_id) == expected
         body = bytes(range(256)) * 8  # not UTF-8, and larger than the digest is recomputed for
         response = realistic_response()

@@ -103,8 +103,8 @@ async def test_cluster_store_keeps_the_contract_across_two_instances(
     assert sum(result is None for result in results) == 1
 
     # Renew, note, and the fencing token across instances.
-    assert await b.renew([Lease(first.op_id, 1, "instance-a:1", first.lease_until_ms + 1000)]) == [True]
-    assert await b.renew([Lease(first.op_id, 1, "instance-b:1", first.lease_until_ms + 2000)]) == [False]
+    assert await b.renew([Lease(first.op_id, 1, "instance-a:1", 60_000)]) == [True]
+    assert await b.renew([Lease(first.op_id, 1, "instance-b:1", 60_000)]) == [False]
     assert await a.note(first.op_id, reserved(first))
     released = outcome(first, State.RELEASED)
     assert await a.transition(move(released, fence=1, ttl_s=60)) is None
@@ -230,7 +230,7 @@ async def test_cluster_scripts_are_reloaded_after_script_flush_on_every_node(
         node.call("SCRIPT", "FLUSH")
 
     fresh = await reserve_new(a)  # RESERVE
-    assert await a.renew([Lease(r.op_id, 1, r.owner, r.lease_until_ms + 500) for r in records]) == [True] * 6  # RENEW
+    assert await a.renew([Lease(r.op_id, 1, r.owner, 60_000) for r in records]) == [True] * 6  # RENEW
     assert await a.note(fresh.op_id, reserved(fresh))  # NOTE
     done = await complete(a, fresh, b"after the flush")  # TRANSITION
     assert done.response is not None

@@ -7,6 +7,8 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -36,3 +38,24 @@ def idemproxy_cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = Non
         timeout=60,
         check=False,
     )
+
+
+def wait_http(
+    url: str,
+    timeout_s: float = 30.0,
+    *,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Until ``url`` answers: a server child came up. ``RuntimeError`` (with the tail of
+    ``log``) when it does not in time, or ``process`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                tail = "" if log is None else "\n" + log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{url} did not come up{tail}") from None
+            time.sleep(0.05)  # polling the child's port until it listens
