@@ -192,7 +192,8 @@ async def test_a_pending_record_of_the_previous_version_is_in_progress_and_finis
     stale = Lease(pending.op_id, pending.fence - 1, pending.owner, 600_000)
     assert await store.renew([lease, stale]) == [True, False]
     renewed = await store.get(pending.op_id)
-    assert renewed is not None and renewed.lease_until_ms >= store.clock.earliest_ms() + 590_000
+    assert renewed is not None
+    assert renewed.lease_until_ms >= store.clock.earliest_ms() + 590_000
     body = b'{"id":"tkt_2"}'
     response = StoredResponse(201, (("Content-Type", "application/json"),), body, len(body), "0" * 64)
     done = pending.evolve(state=State.COMPLETED, response=response, lease_until_ms=0, updated_ms=NOW_MS, evidence=())

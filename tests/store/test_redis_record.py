@@ -207,7 +207,8 @@ async def test_renew_and_note_keep_binary_bodies_intact(redis_url: str) -> None:
         probe = Evidence(pending.created_ms + 1, "probe", {"result": "unknown", "body": "non-ascii ✓"})
         assert await store.note(pending.op_id, probe)
         renewed = await store.get(pending.op_id)
-        assert renewed is not None and renewed.lease_until_ms > pending.lease_until_ms
+        assert renewed is not None
+        assert renewed.lease_until_ms > pending.lease_until_ms
         expected = pending.evolve(lease_until_ms=renewed.lease_until_ms, evidence=(reserved, probe))
         assert await store.get(pending.op_id) == expected
         body = bytes(range(256)) * 8  # not UTF-8, and larger than the digest is recomputed for

@@ -44,7 +44,8 @@ async def test_a_live_lease_is_not_taken_by_an_instance_whose_clock_says_it_ende
 
     assert current == live.evolve(evidence=())
     stored = await store.get(live.op_id)
-    assert stored is not None and (stored.state, stored.fence, stored.owner) == (State.PENDING, 1, "instance-a:1")
+    assert stored is not None
+    assert (stored.state, stored.fence, stored.owner) == (State.PENDING, 1, "instance-a:1")
 
 
 @pytest.mark.parametrize("how", ["claim", "escalate", "resolve-done", "resolve-not-done"])
@@ -55,7 +56,8 @@ async def test_a_lease_ended_by_the_stores_clock_is_taken(store: Store, how: str
     assert await store.transition(taken) is None
 
     stored = await store.get(ended.op_id)
-    assert stored is not None and (stored.state, stored.fence) == (taken.new.state, 2)
+    assert stored is not None
+    assert (stored.state, stored.fence) == (taken.new.state, 2)
 
 
 async def test_an_operator_resolves_an_unknown_operation_a_reconciler_is_probing(store: Store) -> None:
@@ -96,4 +98,5 @@ async def test_an_ended_lease_is_never_renewed(store: Store) -> None:
     assert await store.renew([Lease(ended.op_id, 1, ended.owner, 600_000)]) == [False]
 
     stored = await store.get(ended.op_id)
-    assert stored is not None and stored.lease_until_ms == ended.lease_until_ms
+    assert stored is not None
+    assert stored.lease_until_ms == ended.lease_until_ms
