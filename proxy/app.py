@@ -27,6 +27,7 @@ from idemproxy.edge.auth import (
     IdentityStore,
     admin_auth_middleware,
     admin_expect_handler,
+    loopback_only_middleware,
     proxy_auth_step,
 )
 from idemproxy.edge.budgets import Budgets
@@ -162,7 +163,7 @@ def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
         middlewares=[
             problem_middleware,
             inbound_middleware(config.client_body_timeout_s),
-            *([admin_auth_middleware(authenticator)] if authenticator else []),
+            admin_auth_middleware(authenticator) if authenticator else loopback_only_middleware(),
         ]
     )
     _add_identities_ctx(app, authenticator)

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import signal
@@ -351,6 +352,41 @@ def proxy_auth_step(authenticator: Authenticator, routes: RouteTable) -> Step:
         return await handler(request)
 
     return authenticated
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+
+
+def addressed_to_loopback(host: str | None) -> bool:
+    """Whether a request's ``Host`` names this machine's loopback (``127.0.0.1:8081``,
+    ``[::1]``, ``localhost``): what a browser sends only to a page it loaded from there."""
+    host = (host or "").lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_only_middleware() -> Middleware:
+    """The admin listener without authentication (it is bound to loopback): every request must
+    also be *addressed* to loopback. A web page the operator has open elsewhere can re-point its
+    own name at 127.0.0.1 (DNS rebinding) and then read and post to the API as same-origin; its
+    requests carry that name as ``Host``, never a loopback one."""
+
+    @web.middleware
+    async def loopback_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not addressed_to_loopback(request.host):
+            raise Forbidden(
+                "Without admin authentication the admin listener answers only requests addressed to a "
+                f"loopback host (127.0.0.1, [::1], localhost), not {request.host!r}."
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return loopback_only
 
 
 def admin_auth_middleware(authenticator: Authenticator) -> Middleware:

@@ -50,6 +50,7 @@ from idemproxy.protocol.errors import (
     LedgerLost,
     LedgerUnavailable,
     OperationNotFound,
+    UnsupportedMediaType,
 )
 from idemproxy.store import Store, StoreUnavailable
 from idemproxy.store.base import OpsQuery
@@ -106,12 +107,7 @@ async def confirm_ledger(request: web.Request) -> web.Response:
     identity = request.get(IDENTITY)
     if identity is not None and identity.ops is not OpsAccess.ADMIN:
         raise Forbidden(f"Identity {identity.name!r} may not confirm a ledger loss; that takes 'ops: admin'.")
-    try:
-        payload = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidResolution(f"The body must be JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InvalidResolution('The body must be a JSON object, such as {"by": "alice"}.')
+    payload = await _json_object(request, 'a JSON object, such as {"by": "alice"}')
     by = payload.get("by") or "unknown"
     if not isinstance(by, str) or len(by) > _MAX_BY:
         raise InvalidResolution(f"'by' must be a string of at most {_MAX_BY} characters.")
@@ -178,13 +174,26 @@ async def _record_views(request: web.Request, query: OpsQuery) -> list[dict[str,
 async def resolve_operation(request: web.Request) -> web.Response:
     _may_resolve(request)
     record = await _load(request, request.match_info["op_id"])
+    payload = await _json_object(request, "a JSON object with 'outcome': 'done' or 'not_done'")
+    return _json(await _settle(request, record, payload))
+
+
+async def _json_object(request: web.Request, expected: str) -> dict[str, Any]:
+    """The request's body, a JSON object. Only a body declared
+    ``application/json`` is read: a page on another site can make a browser send text/plain or
+    a form to a loopback admin listener without asking first, never JSON."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"The admin API takes {expected}, sent as Content-Type: application/json "
+            f"(got {request.headers.get('Content-Type', 'none')[:100]!r})."
+        )
     try:
         payload = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
         raise InvalidResolution(f"The body must be JSON: {exc}") from exc
     if not isinstance(payload, dict):
-        raise InvalidResolution("The body must be a JSON object with 'outcome': 'done' or 'not_done'.")
-    return _json(await _settle(request, record, payload))
+        raise InvalidResolution(f"The body must be {expected}.")
+    return payload
 
 
 async def _resolve_view(request: web.Request, op_id: str, payload: dict[str, Any]) -> dict[str, Any]:

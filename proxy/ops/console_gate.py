@@ -33,7 +33,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import urllib.parse
 from collections.abc import Mapping
@@ -47,7 +46,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 
-from idemproxy.edge.auth import IDENTITY, OpsAccess
+from idemproxy.edge.auth import IDENTITY, OpsAccess, addressed_to_loopback
 from idemproxy.protocol import PROBLEM_CONTENT_TYPE
 from idemproxy.protocol.errors import Forbidden
 
@@ -88,7 +87,6 @@ _LOGIN_MAX_BYTES = 8 * 1024
 _LOGIN_BODY_TIMEOUT_S = 10.0
 _MAX_TOKEN_CHARS = 1024
 _NONCE_CHARS = 43  # secrets.token_urlsafe(32)
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 
 
 def is_console(path: str) -> bool:
@@ -220,18 +218,11 @@ def viewer(request: web.Request) -> str | None:
     if identity is not None:
         name: str = identity.name
         return name
-    host = (request.host or "").lower()
-    name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-    if name not in _LOOPBACK_NAMES:
-        try:
-            loopback = ipaddress.ip_address(name).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise Forbidden(
-                f"Without admin authentication the console answers only requests addressed to a loopback "
-                f"host (127.0.0.1, [::1], localhost), not {request.host!r}."
-            )
+    if not addressed_to_loopback(request.host):
+        raise Forbidden(
+            f"Without admin authentication the console answers only requests addressed to a loopback "
+            f"host (127.0.0.1, [::1], localhost), not {request.host!r}."
+        )
     request[AUTH_OFF] = True
     return None
 

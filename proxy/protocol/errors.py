@@ -141,6 +141,15 @@ class MalformedRequest(BadRequest):
     title = "Malformed request"
 
 
+class UnsupportedMediaType(ProblemError):
+    """A body in a media type the endpoint does not take (the admin API takes JSON only)."""
+
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+    decision = Decision.REJECTED
+
+
 class Unauthenticated(ProblemError):
     """No valid credentials; carries a ``WWW-Authenticate`` challenge."""
 

@@ -1,4 +1,5 @@
-"""Fixtures for the operator's side: ``make_env``, a proxy and its admin app for the metrics tests."""
+"""Fixtures for the operator's side: ``ops``, two routes and the admin API driven through them;
+``make_env``, a proxy and its admin app for the metrics tests; ``setup`` for the CLI."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ from idemproxy.app import build_admin_app, build_proxy_app
 from idemproxy.config.settings import StoreConfig
 from idemproxy.store import Store, open_store
 from tests.conftest import proxy_config, sqlite_url
+from tests.support.admin_ops import ClientFactory, Ops, two_routes
 from tests.support.metrics import Client, Env, EnvFactory, config_for
 from tests.support.ops_cli import Setup
 from tests.support.upstream import Upstream
+
+
+@pytest.fixture
+async def ops(aiohttp_client: ClientFactory, store: Store, upstream: Upstream) -> Ops:
+    config = two_routes(upstream.url)
+    proxy = await aiohttp_client(build_proxy_app(config, store, run_reconciler=False))
+    admin = await aiohttp_client(build_admin_app(store, config))
+    return Ops(proxy, admin, store, upstream)
 
 
 @pytest.fixture

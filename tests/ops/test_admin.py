@@ -18,28 +18,14 @@ from typing import Any
 import orjson
 import pytest
 
-from idemproxy.app import build_admin_app, build_proxy_app
 from idemproxy.lifecycle.records import Evidence, OperationRecord, State
 from idemproxy.protocol.keys import Scope
-from idemproxy.store import Store
 from tests.support.admin_ops import (
-    ClientFactory,
     Ops,
     kinds,
     problem,
-    two_routes,
 )
 from tests.support.records import op_id_for
-from tests.support.upstream import Upstream
-
-
-@pytest.fixture
-async def ops(aiohttp_client: ClientFactory, store: Store, upstream: Upstream) -> Ops:
-    config = two_routes(upstream.url)
-    proxy = await aiohttp_client(build_proxy_app(config, store, run_reconciler=False))
-    admin = await aiohttp_client(build_admin_app(store, config))
-    return Ops(proxy, admin, store, upstream)
-
 
 # -- show -------------------------------------------------------------------------------------------
 
