@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_ON_DEMAND_TIMEOUT_S = 5.0
 _CLAIM_MARGIN_S = 5.0
+_RECHECK_S = 0.01
 
 
 class Reconciler:
@@ -105,8 +106,10 @@ class Reconciler:
                 return current or record
             # The next probe is due within this request's bound (e.g. "absent" was not
             # yet settled): wait for it rather than answer "unknown".
-            wait_s = (current.next_probe_ms - clock.earliest_ms()) / 1000
-            if wait_s <= 0 or time.monotonic() + wait_s >= deadline:
+            # Due already (by a ms the lower bound on the store's clock has not yet reached,
+            # say): look again shortly, never answer "unknown" while a probe can still run.
+            wait_s = max(_RECHECK_S, (current.next_probe_ms - clock.earliest_ms()) / 1000)
+            if time.monotonic() + wait_s >= deadline:
                 return current
             await asyncio.sleep(wait_s)
             record = current
