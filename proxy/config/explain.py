@@ -93,6 +93,7 @@ class _Explainer:
         self.top("client_header_timeout", duration(config.client_header_timeout_s))
         self.top("client_body_timeout", duration(config.client_body_timeout_s))
         self.top("max_connections", config.max_connections)
+        self.top("allow_unauthenticated_credential_use", config.allow_unauthenticated_credential_use)
         self.store(config.store)
         self.heading(0, "headers")
         for key in ("key", "caller", "task"):

@@ -238,6 +238,9 @@ class ProxyConfig:
     max_connections: int = 512
     auth: AuthConfig | None = None  # None: callers are named by the caller header, unauthenticated
     budgets: BudgetConfig = field(default_factory=BudgetConfig)
+    #: Serve routes that inject credentials (``upstream_headers``) to unauthenticated callers on
+    #: a non-loopback ``listen``: the operator's explicit word that the network is trusted.
+    allow_unauthenticated_credential_use: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +422,12 @@ class _Reader(Problems):
                 data, "client_body_timeout", defaults.client_body_timeout_s, positive_duration
             ),
             max_connections=self.value(data, "max_connections", defaults.max_connections, positive_int),
+            allow_unauthenticated_credential_use=self.value(
+                data,
+                "allow_unauthenticated_credential_use",
+                defaults.allow_unauthenticated_credential_use,
+                boolean,
+            ),
             store=self.store(data.get("store", {})),
             headers=self.headers(data.get("headers", {})),
         )
@@ -505,6 +514,10 @@ class _Reader(Problems):
         if not has_auth and not admin_listen.is_loopback:
             with self.from_origin(self.overridden.get("admin_listen")):
                 self.fail("admin_listen", _exposed_admin_problem(admin_listen))
+        credentialed = [route.name for route in config.routes if route.upstream_headers]
+        if credentialed and not has_auth and not listen.is_loopback and not config.allow_unauthenticated_credential_use:
+            with self.from_origin(self.overridden.get("listen")):
+                self.fail("listen", _lent_credentials_problem(listen, credentialed))
 
     def store(self, raw: Any) -> StoreConfig:
         defaults = StoreConfig()
@@ -671,6 +684,7 @@ _TOP_KEYS = frozenset(
         "max_connections",
         "auth",
         "budgets",
+        "allow_unauthenticated_credential_use",
     }
 )
 _STORE_KEYS = frozenset(
@@ -710,6 +724,16 @@ def _exposed_admin_problem(admin_listen: HostPort) -> str:
         "(/_idem/ops: stored answers, resolving operations) would answer anyone who can reach it: "
         "bind admin_listen to 127.0.0.1, or configure 'auth' with an identity that has 'ops: admin' "
         "(docs: Identities); serve health and metrics to the kubelet and Prometheus on metrics_listen"
+    )
+
+
+def _lent_credentials_problem(listen: HostPort, routes: list[str]) -> str:
+    named = ", ".join(repr(name) for name in routes[:3]) + (" ..." if len(routes) > 3 else "")
+    return (
+        f"{listen} is not a loopback address, and without 'auth' anyone who can reach it could call "
+        f"route(s) {named} with the credentials their upstream_headers inject, under any caller name: "
+        "configure 'auth' (docs: Identities), bind listen to 127.0.0.1 (a sidecar), or, on a network "
+        "you trust, set allow_unauthenticated_credential_use: true"
     )
 
 

@@ -411,6 +411,7 @@ def test_explain_says_where_each_value_came_from(
         "client_header_timeout",
         "client_body_timeout",
         "max_connections",
+        "allow_unauthenticated_credential_use",
         "store",
         "headers",
         "routes",

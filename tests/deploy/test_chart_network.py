@@ -268,3 +268,31 @@ def test_network_policy_keeps_the_bundled_redis_to_the_proxy() -> None:
     assert not selects(peer["podSelector"], redis_pods)
     off = render(CHART, {**values, "networkPolicy": {"enabled": True, "redis": False}})
     assert [m.name for m in off if m.kind == "NetworkPolicy"] == [FULLNAME]
+
+
+CREDENTIALED_ROUTE = {
+    "name": "tickets",
+    "prefix": "/",
+    "upstream": "http://tool:9000",
+    "upstream_headers": {"Authorization": "env:TOOL_TOKEN"},
+}
+
+
+@pytest.mark.parametrize("address", LOOPBACK + OFF_LOOPBACK)
+def test_schema_lends_no_credentials_to_unauthenticated_callers_in_the_cluster(address: str) -> None:
+    """A standalone proxy off loopback whose routes inject credentials needs config.auth, or the
+    operator's explicit word that the network is trusted; a sidecar listens on loopback."""
+    with helm_python.Chart.load(CHART) as chart:
+        config = {**chart.values["config"], "routes": [CREDENTIALED_ROUTE]}
+        values = {**chart.values, "upstream": "", "bindAddress": address, "config": config}
+        if address in LOOPBACK:
+            chart.validate_schema(values)
+        else:
+            with pytest.raises(helm_python.HelmValuesError, match="at '/config'"):
+                chart.validate_schema(values)
+        chart.validate_schema({**values, "config": {**config, "auth": OPERATOR_AUTH}})
+        chart.validate_schema({**values, "config": {**config, "allow_unauthenticated_credential_use": True}})
+        chart.validate_schema({**values, "mode": "sidecar"})
+        plain = {**CREDENTIALED_ROUTE}
+        del plain["upstream_headers"]
+        chart.validate_schema({**values, "config": {**config, "routes": [plain]}})
