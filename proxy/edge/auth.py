@@ -62,7 +62,7 @@ from idemproxy.config.auth import (
     resolve_secret,
 )
 from idemproxy.config.routes import RouteTable, parse_target
-from idemproxy.edge.observe import OBSERVATION
+from idemproxy.edge.observe import RouteMatched, record
 from idemproxy.edge.problems import problem_response
 from idemproxy.protocol.errors import ExpectationFailed, Forbidden, LedgerUnavailable, ProblemError, Unauthenticated
 from idemproxy.store.base import Store, StoreUnavailable
@@ -343,9 +343,7 @@ def proxy_auth_step(authenticator: Authenticator, routes: RouteTable) -> Step:
     async def authenticated(request: Request, handler: ProxyHandler) -> StreamResponse:
         identity = await authenticator.authenticate(request)
         route = routes.match(parse_target(request.method, request.raw_path).path)
-        observation = request.get(OBSERVATION)
-        if observation is not None:
-            observation.route = route.name
+        record(request, RouteMatched(route.name))
         if not identity.allows(route.name, request.method):
             raise Forbidden(f"Identity {identity.name!r} may not use {request.method} on route {route.name!r}.")
         request[IDENTITY] = identity

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler as AiohttpHandler
 
-from idemproxy.edge.observe import OBSERVATION
+from idemproxy.edge.observe import Decided, record
 from idemproxy.protocol import PROBLEM_CONTENT_TYPE, Decision
 from idemproxy.protocol.errors import BodyTooLarge, InternalError, MethodNotAllowed, NoRoute, ProblemError
 from idemproxy.wire.http_messages import Handler, Request, StreamResponse, problem_reply
@@ -28,9 +28,8 @@ async def answer_problems(request: Request, handler: Handler) -> StreamResponse:
 
 
 def record_decision(request: Request, decision: Decision) -> None:
-    observation = request.get(OBSERVATION)
-    if observation is not None and observation.decision is None:
-        observation.decision = decision
+    """``decision`` is the request's unless one was recorded before (``Decided``)."""
+    record(request, Decided(decision))
 
 
 @web.middleware

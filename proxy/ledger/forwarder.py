@@ -17,16 +17,26 @@ from yarl import URL
 
 from idemproxy.config.settings import RouteConfig
 from idemproxy.wire.upstream_client import (
-    Body,
+    Destination,
     FailureKind,
     NotSent,
     SendGuard,
     UpstreamClient,
     UpstreamFailed,
+    UpstreamRequest,
     UpstreamResponse,
 )
 
-__all__ = ["Fetched", "Forwarder", "NotSent", "SendGuard", "UpstreamFailed", "UpstreamResponse", "failure_kind"]
+__all__ = [
+    "Fetched",
+    "Forwarder",
+    "NotSent",
+    "SendGuard",
+    "UpstreamFailed",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "failure_kind",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,62 +117,37 @@ class Forwarder:
             await self._session.close()
             self._session = None
 
-    def request(
-        self,
-        route: RouteConfig,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: Body,
-        *,
-        length: int | None = None,
-        guard: SendGuard | None = None,
-    ) -> Sending:
-        """Send one request to ``route``'s upstream: ``async with`` gives the response
-        once its head is in, and releases it at the end. Failures raise ``UpstreamFailed``.
+    def request(self, route: RouteConfig, request: UpstreamRequest, guard: SendGuard | None = None) -> Sending:
+        """Send ``request`` to ``route``'s upstream, within its timeouts: ``async with`` gives
+        the response once its head is in, and releases it at the end. Failures raise
+        ``UpstreamFailed``.
 
-        ``target`` is the upstream request target (``routes.upstream_target``).
-        ``guard`` is asked once a connection (pooled or new) is in hand, right
-        before the request is written; ``False`` raises ``NotSent``."""
+        ``request.target`` is the upstream request target (``routes.upstream_target``).
+        ``guard`` is asked once a connection (pooled or new) is in hand, right before the
+        request is written; ``False`` raises ``NotSent``."""
         if self._client is None:
             raise RuntimeError("the forwarder is not started")
-        return Sending(self._client, route, method, target, headers, body, length, guard)
+        destination = Destination(route.upstream, route.connect_timeout_s, route.read_timeout_s)
+        return Sending(self._client, destination, request, guard)
 
 
 class Sending:
     """``Forwarder.request``'s context manager (a class: an ``asynccontextmanager``
     generator costs several times as much, on every forwarded request)."""
 
-    __slots__ = ("_args", "_client", "_response")
+    __slots__ = ("_client", "_destination", "_guard", "_request", "_response")
 
     def __init__(
-        self,
-        client: UpstreamClient,
-        route: RouteConfig,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: Body,
-        length: int | None,
-        guard: SendGuard | None,
+        self, client: UpstreamClient, destination: Destination, request: UpstreamRequest, guard: SendGuard | None
     ) -> None:
         self._client = client
-        self._args = (route, method, target, headers, body, length, guard)
+        self._destination = destination
+        self._request = request
+        self._guard = guard
         self._response: UpstreamResponse | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
-        route, method, target, headers, body, length, guard = self._args
-        self._response = await self._client.send(
-            route.upstream,
-            method,
-            target,
-            headers,
-            body,
-            length=length,
-            connect_s=route.connect_timeout_s,
-            read_s=route.read_timeout_s,
-            guard=guard,
-        )
+        self._response = await self._client.send(self._destination, self._request, self._guard)
         return self._response
 
     async def __aexit__(self, *exc_info: object) -> None:

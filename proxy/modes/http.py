@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from idemproxy.config.routes import Target
 from idemproxy.config.settings import KeyMode, RouteConfig
-from idemproxy.edge.observe import OBSERVATION, Observation
+from idemproxy.edge.observe import OBSERVATION, SIDE_EFFECTING, Decided, Observation, TaskNamed
 from idemproxy.ledger.forwarder import UpstreamResponse
 from idemproxy.ledger.ledger import Answered
 from idemproxy.lifecycle.decisions import classify_failure, classify_status
@@ -31,9 +31,9 @@ class HttpMode:
         observation = request[OBSERVATION]
         refuse_ambiguous(request.headers, pipeline.own_headers)
         if not route.is_side_effecting(request.method):
-            observation.decision = Decision.PASSTHROUGH
+            observation.record(Decided(Decision.PASSTHROUGH))
             return await pipeline.passthrough(request, route, target)
-        observation.side_effecting = True
+        observation.record(SIDE_EFFECTING)
         body = await read_body(request, route.max_body)
         return await self._side_effect(request, route, target, body, observation)
 
@@ -45,30 +45,25 @@ class HttpMode:
         request_fp = fingerprint(request.method, target.path, target.query, headers, route.fingerprint_headers, body)
         caller, task = pipeline.caller_and_task(request)
         key = headers.get(pipeline.names.key)
-        observation.task = task
+        observation.record(TaskNamed(task))
         if key is None:
             if route.key_mode is KeyMode.REQUIRE:
                 raise MissingKey(f"Route {route.name!r} requires an {pipeline.names.key} header on {request.method}.")
             if route.key_mode is KeyMode.OPTIONAL:
                 await pipeline.charge_unrecorded(request, route, caller, task)
-                observation.decision = Decision.UNRECORDED
+                observation.record(Decided(Decision.UNRECORDED))
                 return await pipeline.forward_unrecorded(request, route, target, body)
             pipeline.check_derivable(route, task)
             key = derive_key(caller, task, request_fp)
         else:
             accept_key(key)
         call = Call(request, route, target, body, Scope(caller, route.name, key, task), request_fp)
-        begun, upstream_headers = await pipeline.begin_operation(call)
+        begun = await pipeline.begin_operation(call)
         if isinstance(begun, StreamResponse):
             return begun
         if isinstance(begun, Answered):
-            observation.attempt = begun.record.attempt
             return answer(begun, route, observation)
-        observation.decision = Decision.FORWARDED
-        observation.attempt = begun.record.attempt
-        return await pipeline.forward_owned(
-            call, begun.record, upstream_headers, _http_reply(request, route, begun.record.op_id)
-        )
+        return await pipeline.forward_owned(begun, _http_reply(request, route, begun.record.op_id))
 
 
 def _http_reply(request: Request, route: RouteConfig, op_id: str) -> ReadReply:

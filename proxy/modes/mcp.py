@@ -56,7 +56,7 @@ from typing import Any
 
 from idemproxy.config.routes import Target
 from idemproxy.config.settings import KeyMode, RouteConfig
-from idemproxy.edge.observe import OBSERVATION, Observation
+from idemproxy.edge.observe import OBSERVATION, SIDE_EFFECTING, Decided, TaskNamed
 from idemproxy.edge.problems import record_decision
 from idemproxy.ledger.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.ledger.ledger import Answered
@@ -126,7 +126,7 @@ async def _handle(proxy: Pipeline, request: Request, route: RouteConfig, target:
     try:
         if request.method != "POST":
             refuse_ambiguous(request.headers, proxy.own_headers)
-            observation.decision = Decision.PASSTHROUGH
+            observation.record(Decided(Decision.PASSTHROUGH))
             return await proxy.passthrough(request, route, target)
         body = await read_body(request, route.max_body)
         parsed = parse_messages(body)
@@ -139,15 +139,15 @@ async def _handle(proxy: Pipeline, request: Request, route: RouteConfig, target:
                     INVALID_REQUEST,
                     "Invalid request: a batch must not carry a tools/call idemproxy records; send it on its own.",
                 )
-            observation.decision = Decision.PASSTHROUGH
+            observation.record(Decided(Decision.PASSTHROUGH))
             return await proxy.forward_unrecorded(request, route, target, body)
         check_mirrored_headers(request.headers, parsed)
         call = recorded_call(parsed, route.mcp)
         if call is None:
-            observation.decision = Decision.PASSTHROUGH
+            observation.record(Decided(Decision.PASSTHROUGH))
             return await proxy.forward_unrecorded(request, route, target, body)
-        observation.side_effecting = True
-        return await _tool_call(proxy, request, route, target, body, call, observation)
+        observation.record(SIDE_EFFECTING)
+        return await _tool_call(proxy, request, route, target, body, call)
     except JsonRpcError as exc:
         record_decision(request, Decision.REJECTED)
         return Response(status=exc.status, body=exc.to_json(), content_type=JSON)
@@ -165,11 +165,11 @@ async def _tool_call(
     target: Target,
     body: bytes,
     call: ToolCall,
-    observation: Observation,
 ) -> StreamResponse:
+    observation = request[OBSERVATION]
     headers = request.headers
     caller, task = proxy.caller_and_task(request)
-    observation.task = task
+    observation.record(TaskNamed(task))
     key = call.key if call.key is not None else headers.get(proxy.names.key)
     if key is None:
         if route.key_mode is KeyMode.REQUIRE:
@@ -179,27 +179,25 @@ async def _tool_call(
             )
         if route.key_mode is KeyMode.OPTIONAL:
             await proxy.charge_unrecorded(request, route, caller, task)
-            observation.decision = Decision.UNRECORDED
+            observation.record(Decided(Decision.UNRECORDED))
             return await proxy.forward_unrecorded(request, route, target, body)
         proxy.check_derivable(route, task)
         key = tool_call_key(task or "", call.name, call.arguments)
     else:
         accept_key(key)
     operation = Call(request, route, target, body, Scope(caller, route.name, key, task), call.fingerprint)
-    begun, upstream_headers = await proxy.begin_operation(operation)
+    begun = await proxy.begin_operation(operation)
     if isinstance(begun, StreamResponse):
         return begun
-    observation.attempt = begun.record.attempt
     if isinstance(begun, Answered):
         return _replay(request, answer(begun, route, observation), call)
-    observation.decision = Decision.FORWARDED
     op_id = begun.record.op_id
 
     async def read(upstream: UpstreamResponse) -> Reply:
         return await _relay_call(request, upstream, call, route, op_id)
 
     # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
-    return await proxy.forward_owned(operation, begun.record, upstream_headers, read, shield_record=True)
+    return await proxy.forward_owned(begun, read, shield_record=True)
 
 
 def _replay(request: Request, stored: Response, call: ToolCall) -> Response:

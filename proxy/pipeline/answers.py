@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from idemproxy.config.settings import RouteConfig
-from idemproxy.edge.observe import Observation
+from idemproxy.edge.observe import Decided, Observation
 from idemproxy.ledger.ledger import Answered
 from idemproxy.lifecycle.decisions import Action
 from idemproxy.lifecycle.records import OperationRecord
@@ -24,24 +24,28 @@ from idemproxy.wire.http_messages import Response
 
 
 def answer(answered: Answered, route: RouteConfig, observation: Observation) -> Response:
-    """The response for a request that must not be forwarded."""
+    """The response for a request that must not be forwarded; its decision (with the attempt
+    the ledger answered for) is recorded in ``observation``."""
     record = answered.record
     action = answered.action
-    if action is Action.REPLAY:
-        if answered.reconciled:
-            observation.decision = Decision.RECONCILED_FOUND
-        else:
-            observation.decision = Decision.WAITED_REPLAYED if answered.waited else Decision.REPLAYED
-        stored = record.response
-        assert stored is not None
-        assert stored.body is not None
-        response = Response(status=stored.status, body=stored.body, headers=stored.headers)
-        response.headers[REPLAYED_HEADER] = "true"
-        if record.reconciled:
-            response.headers[RECONCILED_HEADER] = "true"
-        response.headers[OPERATION_HEADER] = record.op_id
-        return response
-    raise _problem_for(action, record, route)
+    if action is not Action.REPLAY:
+        problem = _problem_for(action, record, route)
+        observation.record(Decided(problem.decision, record.attempt))
+        raise problem
+    if answered.reconciled:
+        decision = Decision.RECONCILED_FOUND
+    else:
+        decision = Decision.WAITED_REPLAYED if answered.waited else Decision.REPLAYED
+    observation.record(Decided(decision, record.attempt))
+    stored = record.response
+    assert stored is not None
+    assert stored.body is not None
+    response = Response(status=stored.status, body=stored.body, headers=stored.headers)
+    response.headers[REPLAYED_HEADER] = "true"
+    if record.reconciled:
+        response.headers[RECONCILED_HEADER] = "true"
+    response.headers[OPERATION_HEADER] = record.op_id
+    return response
 
 
 def _problem_for(action: Action, record: OperationRecord, route: RouteConfig) -> ProblemError:

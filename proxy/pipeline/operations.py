@@ -21,9 +21,9 @@ from idemproxy.config.routes import Target, upstream_target
 from idemproxy.config.settings import DeriveScope, FailureMode, RouteConfig
 from idemproxy.edge.auth import CREDENTIAL_HEADERS, IDENTITY, READ_BODY
 from idemproxy.edge.budgets import Budgets
-from idemproxy.edge.observe import OBSERVATION
+from idemproxy.edge.observe import OBSERVATION, Decided, Keyed
 from idemproxy.ledger.epoch import LostLedger
-from idemproxy.ledger.forwarder import Forwarder, NotSent, UpstreamFailed
+from idemproxy.ledger.forwarder import Forwarder, NotSent, UpstreamFailed, UpstreamRequest
 from idemproxy.ledger.ledger import Answered, Ledger, OperationRequest, Owned
 from idemproxy.lifecycle.decisions import ABORTED, NOT_SENT, Outcome, classify_failure
 from idemproxy.lifecycle.records import OperationRecord, StoredRequest, StoredResponse
@@ -55,9 +55,6 @@ from idemproxy.wire.upstream_client import Body, FailureKind
 
 log = logging.getLogger(__name__)
 
-#: What ``begin_operation`` returns as headers when nothing is to be forwarded (never modified).
-_NO_HEADERS: CIMultiDict[str] = CIMultiDict()
-
 
 @dataclass(frozen=True, slots=True, init=False)
 class Call:
@@ -80,6 +77,23 @@ class Call:
         object.__setattr__(self, "body", body)
         object.__setattr__(self, "scope", scope)
         object.__setattr__(self, "fingerprint", fingerprint)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Forwarding:
+    """A call whose attempt this proxy owns: the call, its record (the attempt and the
+    fencing token its outcome is recorded with) and the headers it is forwarded with."""
+
+    call: Call
+    record: OperationRecord
+    headers: CIMultiDict[str]
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, call: Call, record: OperationRecord, headers: CIMultiDict[str]
+    ) -> None:
+        object.__setattr__(self, "call", call)
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "headers", headers)
 
 
 class Pipeline:
@@ -106,15 +120,15 @@ class Pipeline:
         caller = identity.name if identity is not None else headers.get(self.names.caller) or ANONYMOUS
         return caller, headers.get(self.names.task)
 
-    async def begin_operation(self, call: Call) -> tuple[Owned | Answered | StreamResponse, CIMultiDict[str]]:
+    async def begin_operation(self, call: Call) -> Forwarding | Answered | StreamResponse:
         """Reserve ``call``'s operation in the ledger.
 
-        Returns the ledger's answer and, when the caller owns the attempt, the
-        headers to forward with; a response instead when the ledger is down and
-        the route fails open."""
+        Returns the attempt to forward when the caller owns it, else the ledger's
+        answer; a response instead when the ledger is down and the route fails open."""
         request, route, target, body, scope = call.request, call.route, call.target, call.body, call.scope
+        op_id = operation_id(scope)
         observation = request[OBSERVATION]
-        observation.key = scope.key
+        observation.record(Keyed(op_id, scope.key))
         upstream_headers = None  # built only when needed: a replay forwards nothing
         stored_request = None
         if route.reconcile is not None and route.reconcile.stores_request:
@@ -124,7 +138,7 @@ class Pipeline:
         if self.budgets is not None:
             budget = self.budgets.applying(request.get(IDENTITY), scope.caller, scope.task)
         op = OperationRequest(
-            op_id=operation_id(scope),
+            op_id=op_id,
             scope=scope,
             fingerprint=call.fingerprint,
             method=request.method,
@@ -135,7 +149,6 @@ class Pipeline:
             stored_request=stored_request,
             retention_s=route.retention_s,
         )
-        observation.op_id = op.op_id
         try:
             begun = await self.ledger.begin(op)
         except LostLedger as lost:
@@ -149,8 +162,8 @@ class Pipeline:
             metrics.STORE_ERRORS.labels("reserve").inc()
             if route.on_store_error is FailureMode.FAIL_OPEN:
                 log.warning("ledger unavailable; forwarding unrecorded (fail_open)", extra={"route": route.name})
-                observation.decision = Decision.FAIL_OPEN
-                return await self.forward_unrecorded(request, route, target, body), _NO_HEADERS
+                observation.record(Decided(Decision.FAIL_OPEN))
+                return await self.forward_unrecorded(request, route, target, body)
             raise LedgerUnavailable(
                 "The operation ledger is unreachable, so the request was not forwarded (fail-closed). "
                 "Retry with the same key.",
@@ -164,8 +177,10 @@ class Pipeline:
         if budget is not None:
             begun = await budget.admit(self.ledger, begun, route)  # BudgetExceeded when spent
         if not isinstance(begun, Owned):
-            return begun, _NO_HEADERS
-        return begun, upstream_headers if upstream_headers is not None else self.upstream_headers(request, scope.key)
+            return begun
+        if upstream_headers is None:
+            upstream_headers = self.upstream_headers(request, scope.key)
+        return Forwarding(call, begun.record, upstream_headers)
 
     def check_derivable(self, route: RouteConfig, task: str | None) -> None:
         """A derived key needs the task header unless the route opts into caller scope: without
@@ -188,27 +203,25 @@ class Pipeline:
                 await budget.charge_unrecorded(route)  # BudgetExceeded when spent
 
     async def forward_owned(
-        self,
-        call: Call,
-        owned: OperationRecord,
-        upstream_headers: CIMultiDict[str],
-        read: ReadReply,
-        *,
-        shield_record: bool = False,
+        self, forwarding: Forwarding, read: ReadReply, *, shield_record: bool = False
     ) -> StreamResponse:
-        """Send ``call`` as the attempt ``owned`` and record its outcome; ``read`` turns the
-        tool's response into the caller's answer and the outcome."""
-        request, route, target, body = call.request, call.route, call.target, call.body
+        """Send the attempt ``forwarding`` owns and record its outcome; ``read`` turns the
+        tool's response into the caller's answer and the outcome. ``shield_record``: the
+        outcome is recorded even when the caller hangs up meanwhile."""
+        call, owned = forwarding.call, forwarding.record
+        request, route = call.request, call.route
         op_id = owned.op_id
+        request[OBSERVATION].record(Decided(Decision.FORWARDED, owned.attempt))
         try:
             with UpstreamTimer(request, route):
-                async with self.forwarder.request(
-                    route,
+                sending = UpstreamRequest(
                     request.method,
-                    upstream_target(route, target),
-                    with_injected(upstream_headers, route.upstream_headers),
-                    body,
-                    guard=lambda: self.ledger.leases.still_held(op_id),
+                    upstream_target(route, call.target),
+                    with_injected(forwarding.headers, route.upstream_headers),
+                    call.body,
+                )
+                async with self.forwarder.request(
+                    route, sending, guard=lambda: self.ledger.leases.still_held(op_id)
                 ) as upstream:
                     reply = await read(upstream)
         except UpstreamFailed as failed:
@@ -317,16 +330,15 @@ class Pipeline:
     ) -> StreamResponse:
         try:
             with UpstreamTimer(request, route):
-                return await self._relay_stream(request, route, upstream_target(route, target), data, length)
+                headers = with_injected(self.upstream_headers(request), route.upstream_headers)
+                sending = UpstreamRequest(request.method, upstream_target(route, target), headers, data, length)
+                return await self._relay_stream(request, route, sending)
         except UpstreamFailed as exc:
             metrics.UPSTREAM_FAILURES.labels(route.name, exc.kind.value).inc()
             raise unrecorded_failure(exc) from exc
 
-    async def _relay_stream(
-        self, request: Request, route: RouteConfig, target: str, data: Body, length: int | None
-    ) -> StreamResponse:
-        headers = with_injected(self.upstream_headers(request), route.upstream_headers)
-        async with self.forwarder.request(route, request.method, target, headers, data, length=length) as upstream:
+    async def _relay_stream(self, request: Request, route: RouteConfig, sending: UpstreamRequest) -> StreamResponse:
+        async with self.forwarder.request(route, sending) as upstream:
             size = upstream.content_length
             if size is not None and size <= CHUNK and request.method != "HEAD":
                 # A small body is read whole and sent with the headers in one write.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from idemproxy import metrics
 from idemproxy.config.settings import RouteConfig
 from idemproxy.edge.auth import READ_BODY
-from idemproxy.edge.observe import OBSERVATION
+from idemproxy.edge.observe import OBSERVATION, UpstreamTimed
 from idemproxy.ledger.forwarder import UpstreamFailed, UpstreamResponse
 from idemproxy.lifecycle.decisions import Outcome
 from idemproxy.lifecycle.records import StoredResponse
@@ -151,7 +151,7 @@ class UpstreamTimer(metrics.Timer):
 
     def __exit__(self, *exc_info: object) -> None:
         super().__exit__(*exc_info)
-        self._observation.upstream_s = self.elapsed_s
+        self._observation.record(UpstreamTimed(self.elapsed_s))
 
 
 def unrecorded_failure(exc: UpstreamFailed) -> UpstreamError:

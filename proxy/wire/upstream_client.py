@@ -17,6 +17,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from http import HTTPStatus
 from typing import Final
@@ -61,6 +62,44 @@ class NotSent(Exception):
 
 SendGuard = Callable[[], bool]
 Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Destination:
+    """Where requests go and how long each step may take: the origin (scheme, host and
+    port) and the connect and read timeouts (a route's ``upstream`` and its timeouts)."""
+
+    origin: URL
+    connect_s: float
+    read_s: float
+
+    def __init__(self, origin: URL, connect_s: float, read_s: float) -> None:  # compiled by mypyc
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "connect_s", connect_s)
+        object.__setattr__(self, "read_s", read_s)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class UpstreamRequest:
+    """One request as it is written to a tool: ``target`` is the request target
+    (``/path?query``). A streamed ``body`` (an async iterable) is sent with ``length``
+    as its ``Content-Length``, or chunked when ``length`` is ``None``; ``bytes`` carry
+    their own length."""
+
+    method: str
+    target: str
+    headers: CIMultiDict[str]
+    body: Body = None
+    length: int | None = None
+
+    def __init__(  # compiled by mypyc, unlike a generated one
+        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None, length: int | None = None
+    ) -> None:
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "body", body)
+        object.__setattr__(self, "length", length)
 
 
 class UpstreamResponse:
@@ -434,33 +473,20 @@ class UpstreamClient:
         self._closed = False
 
     async def send(
-        self,
-        origin: URL,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: Body,
-        *,
-        length: int | None = None,
-        connect_s: float,
-        read_s: float,
-        guard: SendGuard | None = None,
+        self, destination: Destination, request: UpstreamRequest, guard: SendGuard | None = None
     ) -> UpstreamResponse:
-        """Send one request; return once the response's headers are in.
+        """Send ``request`` to ``destination``; return once the response's headers are in.
 
-        ``target`` is the request target (``/path?query``), ``origin`` the
-        scheme, host and port to send it to. A streamed ``body`` (an async
-        iterable) is sent with ``length`` as its ``Content-Length``, or chunked
-        when ``length`` is ``None``. ``guard`` is asked once a connection is in
-        hand, right before anything is written: ``False`` raises ``NotSent``.
-        Failures raise ``UpstreamFailed``."""
+        ``guard`` is asked once a connection is in hand, right before anything is
+        written: ``False`` raises ``NotSent``. Failures raise ``UpstreamFailed``."""
         if self._closed:
             raise RuntimeError("the upstream client is closed")
-        head = _request_head(method, target, _host_header(origin), headers, body, length)  # ValueError first
+        origin = destination.origin
+        head = _request_head(request, _host_header(origin))  # ValueError first
         key = (origin.scheme, origin.raw_host or "", origin.port or 0)
         connection = self._take(key)
         if connection is None:
-            connection = await self._connect(key, connect_s)
+            connection = await self._connect(key, destination.connect_s)
         try:
             refused = guard is not None and not guard()
         except BaseException:
@@ -469,13 +495,14 @@ class UpstreamClient:
         if refused:
             self._put(connection)  # nothing was written on it
             raise NotSent("the send guard refused")
+        body = request.body
         try:
             return await connection.exchange(
                 head,
                 body,
-                head_request=method == "HEAD",
-                read_timeout=read_s,
-                chunked=length is None and body is not None and not isinstance(body, bytes),
+                head_request=request.method == "HEAD",
+                read_timeout=destination.read_s,
+                chunked=request.length is None and body is not None and not isinstance(body, bytes),
             )
         except BaseException:
             connection.close()
@@ -580,17 +607,17 @@ def _host_header(origin: URL) -> str:
     return host if origin.is_default_port() else f"{host}:{origin.port}"
 
 
-def _request_head(
-    method: str, target: str, host: str, headers: CIMultiDict[str], body: Body, length: int | None
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    for name, value in headers.items():
+def _request_head(request: UpstreamRequest, host: str) -> bytes:
+    method, body = request.method, request.body
+    lines = [f"{method} {request.target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in request.headers.items():
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             raise ValueError(f"header {name!r} contains a line break")
         lines.append(f"{name}: {value}\r\n")
     if isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}\r\n")
     elif body is not None:
+        length = request.length
         lines.append("Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n")
     elif method not in _BODILESS_METHODS:
         lines.append("Content-Length: 0\r\n")

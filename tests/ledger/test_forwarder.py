@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from idemproxy.config.settings import RouteConfig
-from idemproxy.ledger.forwarder import Forwarder, NotSent
+from idemproxy.ledger.forwarder import Forwarder, NotSent, UpstreamRequest
 from tests.support.upstream import Upstream
 
 
@@ -26,10 +26,7 @@ def route(upstream: Upstream) -> RouteConfig:
 async def send(forwarder: Forwarder, upstream: Upstream, guard: object) -> int:
     async with forwarder.request(
         route(upstream),
-        "POST",
-        "/items",
-        CIMultiDict(),
-        b"{}",
+        UpstreamRequest("POST", "/items", CIMultiDict(), b"{}"),
         guard=guard,  # type: ignore[arg-type]
     ) as response:
         await response.read()

@@ -19,7 +19,7 @@ from typing import Any
 from multidict import CIMultiDict
 from yarl import URL
 
-from idemproxy.wire.upstream_client import Body, UpstreamClient, UpstreamResponse
+from idemproxy.wire.upstream_client import Body, Destination, UpstreamClient, UpstreamRequest, UpstreamResponse
 
 CONNECT_S = 2.0
 READ_S = 2.0
@@ -211,15 +211,9 @@ async def send(
     guard: Callable[[], bool] | None = None,
 ) -> UpstreamResponse:
     return await client.send(
-        URL(origin),
-        method,
-        target,
-        CIMultiDict(headers or {}),
-        body,
-        length=length,
-        connect_s=connect_s,
-        read_s=read_s,
-        guard=guard,
+        Destination(URL(origin), connect_s, read_s),
+        UpstreamRequest(method, target, CIMultiDict(headers or {}), body, length),
+        guard,
     )
 
 
