@@ -39,10 +39,11 @@ from idemproxy.edge.auth import IDENTITY, ExpectHandler, OpsAccess
 from idemproxy.ledger.epoch import EpochWatch, epoch_watch
 from idemproxy.lifecycle import transitions
 from idemproxy.lifecycle.decisions import next_step
-from idemproxy.lifecycle.records import OperationRecord, State, StoredResponse
+from idemproxy.lifecycle.records import OperationRecord, State, StoredRequest, StoredResponse
 from idemproxy.lifecycle.transitions import Transition
 from idemproxy.ops.console import Desk, mount_console
 from idemproxy.protocol.errors import (
+    AmbiguousOperationId,
     Forbidden,
     InvalidQuery,
     InvalidResolution,
@@ -67,6 +68,12 @@ _MAX_DURATION_CHARS = 32
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_REPLAYABLE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
 _OP_ID = re.compile(r"[0-9a-f]{32}")
+#: A shortened operation id an operator may type (``ops show 3f9a1c``), if only one id starts so.
+_OP_ID_PREFIX = re.compile(r"[0-9a-f]{6,31}")
+_PREFIX_CANDIDATES = 5
+#: Header values an operator never sees in a stored request (besides those the route injects).
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+_REDACTED = "[redacted]"
 _LIMIT = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
 _resolutions = itertools.count(1)
 
@@ -140,7 +147,7 @@ async def show_operation(request: web.Request) -> web.Response:
 
 
 async def _operation_view(request: web.Request, op_id: str) -> dict[str, Any]:
-    record = await _load(request, op_id)
+    record = await _load(request, op_id, shortened=True)
     identity = request.get(IDENTITY)
     if identity is not None and not identity.can_see(record.scope.caller):
         raise Forbidden(f"Identity {identity.name!r} may only see its own operations.")
@@ -353,6 +360,7 @@ def record_view(record: OperationRecord, route: RouteConfig | None) -> dict[str,
         next_probe_ms=record.next_probe_ms,
         attempt_ms=record.attempt_ms,
         response=_response_view(record.response),
+        request=_request_view(record.request, route),
         evidence=[evidence.to_dict() for evidence in record.evidence],
         next=next_step(
             record,
@@ -361,6 +369,23 @@ def record_view(record: OperationRecord, route: RouteConfig | None) -> dict[str,
             route.reconcile.method if route is not None and route.reconcile is not None else None,
         ),
     )
+    return view
+
+
+def _request_view(stored: StoredRequest | None, route: RouteConfig | None) -> dict[str, Any] | None:
+    """The request as it was forwarded, where the route keeps it (to resend it, or for probes
+    that quote its body): credentials' values are never shown, nor the values of the headers
+    the route injects."""
+    if stored is None:
+        return None
+    secret = _SECRET_HEADERS | {name.lower() for name, _ in route.upstream_headers} if route else _SECRET_HEADERS
+    headers = {_shown(name): _REDACTED if name.lower() in secret else _shown(value) for name, value in stored.headers}
+    view: dict[str, Any] = {
+        "headers": headers,
+        "size": len(stored.body),
+        "sha256": hashlib.sha256(stored.body).hexdigest(),
+    }
+    view.update(_inline_body(stored.body))
     return view
 
 
@@ -377,12 +402,19 @@ def _response_view(response: StoredResponse | None) -> dict[str, Any] | None:
     }
     if response.not_stored_reason is not None:
         view["not_stored_reason"] = response.not_stored_reason
-    if response.body is not None and len(response.body) <= _INLINE_BODY:
-        try:
-            view["body"] = response.body.decode()
-        except UnicodeDecodeError:
-            view["body_base64"] = base64.b64encode(response.body).decode()
+    if response.body is not None:
+        view.update(_inline_body(response.body))
     return view
+
+
+def _inline_body(body: bytes) -> dict[str, str]:
+    """A body small enough to show inline: as text when it is UTF-8, else in base64."""
+    if len(body) > _INLINE_BODY:
+        return {}
+    try:
+        return {"body": body.decode()}
+    except UnicodeDecodeError:
+        return {"body_base64": base64.b64encode(body).decode()}
 
 
 def _shown(text: str) -> str:
@@ -430,10 +462,14 @@ def parse_query(params: Mapping[str, str]) -> OpsQuery:
     )
 
 
-async def _load(request: web.Request, op_id: str) -> OperationRecord:
-    if not _OP_ID.fullmatch(op_id):
+async def _load(request: web.Request, op_id: str, *, shortened: bool = False) -> OperationRecord:
+    """The operation ``op_id`` names; ``shortened``: or the one operation whose id starts with it."""
+    if shortened and _OP_ID_PREFIX.fullmatch(op_id):
+        op_id = await _unique_id(request, op_id)
+    elif not _OP_ID.fullmatch(op_id):
         raise OperationNotFound(
-            f"{op_id!r} is not an operation id (32 lower-case hex characters, as in Idempotency-Operation)."
+            f"{op_id[:64]!r} is not an operation id (32 lower-case hex characters, as in Idempotency-Operation"
+            + (", or the first 6 or more of them)." if shortened else ").")
         )
     try:
         record = await request.app[STORE_KEY].get(op_id)
@@ -442,6 +478,26 @@ async def _load(request: web.Request, op_id: str) -> OperationRecord:
     if record is None:
         raise OperationNotFound(f"No operation {op_id!r} (it may never have existed, or its retention ran out).")
     return record
+
+
+async def _unique_id(request: web.Request, prefix: str) -> str:
+    try:
+        found = await request.app[STORE_KEY].ids_with_prefix(prefix, _PREFIX_CANDIDATES + 1)
+    except StoreUnavailable as exc:
+        raise LedgerUnavailable(f"The ledger is unreachable: {exc}") from exc
+    if not found:
+        raise OperationNotFound(f"No operation id starts with {prefix!r} (or its retention ran out).")
+    if len(found) > 1:
+        identity = request.get(IDENTITY)
+        more = "more than " if len(found) > _PREFIX_CANDIDATES else ""
+        # Ids of other callers' operations are shown only to who may see every operation.
+        sees_all = identity is None or identity.ops is OpsAccess.ADMIN
+        shown = f": {', '.join(found[:_PREFIX_CANDIDATES])}" if sees_all else ""
+        raise AmbiguousOperationId(
+            f"{more}{min(len(found), _PREFIX_CANDIDATES)} operation ids start with {prefix!r}{shown}; "
+            "give more of the id."
+        )
+    return found[0]
 
 
 def _json(data: Any) -> web.Response:

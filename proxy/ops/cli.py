@@ -77,6 +77,9 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
 
 
+_OPERATION_HELP = "an operation id, or the first 6 or more of its characters when no other id starts so"
+
+
 def add_ops_commands(commands: Any) -> None:
     ops = commands.add_parser("ops", help="list, show and resolve operations (admin API)")
     _connection_options(ops, defaults=True)
@@ -96,11 +99,11 @@ def add_ops_commands(commands: Any) -> None:
     listing.set_defaults(func=_list)
 
     show = verb("show", help="show one operation, its evidence and what it needs to move on")
-    show.add_argument("op_id", metavar="OPERATION")
+    show.add_argument("op_id", metavar="OPERATION", help=_OPERATION_HELP)
     show.set_defaults(func=_show)
 
     resolve = verb("resolve", help="settle an UNKNOWN or NEEDS_ATTENTION operation")
-    resolve.add_argument("op_id", metavar="OPERATION")
+    resolve.add_argument("op_id", metavar="OPERATION", help=_OPERATION_HELP)
     outcome = resolve.add_mutually_exclusive_group(required=True)
     outcome.add_argument("--done", action="store_true", help="the effect happened (give the response to replay)")
     outcome.add_argument("--not-done", action="store_true", help="the effect did not happen: allow a new attempt")
@@ -164,7 +167,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    data = _call(args, "GET", f"/_idem/ops/{_op_id(args.op_id)}")
+    data = _call(args, "GET", f"/_idem/ops/{_op_id(args.op_id)}")  # a unique prefix will do
     if args.output == "json":
         _print_json(data)
         return
@@ -180,7 +183,10 @@ def _resolve(args: argparse.Namespace) -> None:
         payload["response"] = response
     elif args.status is not None or args.body is not None or args.header:
         raise OpsError("--status, --body and --header go with --done")
-    data = _call(args, "POST", f"/_idem/ops/{_op_id(args.op_id)}/resolve", payload)
+    op_id = _op_id(args.op_id)
+    if len(op_id) < _FULL_ID:  # the API settles only a whole id: look the prefix up first
+        op_id = _call(args, "GET", f"/_idem/ops/{op_id}")["operation"]
+    data = _call(args, "POST", f"/_idem/ops/{op_id}/resolve", payload)
     if args.output == "json":
         _print_json(data)
         return
@@ -271,9 +277,17 @@ def _hmac_secret(path: str | None) -> bytes:
     return secret.encode()
 
 
+_FULL_ID = 32
+_SHORTEST_ID = 6
+
+
 def _op_id(value: str) -> str:
-    if len(value) != 32 or any(char not in "0123456789abcdef" for char in value):
-        raise OpsError(f"{value!r} is not an operation id (32 hex characters, as in the Idempotency-Operation header)")
+    """An operation id, or the first 6 or more of its characters (the API finds the one it names)."""
+    if not _SHORTEST_ID <= len(value) <= _FULL_ID or any(char not in "0123456789abcdef" for char in value):
+        raise OpsError(
+            f"{value[:64]!r} is not an operation id (32 hex characters, as in the Idempotency-Operation "
+            f"header, or the first {_SHORTEST_ID} or more of them)"
+        )
     return value
 
 
@@ -319,11 +333,40 @@ def _print_record(data: dict[str, Any]) -> None:
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name:<{width}}  {value}")
+    if (sent := data.get("request")) is not None:
+        print("\nrequest as forwarded (credentials redacted):")
+        _print_message(f"{data['method']} {data['target']}", sent)
+    if response is not None:
+        print("\nthe tool's answer:")
+        _print_message(f"{response['status']}", response)
     print(f"\nnext: {data['next']}\n\nevidence:")
     for entry in data["evidence"]:
         detail = {name: value for name, value in entry.items() if name not in ("at_ms", "kind")}
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at_ms"] / 1000))
         print(f"  {stamp}Z  {entry['kind']:<12} {orjson.dumps(detail).decode()}")
+    if data["state"] in _SETTLEABLE:
+        op_id = data["operation"]
+        print(
+            "\nto resolve it, once you know what the tool did:\n"
+            f"  idemproxy ops resolve {op_id} --done --status STATUS --body @ANSWER.json --reason '...'\n"
+            f"  idemproxy ops resolve {op_id} --not-done --reason '...'"
+        )
+
+
+#: States an operator may settle (a PENDING one only once its lease has ended).
+_SETTLEABLE = frozenset({"UNKNOWN", "NEEDS_ATTENTION", "PENDING"})
+
+
+def _print_message(first_line: str, message: dict[str, Any]) -> None:
+    """A stored request or answer: its first line, headers and body (or size and digest)."""
+    print(f"  {first_line}")
+    for name, value in message["headers"].items():
+        print(f"  {name}: {value}")
+    if "body" in message:
+        print(f"\n  {message['body']}")
+    else:
+        shown = "base64 " + message["body_base64"] if "body_base64" in message else "not shown"
+        print(f"\n  ({message['size']} bytes, sha256 {message['sha256'][:16]}...: {shown})")
 
 
 def _print_json(data: Any) -> None:

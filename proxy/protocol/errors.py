@@ -182,6 +182,13 @@ class OperationNotFound(ProblemError):
     decision = Decision.REJECTED
 
 
+class AmbiguousOperationId(BadRequest):
+    """A shortened operation id that more than one operation's id starts with."""
+
+    slug = "ambiguous-operation-id"
+    title = "More than one operation matches"
+
+
 class InvalidResolution(BadRequest):
     slug = "invalid-resolution"
     title = "Invalid resolution request"

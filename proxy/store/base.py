@@ -167,6 +167,11 @@ class Store(ABC):
         (or no state) need a bounded scan, for operators only."""
 
     @abstractmethod
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """At most ``limit`` op ids that start with ``prefix`` (lower-case hex), in order: an
+        operator's shortened id. A scan where the store keeps no order of ids (Redis)."""
+
+    @abstractmethod
     async def count_unresolved(self) -> dict[State, int]:
         """How many records are PENDING, UNKNOWN and NEEDS_ATTENTION, across instances."""
 

@@ -372,14 +372,17 @@ class RedisStore(Store):
 
         return [_text(op_id) for shard in await self._call(run) for op_id in shard]
 
-    async def _scan(self, bound: int) -> list[str]:
-        """At most ``bound`` op ids from a SCAN (of every master, in a cluster):
-        listing resolved records is for operators only."""
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        return sorted(await self._scan(limit, prefix))
+
+    async def _scan(self, bound: int, id_prefix: str = "") -> list[str]:
+        """At most ``bound`` op ids (starting with ``id_prefix``) from a SCAN (of every master,
+        in a cluster): for operators only."""
         marker = ":op:"
 
         async def run() -> list[str]:
             found: list[str] = []
-            async for key in self._redis.scan_iter(match=self.keys.record_pattern(), count=1000):
+            async for key in self._redis.scan_iter(match=self.keys.record_pattern(id_prefix), count=1000):
                 found.append(_text(key).rsplit(marker, 1)[1])
                 if len(found) >= bound:
                     break

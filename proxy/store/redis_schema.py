@@ -71,8 +71,10 @@ class RedisKeys:
     def state_shards(self, state: State) -> list[str]:
         return [f"{self.prefix}:{{{shard:02x}}}:state:{state.value}" for shard in range(SHARD_COUNT)]
 
-    def record_pattern(self) -> str:
-        return f"{self.prefix}:{{??}}:op:*"
+    def record_pattern(self, id_prefix: str = "") -> str:
+        """A SCAN pattern for the records whose op ids start with ``id_prefix`` (lower-case hex)."""
+        shard = id_prefix[:2] + "?" * (2 - len(id_prefix[:2]))
+        return f"{self.prefix}:{{{shard}}}:op:{id_prefix}*"
 
     def channel(self, op_id: str) -> str:
         return self.channel_prefix + op_id

@@ -186,6 +186,20 @@ class SqliteStore(Store):
 
         return await self._run(run)
 
+    async def ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        rows = await self._run(
+            lambda: (
+                self._conn()
+                .execute(
+                    "SELECT op_id FROM operations WHERE op_id >= ? AND op_id < ?"
+                    " AND (expires_ms IS NULL OR expires_ms > ?) ORDER BY op_id LIMIT ?",
+                    (prefix, prefix + "g", self.clock.now_ms(), limit),  # "g" follows every hex digit
+                )
+                .fetchall()
+            )
+        )
+        return [row[0] for row in rows]
+
     async def count_unresolved(self) -> dict[State, int]:
         rows = await self._run(
             lambda: (

@@ -80,7 +80,7 @@ def described_with_seeds() -> dict[str, Any]:
     document = openapi_document()
     parameters = document["components"]["parameters"]
     examples = {f"seeded-{state.value.lower()}": {"value": operation_id(scope)} for state, scope in SEEDED.items()}
-    with_examples = {**parameters, "OperationId": {**parameters["OperationId"], "examples": examples}}
+    with_examples = {name: {**parameter, "examples": examples} for name, parameter in parameters.items()}
     return {**document, "components": {**document["components"], "parameters": with_examples}}
 
 

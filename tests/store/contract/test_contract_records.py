@@ -246,3 +246,23 @@ async def test_a_write_without_a_response_leaves_no_body_behind(store: Store) ->
     assert stored is not None
     assert stored.response is None
     assert stored == cleared.evolve(evidence=stored.evidence)
+
+
+# -- shortened ids ---------------------------------------------------------------------------------
+
+
+async def test_ids_with_a_prefix_are_found_in_order_and_bounded(store: Store) -> None:
+    ids = [f"{prefix}{n:024x}" for prefix in ("c0ffee01", "c0ffee02", "c0ffef00") for n in range(2)]
+    for op_id in reversed(ids):
+        await reserve_new_with_id(store, op_id)
+
+    assert await store.ids_with_prefix("c0ffee", 10) == ids[:4]
+    assert await store.ids_with_prefix("c0ffee02", 10) == ids[2:4]
+    assert await store.ids_with_prefix(ids[5], 10) == [ids[5]]
+    assert await store.ids_with_prefix("c0ffed", 10) == []
+    assert len(await store.ids_with_prefix("c0ff", 3)) == 3
+
+
+async def reserve_new_with_id(store: Store, op_id: str) -> None:
+    record = make_record(op_id)
+    assert await store.reserve(record, reserved(record)) is None
