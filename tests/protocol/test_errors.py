@@ -42,6 +42,7 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.NoRoute: 404,
     errors.OperationNotFound: 404,
     errors.InvalidResolution: 400,
+    errors.AmbiguousOperationId: 400,
     errors.InvalidQuery: 400,
     errors.InvalidTransition: 409,
     errors.MethodNotAllowed: 405,
@@ -64,6 +65,7 @@ EXPECTED_STATUS: dict[type[ProblemError], int] = {
     errors.InternalError: 500,
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
+    errors.UnsupportedMediaType: 415,
 }
 
 _CLASS_PARAMS = [pytest.param(cls, id=cls.__name__) for cls in SUBCLASSES]
