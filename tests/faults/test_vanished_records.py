@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from redis.asyncio.connection import AbstractConnection
 
 from idemproxy.app import build_proxy_app
 from idemproxy.config.settings import StoreConfig
+from idemproxy.ledger.leases import LeaseKeeper
 from idemproxy.lifecycle.records import State
 from idemproxy.store import Store, open_store
 from idemproxy.store.redis import RedisStore
 from tests.conftest import proxy_config
 from tests.support.problems import assert_problem
+from tests.support.records import make_record, new_op_id, reserved
 from tests.support.topologies import RedisClusterTopology, RedisNode, started_store
 from tests.support.upstream import Upstream
 
@@ -193,3 +196,32 @@ async def test_a_cluster_client_failing_with_a_foreign_error_is_a_503_and_nothin
     assert [r.getMessage() for r in logged] == ["the Redis client failed unexpectedly; treating it as an outage"]
     assert logged[0].exc_info is not None
     assert logged[0].exc_info[1] is error
+
+
+async def test_a_lease_renewal_that_finds_the_record_gone_says_so_and_asks_for_an_epoch_check(
+    losing_store: tuple[Store, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 21: not "another owner took the operation over" (nobody did), but the record vanished,
+    counted under where="lease", and the ledger's epoch is checked at once (a lost ledger?)."""
+    store, lose = losing_store
+    keeper = LeaseKeeper(store)
+    epoch_check = asyncio.Event()
+    keeper.on_vanished = epoch_check.set
+    requested_at = time.monotonic()
+    record = make_record(new_op_id()).evolve(lease_until_ms=store.clock.latest_ms(requested_at) + 600)
+    assert await store.reserve(record, reserved(record)) is None
+    before = vanished("lease")
+    lose()
+    with caplog.at_level(logging.WARNING, logger="idemproxy.ledger.leases"):
+        keeper.hold(record, lease_s=0.6, requested_at=requested_at)  # renewed after 0.2 s
+        keeper.start()
+        try:
+            await asyncio.wait_for(epoch_check.wait(), 10)
+        finally:
+            await keeper.close()
+
+    assert vanished("lease") == before + 1
+    assert not keeper.still_held(record.op_id)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("record vanished while its attempt was in flight" in message for message in messages), messages
+    assert not any("another owner took the operation over" in message for message in messages)
