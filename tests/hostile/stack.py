@@ -175,24 +175,27 @@ class Stack:
 
 
 def hostile_config(recorder_url: str, store_url: str, **top: Any) -> ProxyConfig:
-    return parse_config(
-        {
-            "store": store_url,
-            **top,
-            "routes": [
-                {"name": "items", "prefix": "/items", "upstream": recorder_url, "max_body": ITEMS_MAX_BODY},
-                {
-                    "name": "tenant",
-                    "prefix": "/tenant/a",
-                    "upstream": f"{recorder_url}/base-a",
-                    "strip_prefix": True,
-                    "max_body": ITEMS_MAX_BODY,
-                },
-                {"name": "derive", "prefix": "/derive", "upstream": recorder_url, "key_mode": "derive"},
-                {"name": "mcp", "prefix": "/mcp", "upstream": recorder_url, "mode": "mcp", "key_mode": "derive"},
-            ],
-        }
-    )
+    return parse_config(hostile_document(recorder_url, store_url, **top))
+
+
+def hostile_document(recorder_url: str, store: str | dict[str, Any], **top: Any) -> dict[str, Any]:
+    """The stack's configuration file, as ``idemproxy run --config`` reads it."""
+    return {
+        "store": store,
+        **top,
+        "routes": [
+            {"name": "items", "prefix": "/items", "upstream": recorder_url, "max_body": ITEMS_MAX_BODY},
+            {
+                "name": "tenant",
+                "prefix": "/tenant/a",
+                "upstream": f"{recorder_url}/base-a",
+                "strip_prefix": True,
+                "max_body": ITEMS_MAX_BODY,
+            },
+            {"name": "derive", "prefix": "/derive", "upstream": recorder_url, "key_mode": "derive"},
+            {"name": "mcp", "prefix": "/mcp", "upstream": recorder_url, "mode": "mcp", "key_mode": "derive"},
+        ],
+    }
 
 
 @asynccontextmanager

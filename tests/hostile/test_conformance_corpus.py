@@ -13,6 +13,8 @@ on both) runs out; nothing here sleeps.
 - ``test_idemproxy_is_not_more_lenient_than_nginx``: a case where nginx forwards nothing (or
   not the smuggled request) and idemproxy does fails, unless the case says why
   (``lenient_because``); a stale reason fails too. Stricter is fine, and recorded.
+- ``test_a_real_proxy_process_answers_every_case_as_the_served_stack_does``: the whole corpus
+  again through a real ``idemproxy run`` process: the same answers, closes and forwards.
 - ``test_the_corpus_left_the_proxy_sound``: no internal error, nothing at the canary, nothing
   at the tool that no case sent, a ledger record for each side-effecting call that reached
   the tool and none for any other, and the proxy still serving.
@@ -27,17 +29,22 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import yaml
 
 from idemproxy.store.base import OpsQuery
+from tests.hostile.conftest import CLIENT_TIMEOUT
 from tests.hostile.corpus import CORPUS, Case, Tool
-from tests.hostile.stack import ITEMS_MAX_BODY, Stack, internal_errors
+from tests.hostile.stack import ITEMS_MAX_BODY, Recorder, Stack, hostile_document, internal_errors, serving
 from tests.support.nginx import NginxProxy, NginxUnavailable, Received, nginx_binary, nginx_proxy
+from tests.support.processes import read_until
+from tests.support.redis_server import RedisServer, free_port
 from tests.support.wire import BOUND_S, Reply, connected
 
 #: The stack and the runs share the module's event loop.
@@ -214,6 +221,43 @@ async def idemproxy(stack: Stack) -> IdemproxyRun:
     return IdemproxyRun(run.outcomes, run.unattributed, before.errors, records)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def idemproxy_process(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The corpus through a real ``idemproxy run`` process configured as the hostile stack (its
+    own recording tool and canary, its own keys in the same Redis)."""
+    recorder, canary = Recorder("recorder"), Recorder("canary")
+    async with serving(recorder.app()) as recorder.url, serving(canary.app()) as canary.url:
+        port = free_port()
+        document = hostile_document(
+            recorder.url,
+            {"url": redis_server.url, "key_prefix": "idem-process"},
+            listen=f"127.0.0.1:{port}",
+            admin_listen=f"127.0.0.1:{free_port()}",
+            client_header_timeout=CLIENT_TIMEOUT,
+            client_body_timeout=CLIENT_TIMEOUT,
+        )
+        path = tmp_path_factory.mktemp("corpus-process") / "idemproxy.yaml"
+        path.write_text(yaml.safe_dump(document), encoding="utf-8")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "idemproxy", "run", "--config", str(path), stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            assert process.stderr is not None
+            await read_until(process.stderr, b"idemproxy listening")
+            drained = asyncio.ensure_future(process.stderr.read())  # a full pipe must never block it
+            conversations = await run_corpus(port, canary.url.removeprefix("http://"))
+            assert canary.requests == [], f"a request reached an unconfigured host: {canary.requests}"
+        finally:
+            process.kill()
+            await process.wait()
+        await drained
+    reached = by_case(
+        (_number(seen.raw_path, seen.headers), Tool(seen.method, seen.raw_path, seen.body, seen.headers))
+        for seen in recorder.seen()
+    )
+    return collect(conversations, reached)
+
+
 @pytest.fixture(scope="module")
 def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProxy]:
     missing = None
@@ -340,6 +384,26 @@ async def test_idemproxy_is_not_more_lenient_than_nginx(
         )
     else:
         assert lenient, f"lenient_because is stale: idemproxy {ours.describe()}; nginx {theirs.describe()}"
+
+
+@in_module_loop
+async def test_a_real_proxy_process_answers_every_case_as_the_served_stack_does(
+    idemproxy: IdemproxyRun, idemproxy_process: Run
+) -> None:
+    """The same code as ``idemproxy run`` starts it (its supervisor, uvloop, its own server
+    options): every case answered the same, closed the same, and the same reached the tool."""
+    differ = {
+        name: f"stack {ours.describe()} / process {idemproxy_process.outcomes[name].describe()}"
+        for name, ours in idemproxy.outcomes.items()
+        if (ours.answers, ours.closes, ours.forwarded)
+        != (
+            idemproxy_process.outcomes[name].answers,
+            idemproxy_process.outcomes[name].closes,
+            idemproxy_process.outcomes[name].forwarded,
+        )
+    }
+    assert differ == {}
+    assert idemproxy_process.unattributed == []
 
 
 @in_module_loop
