@@ -22,11 +22,12 @@ from aiohttp.test_utils import TestClient
 
 from idemproxy.app import build_admin_app, build_proxy_app
 from idemproxy.config.settings import StoreConfig
-from idemproxy.lifecycle.records import State
+from idemproxy.lifecycle.records import State, StoredRequest
 from idemproxy.ops.console_gate import HTMX_SHA256, HTMX_VERSION, SESSION_COOKIE
 from idemproxy.store import Store, open_store
 from tests.conftest import proxy_config, sqlite_url
 from tests.support.auth import ADMIN_TOKEN, EXECUTOR_TOKEN, PLANNER_TOKEN, VERIFIER_TOKEN, auth_config, auth_setup
+from tests.support.records import make_record, reserved
 from tests.support.upstream import Upstream
 
 Client = TestClient[Any, Any]
@@ -360,6 +361,21 @@ async def test_the_page_shows_the_exact_cli_command(console: Console) -> None:
     )
     assert not_done in html
     assert f"resolve {op_id} --done --status 200 --body &#39;{{}}&#39;" in html
+
+
+async def test_the_page_shows_the_forwarded_request_with_credentials_redacted(console: Console) -> None:
+    op_id = "5eed" + "0" * 28
+    record = make_record(op_id).evolve(
+        request=StoredRequest(headers=(("Authorization", "Bearer s3cret"), ("X-Trace", "<t1>")), body=b'{"n": 5}')
+    )
+    assert await console.store.reserve(record, reserved(record)) is None
+
+    _, html = await console.page(f"/_idem/console/ops/{op_id}")
+
+    assert "s3cret" not in html
+    assert "<code>Authorization</code></td><td><code>[redacted]</code>" in html
+    assert "<code>X-Trace</code></td><td><code>&lt;t1&gt;</code>" in html
+    assert "{&#34;n&#34;: 5}" in html
 
 
 async def test_search_by_key_caller_task_route_state_and_id(console: Console) -> None:
