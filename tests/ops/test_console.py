@@ -10,8 +10,6 @@ A screenshot of each page is written to ``test-artifacts/console/``.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
@@ -28,8 +25,7 @@ from selenium.webdriver.support.ui import Select
 
 from tests.support.auth import ADMIN_TOKEN, EXECUTOR_TOKEN, auth_setup, bearer
 from tests.support.browser import ARTIFACTS, Browser, Driver, chromium
-from tests.support.processes import read_until
-from tests.support.redis_server import free_port
+from tests.support.processes import idemproxy_run
 from tests.support.upstream import Upstream
 
 SCREENSHOTS = ARTIFACTS / "console"
@@ -54,22 +50,8 @@ async def running_proxy(upstream: Upstream, directory: Path, *, auth: bool) -> A
     settings: dict[str, Any] = {"routes": [{"prefix": "/", "name": "tools", "upstream": upstream.url}]}
     if auth:
         settings["auth"] = {"identities_file": str(auth_setup(directory))}
-    config = directory / "config.yaml"
-    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
-    port, admin = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "idemproxy", "run", "--config", str(config),
-        "--store", f"sqlite:///{directory / 'ledger.db'}",
-        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        await read_until(process.stderr, b"idemproxy listening")
-        yield Proxy(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 20)
+    async with idemproxy_run(settings, directory) as listening:
+        yield Proxy(listening.url, listening.admin_url)
 
 
 async def needs_attention(proxy: Proxy, key: str, headers: Mapping[str, str]) -> str:

@@ -20,8 +20,7 @@ import yaml
 
 from tests.support.auth import ADMIN_TOKEN, PLANNER_TOKEN, token_hash
 from tests.support.ops_cli import Run, assert_one_line_error
-from tests.support.processes import read_until
-from tests.support.redis_server import free_port
+from tests.support.processes import idemproxy_run
 from tests.support.upstream import Upstream
 from tests.support.wire import connected
 
@@ -46,30 +45,12 @@ async def proxy(upstream: Upstream, tmp_path: Path) -> AsyncIterator[Proxy]:
         {"name": "planner", "tokens": [token_hash(PLANNER_TOKEN)], "scopes": [{"methods": ["GET"]}]},
     ]
     (tmp_path / "identities.yaml").write_text(yaml.safe_dump({"identities": identities}), encoding="utf-8")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "auth": {"identities_file": str(tmp_path / "identities.yaml")},
-                "routes": [{"prefix": "/", "name": "tools", "upstream": upstream.url}],
-            }
-        ),
-        encoding="utf-8",
-    )
-    admin = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "idemproxy", "run", "--config", str(config),
-        "--store", f"sqlite:///{tmp_path / 'ledger.db'}",
-        "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{admin}",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
-        await read_until(process.stderr, b"idemproxy listening")
-        yield Proxy(f"http://127.0.0.1:{admin}", secret_file)
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 20)
+    settings = {
+        "auth": {"identities_file": str(tmp_path / "identities.yaml")},
+        "routes": [{"prefix": "/", "name": "tools", "upstream": upstream.url}],
+    }
+    async with idemproxy_run(settings, tmp_path) as listening:
+        yield Proxy(listening.admin_url, secret_file)
 
 
 async def ops(*args: str, env: dict[str, str] | None = None) -> Run:

@@ -9,7 +9,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.redis_server import free_port
 
 
 async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float = 20.0) -> list[bytes]:
@@ -59,3 +67,33 @@ def wait_http(
                 tail = "" if log is None else "\n" + log.read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{url} did not come up{tail}") from None
             time.sleep(0.05)  # polling the child's port until it listens
+
+
+@dataclass(frozen=True)
+class Listening:
+    """A running ``idemproxy run``: its proxy and admin base URLs."""
+
+    url: str
+    admin_url: str
+
+
+@asynccontextmanager
+async def idemproxy_run(settings: dict[str, Any], directory: Path) -> AsyncIterator[Listening]:
+    """``idemproxy run`` with the configuration ``settings`` (written to ``directory``), its ledger
+    a SQLite file there, both listeners on free loopback ports; stopped with SIGTERM on exit."""
+    config = directory / "config.yaml"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    port, admin = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "idemproxy", "run", "--config", str(config),
+        "--store", f"sqlite:///{directory / 'ledger.db'}",
+        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        await read_until(process.stderr, b"idemproxy listening")
+        yield Listening(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}")
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 20)
