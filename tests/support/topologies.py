@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -99,11 +98,6 @@ class RedisNode(RedisServer):
     def call(self, *command: str | int) -> object:
         with self.client() as client:
             return client.execute_command(*command)
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the server (SIGSTOP pauses it: a replica then misses writes)."""
-        assert self.process is not None
-        self.process.send_signal(signum)
 
     def start(self) -> None:
         if self.sentinel_of is not None:
@@ -316,23 +310,19 @@ class SentinelTopology:
     def node(self, port: int) -> RedisNode:
         return next(node for node in (self.master, self.replica) if node.port == port)
 
-    def failover(self, *, kill: bool = True, resume: RedisNode | None = None) -> tuple[RedisNode, RedisNode]:
+    def failover(self, *, kill: bool = True) -> tuple[RedisNode, RedisNode]:
         """Fail the master over to the replica; (old master, new master).
 
         ``kill``: SIGKILL the master (it stays down) and wait for the sentinels
         to notice and promote the replica. Otherwise ask for ``SENTINEL
         FAILOVER``: the old master keeps running, and accepting writes, until
-        the sentinels make it a replica of the new one (some 8 s later).
-        ``resume``: a replica paused (``pause``) while the master took writes, woken only once
-        the master is dead: it is promoted without them."""
+        the sentinels make it a replica of the new one (some 8 s later)."""
         old = self.node(self.master_port())
         new = self.replica if old is self.master else self.master
         if kill:
             old.kill()
         else:
             self.sentinels[0].call("SENTINEL", "FAILOVER", self.MASTER_NAME)
-        if resume is not None:
-            resume.signal(signal.SIGCONT)
         wait_until(lambda: self.master_port() == new.port and role(new) == "master", "the replica is promoted")
         return old, new
 
