@@ -39,6 +39,8 @@ from idemproxy.config.units import parse_duration, parse_size
 from idemproxy.protocol import HeaderNames
 
 DEFAULT_STORE_URL = "sqlite:///.idemproxy/ledger.db"
+#: ``store.sqlite_synchronous``: the ``PRAGMA synchronous`` values the SQLite store may run with.
+SQLITE_SYNCHRONOUS_MODES = ("full", "normal")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_SIDE_EFFECT_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (header names, methods)
@@ -172,12 +174,22 @@ class StoreConfig:
     #: Redis only: start (and stay ready) although a node may evict records
     #: (a ``maxmemory-policy`` other than ``noeviction``); it is still logged and reported.
     allow_eviction: bool = False
+    #: SQLite only: ``PRAGMA synchronous``. ``full`` syncs every commit; ``normal`` only at
+    #: checkpoints, so a power loss or kernel crash (not a process crash) can lose the last
+    #: commits (docs/stores.md, "SQLite").
+    sqlite_synchronous: str = "full"
 
     def notes(self) -> list[str]:
         """What the durability settings mean for this store, for ``check-config``
-        (nothing for SQLite: no replicas, no eviction)."""
+        (for SQLite, only a relaxed ``sqlite_synchronous``: no replicas, no eviction)."""
         if not is_redis_url(self.url):
-            return []
+            if self.sqlite_synchronous == "full":
+                return []
+            return [
+                "sqlite_synchronous normal: commits are not synced one by one, so a power loss or a kernel "
+                "crash can lose the last reservations and outcomes; their retries then run the call again "
+                "(a crash of the proxy process alone loses nothing)"
+            ]
         notes = [self._replicas_note()]
         if self.allow_eviction:
             notes.append(
@@ -543,6 +555,9 @@ class _Reader(Problems):
                     data, "replica_ack_timeout", defaults.replica_ack_timeout_s, positive_duration
                 ),
                 allow_eviction=self.value(data, "allow_eviction", defaults.allow_eviction, boolean),
+                sqlite_synchronous=self.value(
+                    data, "sqlite_synchronous", defaults.sqlite_synchronous, _sqlite_synchronous
+                ),
             )
 
     def auth(self, raw: Any) -> AuthConfig | None:
@@ -696,6 +711,7 @@ _STORE_KEYS = frozenset(
         "min_replicas_ack",
         "replica_ack_timeout",
         "allow_eviction",
+        "sqlite_synchronous",
     }
 )
 _HEADER_KEYS = frozenset({"key", "caller", "task"})
@@ -769,6 +785,12 @@ def _unix_store_url(url: URL, value: str, expected: str) -> str:
     if not db.isdigit():
         raise ValueError(f"db must be a database number, got {db!r}")
     return value
+
+
+def _sqlite_synchronous(value: Any) -> str:
+    if value not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"expected {' or '.join(SQLITE_SYNCHRONOUS_MODES)}, got {kind(value)}")
+    return str(value)
 
 
 def _key_prefix(value: Any) -> str:

@@ -41,4 +41,4 @@ def open_store(config: StoreConfig) -> Store:
         )
     from idemproxy.store.sqlite import SqliteStore
 
-    return SqliteStore.from_url(config.url)
+    return SqliteStore.from_url(config.url, synchronous=config.sqlite_synchronous)

@@ -1,20 +1,24 @@
 """The embedded ledger: one SQLite file in WAL mode, so ``idemproxy run`` needs nothing else.
 
-Every transition is one ``BEGIN IMMEDIATE`` transaction with ``synchronous=FULL``:
-a record is on disk before the request is forwarded. SQLite calls run on one
-dedicated thread so the event loop never blocks on disk.
+Every write is committed with ``synchronous=FULL`` (or ``NORMAL``, if configured)
+before its caller hears of it: a record is on disk before the request is forwarded.
+Writes that arrive while a commit is in flight share the next one
+(``idemproxy.store.group_commit``). SQLite calls run on one dedicated thread so the
+event loop never blocks on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from idemproxy.config.settings import SQLITE_SYNCHRONOUS_MODES
 from idemproxy.lifecycle.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
 from idemproxy.lifecycle.transitions import Transition
 from idemproxy.store import codec
@@ -30,6 +34,7 @@ from idemproxy.store.base import (
     matches,
 )
 from idemproxy.store.clock import AnchoredClock, anchor_for_this_boot
+from idemproxy.store.group_commit import GroupCommit
 
 T = TypeVar("T")
 
@@ -99,19 +104,23 @@ class SqliteStore(Store):
     #: processes sharing the file see changes on their next poll.
     poll_interval_s = 0.1
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
         super().__init__()
+        if synchronous not in SQLITE_SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS_MODES)}, got {synchronous!r}")
         self.path = Path(path)
+        self.synchronous = synchronous
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idemproxy-sqlite")
+        self._commits = GroupCommit(self._executor, self._conn)
         self._db: sqlite3.Connection | None = None
         self._purger: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteStore:
+    def from_url(cls, url: str, *, synchronous: str = "full") -> SqliteStore:
         if not url.startswith("sqlite:///") or url == "sqlite:///":
             raise ValueError(f"expected sqlite:///PATH, got {url!r}")
-        return cls(url.removeprefix("sqlite:///"))
+        return cls(url.removeprefix("sqlite:///"), synchronous=synchronous)
 
     async def start(self) -> None:
         await self._run(self._open)
@@ -123,6 +132,7 @@ class SqliteStore(Store):
         self._closed = True
         if self._purger is not None:
             self._purger.cancel()
+        await self._commits.drain()
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
@@ -130,10 +140,10 @@ class SqliteStore(Store):
     # -- the contract ------------------------------------------------------------------
 
     async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
-        return await self._run(self._reserve, record, evidence)
+        return await self._write(self._reserve, record, evidence)
 
     async def transition(self, transition: Transition) -> OperationRecord | None:
-        current = await self._run(self._transition, transition)
+        current = await self._write(self._transition, transition)
         if current is None:
             self._notify_local(transition.new.op_id)
         return current
@@ -142,10 +152,10 @@ class SqliteStore(Store):
         return await self._run(self._get, op_id)
 
     async def renew(self, leases: list[Lease]) -> list[bool]:
-        return await self._run(self._renew, leases) if leases else []
+        return await self._write(self._renew, leases) if leases else []
 
     async def note(self, op_id: str, evidence: Evidence) -> bool:
-        return await self._run(self._note, op_id, evidence)
+        return await self._write(self._note, op_id, evidence)
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         rows = await self._run(
@@ -216,13 +226,13 @@ class SqliteStore(Store):
         return counts
 
     async def remember_once(self, name: str, ttl_s: float) -> bool:
-        return await self._run(self._remember_once, name, max(1, round(ttl_s * 1000)))
+        return await self._write(self._remember_once, name, max(1, round(ttl_s * 1000)))
 
     async def charge(self, counters: Sequence[Counter], charge_id: str, now_ms: int) -> list[Full]:
-        return await self._run(self._charge, counters, charge_id, now_ms) if counters else []
+        return await self._write(self._charge, counters, charge_id, now_ms) if counters else []
 
     async def unreserve(self, op_id: str, owner: str, fence: int) -> bool:
-        deleted = await self._run(self._unreserve, op_id, owner, fence)
+        deleted = await self._write(self._unreserve, op_id, owner, fence)
         if deleted:
             self._notify_local(op_id)
         return deleted
@@ -231,7 +241,7 @@ class SqliteStore(Store):
         return await self._run(self._read_marker, name)
 
     async def swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
-        return await self._run(self._swap_marker, name, expected, value)
+        return await self._write(self._swap_marker, name, expected, value)
 
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
@@ -249,20 +259,19 @@ class SqliteStore(Store):
 
     def _swap_marker(self, name: str, expected: bytes | None, value: bytes) -> bytes | None:
         db = self._markers()
-        with _immediate(db):
-            row = db.execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
-            current = None if row is None else bytes(row[0])
-            if current != expected:
-                return current
-            db.execute("INSERT OR REPLACE INTO markers (name, value) VALUES (?, ?)", (name, value))
-            return value
+        row = db.execute("SELECT value FROM markers WHERE name = ?", (name,)).fetchone()
+        current = None if row is None else bytes(row[0])
+        if current != expected:
+            return current
+        db.execute("INSERT OR REPLACE INTO markers (name, value) VALUES (?, ?)", (name, value))
+        return value
 
     def _open(self) -> None:
         if self.path.parent != Path():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         db.execute("PRAGMA busy_timeout=5000")
         try:
             with _immediate(db):  # one transaction: a second process opening the file waits for it
@@ -281,76 +290,72 @@ class SqliteStore(Store):
     def _reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
         db = self._conn()
         now = self.clock.now_ms()
-        with _immediate(db):
-            row = db.execute(_SELECT, (record.op_id, now)).fetchone()
-            if row is not None:
-                existing = _decode(record.op_id, row)
-                return None if existing.owner == record.owner else existing.evolve(evidence=())
-            fields = codec.encode(record)
-            db.execute(
-                _INSERT,
-                (
-                    record.op_id,
-                    *_written(fields),
-                    codec.encode_evidence(evidence),
-                    record.lease_until_ms,
-                    record.updated_ms,
-                ),
-            )
+        row = db.execute(_SELECT, (record.op_id, now)).fetchone()
+        if row is not None:
+            existing = _decode(record.op_id, row)
+            return None if existing.owner == record.owner else existing.evolve(evidence=())
+        fields = codec.encode(record)
+        db.execute(
+            _INSERT,
+            (
+                record.op_id,
+                *_written(fields),
+                codec.encode_evidence(evidence),
+                record.lease_until_ms,
+                record.updated_ms,
+            ),
+        )
         return None
 
     def _transition(self, transition: Transition) -> OperationRecord | None:
         db = self._conn()
         new = transition.new
         now = self.clock.now_ms()
-        with _immediate(db):
-            row = db.execute(_SELECT, (new.op_id, now)).fetchone()
-            if row is None:
-                raise RecordMissing(new.op_id)
-            current = _decode(new.op_id, row)
-            if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
-                return None  # a retried call whose first try was applied
-            if current.fence != transition.expect_fence or current.state not in transition.expect_states:
-                return current.evolve(evidence=())
-            if transition.after_the_lease and current.lease_until_ms > now:
-                return current.evolve(evidence=())
-            fields = codec.encode(new)
-            ttl_ms = transition.ttl_ms
-            db.execute(
-                _UPDATE,
-                (
-                    *_written(fields),
-                    b"\n" + codec.encode_evidence(transition.evidence),
-                    transition.due_at_ms or None,
-                    new.updated_ms,
-                    now + ttl_ms if ttl_ms else None,
-                    new.op_id,
-                ),
-            )
+        row = db.execute(_SELECT, (new.op_id, now)).fetchone()
+        if row is None:
+            raise RecordMissing(new.op_id)
+        current = _decode(new.op_id, row)
+        if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
+            return None  # a retried call whose first try was applied
+        if current.fence != transition.expect_fence or current.state not in transition.expect_states:
+            return current.evolve(evidence=())
+        if transition.after_the_lease and current.lease_until_ms > now:
+            return current.evolve(evidence=())
+        fields = codec.encode(new)
+        ttl_ms = transition.ttl_ms
+        db.execute(
+            _UPDATE,
+            (
+                *_written(fields),
+                b"\n" + codec.encode_evidence(transition.evidence),
+                transition.due_at_ms or None,
+                new.updated_ms,
+                now + ttl_ms if ttl_ms else None,
+                new.op_id,
+            ),
+        )
         return None
 
     def _renew(self, leases: list[Lease]) -> list[bool]:
         db = self._conn()
         renewed: list[bool] = []
-        with _immediate(db):
-            now = self.clock.now_ms()
-            for lease in leases:
-                until_ms = now + lease.term_ms
-                cursor = db.execute(
-                    "UPDATE operations SET lease_until_ms = ?, due_ms = ? WHERE op_id = ? AND fence = ?"
-                    " AND owner = ? AND state IN ('PENDING', 'UNKNOWN') AND lease_until_ms > ?",
-                    (until_ms, until_ms, lease.op_id, lease.fence, lease.owner, now),
-                )
-                renewed.append(cursor.rowcount == 1)
+        now = self.clock.now_ms()
+        for lease in leases:
+            until_ms = now + lease.term_ms
+            cursor = db.execute(
+                "UPDATE operations SET lease_until_ms = ?, due_ms = ? WHERE op_id = ? AND fence = ?"
+                " AND owner = ? AND state IN ('PENDING', 'UNKNOWN') AND lease_until_ms > ?",
+                (until_ms, until_ms, lease.op_id, lease.fence, lease.owner, now),
+            )
+            renewed.append(cursor.rowcount == 1)
         return renewed
 
     def _note(self, op_id: str, evidence: Evidence) -> bool:
         db = self._conn()
-        with _immediate(db):
-            cursor = db.execute(
-                "UPDATE operations SET evidence = evidence || ? WHERE op_id = ?",
-                (b"\n" + codec.encode_evidence(evidence), op_id),
-            )
+        cursor = db.execute(
+            "UPDATE operations SET evidence = evidence || ? WHERE op_id = ?",
+            (b"\n" + codec.encode_evidence(evidence), op_id),
+        )
         return cursor.rowcount == 1
 
     def _get(self, op_id: str) -> OperationRecord | None:
@@ -360,65 +365,61 @@ class SqliteStore(Store):
     def _remember_once(self, name: str, ttl_ms: int) -> bool:
         db = self._conn()
         now = self.clock.now_ms()
-        with _immediate(db):
-            db.execute("DELETE FROM seen WHERE name = ? AND expires_ms <= ?", (name, now))
-            cursor = db.execute("INSERT OR IGNORE INTO seen (name, expires_ms) VALUES (?, ?)", (name, now + ttl_ms))
+        db.execute("DELETE FROM seen WHERE name = ? AND expires_ms <= ?", (name, now))
+        cursor = db.execute("INSERT OR IGNORE INTO seen (name, expires_ms) VALUES (?, ?)", (name, now + ttl_ms))
         return cursor.rowcount == 1
 
     def _charge(self, counters: Sequence[Counter], charge_id: str, now: int) -> list[Full]:
         db = self._conn()
         names = [hashlib.sha256(counter.name.encode()).hexdigest() for counter in counters]
-        with _immediate(db):
-            retried = db.execute(
-                "SELECT 1 FROM budget_charges WHERE counter = ? AND charge_id = ?", (names[0], charge_id)
-            ).fetchone()
-            if retried is not None:
-                return []
-            full: list[Full] = []
-            for name, counter in zip(names, counters, strict=True):
-                slid_out = now - counter.window_ms
-                db.execute("DELETE FROM budget_charges WHERE counter = ? AND at_ms <= ?", (name, slid_out))
-                (used,) = db.execute("SELECT COUNT(*) FROM budget_charges WHERE counter = ?", (name,)).fetchone()
-                if used >= counter.limit:
-                    # The charge whose sliding out leaves room for one more.
-                    (blocking,) = db.execute(
-                        "SELECT at_ms FROM budget_charges WHERE counter = ? ORDER BY at_ms LIMIT 1 OFFSET ?",
-                        (name, used - counter.limit),
-                    ).fetchone()
-                    full.append(Full(counter, max(1, blocking + counter.window_ms - now)))
-            if not full:
-                rows = [(name, charge_id, now, now + c.window_ms) for name, c in zip(names, counters, strict=True)]
-                db.executemany(
-                    "INSERT INTO budget_charges (counter, charge_id, at_ms, expires_ms) VALUES (?, ?, ?, ?)", rows
-                )
+        retried = db.execute(
+            "SELECT 1 FROM budget_charges WHERE counter = ? AND charge_id = ?", (names[0], charge_id)
+        ).fetchone()
+        if retried is not None:
+            return []
+        full: list[Full] = []
+        for name, counter in zip(names, counters, strict=True):
+            slid_out = now - counter.window_ms
+            db.execute("DELETE FROM budget_charges WHERE counter = ? AND at_ms <= ?", (name, slid_out))
+            (used,) = db.execute("SELECT COUNT(*) FROM budget_charges WHERE counter = ?", (name,)).fetchone()
+            if used >= counter.limit:
+                # The charge whose sliding out leaves room for one more.
+                (blocking,) = db.execute(
+                    "SELECT at_ms FROM budget_charges WHERE counter = ? ORDER BY at_ms LIMIT 1 OFFSET ?",
+                    (name, used - counter.limit),
+                ).fetchone()
+                full.append(Full(counter, max(1, blocking + counter.window_ms - now)))
+        if not full:
+            rows = [(name, charge_id, now, now + c.window_ms) for name, c in zip(names, counters, strict=True)]
+            db.executemany(
+                "INSERT INTO budget_charges (counter, charge_id, at_ms, expires_ms) VALUES (?, ?, ?, ?)", rows
+            )
         return full
 
     def _unreserve(self, op_id: str, owner: str, fence: int) -> bool:
         db = self._conn()
-        with _immediate(db):
-            cursor = db.execute(
-                "DELETE FROM operations WHERE op_id = ? AND state = 'PENDING' AND fence = ? AND owner = ?",
-                (op_id, fence, owner),
-            )
+        cursor = db.execute(
+            "DELETE FROM operations WHERE op_id = ? AND state = 'PENDING' AND fence = ? AND owner = ?",
+            (op_id, fence, owner),
+        )
         return cursor.rowcount == 1
 
     def _purge_expired(self) -> int:
         db = self._conn()
-        with _immediate(db):
-            db.execute(
-                "DELETE FROM budget_charges WHERE (counter, charge_id) IN"
-                " (SELECT counter, charge_id FROM budget_charges WHERE expires_ms <= ? LIMIT ?)",
-                (self.clock.now_ms(), _PURGE_BATCH),
-            )
-            db.execute(
-                "DELETE FROM seen WHERE name IN (SELECT name FROM seen WHERE expires_ms <= ? LIMIT ?)",
-                (self.clock.now_ms(), _PURGE_BATCH),
-            )
-            cursor = db.execute(
-                "DELETE FROM operations WHERE op_id IN (SELECT op_id FROM operations"
-                " WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?)",
-                (self.clock.now_ms(), _PURGE_BATCH),
-            )
+        db.execute(
+            "DELETE FROM budget_charges WHERE (counter, charge_id) IN"
+            " (SELECT counter, charge_id FROM budget_charges WHERE expires_ms <= ? LIMIT ?)",
+            (self.clock.now_ms(), _PURGE_BATCH),
+        )
+        db.execute(
+            "DELETE FROM seen WHERE name IN (SELECT name FROM seen WHERE expires_ms <= ? LIMIT ?)",
+            (self.clock.now_ms(), _PURGE_BATCH),
+        )
+        cursor = db.execute(
+            "DELETE FROM operations WHERE op_id IN (SELECT op_id FROM operations"
+            " WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?)",
+            (self.clock.now_ms(), _PURGE_BATCH),
+        )
         return cursor.rowcount
 
     # -- plumbing ------------------------------------------------------------------------
@@ -427,21 +428,34 @@ class SqliteStore(Store):
         while True:
             await asyncio.sleep(_PURGE_INTERVAL_S)
             try:
-                while await self._run(self._purge_expired) == _PURGE_BATCH:
+                while await self._write(self._purge_expired) == _PURGE_BATCH:
                     pass
             except StoreUnavailable:
                 continue
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the store thread, outside any transaction (reads)."""
         if self._closed:
             raise StoreUnavailable("the SQLite store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, function, *args)
-        except sqlite3.DataError as exc:  # SQLITE_TOOBIG: a value over the length limit, rolled back
-            raise RecordNotStorable(f"sqlite: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        with _store_errors():
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _write(self, body: Callable[..., T], *args: Any) -> T:
+        """``body(*args)`` on the store thread in a write transaction, once committed."""
+        if self._closed:
+            raise StoreUnavailable("the SQLite store is closed")
+        with _store_errors():
+            return await self._commits.write(body, *args)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DataError as exc:  # SQLITE_TOOBIG: a value over the length limit, rolled back
+        raise RecordNotStorable(f"sqlite: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"sqlite: {exc}") from exc
 
 
 class _immediate:
