@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -87,13 +88,17 @@ _SCHEMA_VERSION = 2
 _RENAME_COLUMN_SQLITE = (3, 25, 0)
 _COLUMNS = (*codec.WRITTEN_FIELDS, codec.EVIDENCE)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM operations WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?)"
-_INSERT = (
-    f"INSERT OR REPLACE INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms, expires_ms)"
+_INSERT_COLUMNS = (
+    f"INTO operations (op_id, {', '.join(_COLUMNS)}, due_ms, updated_ms, expires_ms)"
     f" VALUES (?, {', '.join('?' * len(_COLUMNS))}, ?, ?, NULL)"
 )
+_INSERT_NEW = f"INSERT OR IGNORE {_INSERT_COLUMNS}"
+_REPLACE_EXPIRED = f"INSERT OR REPLACE {_INSERT_COLUMNS}"
 _UPDATE = (
     f"UPDATE operations SET {', '.join(f'{name} = ?' for name in codec.WRITTEN_FIELDS)},"
-    f" {codec.EVIDENCE} = {codec.EVIDENCE} || ?, due_ms = ?, updated_ms = ?, expires_ms = ? WHERE op_id = ?"
+    f" {codec.EVIDENCE} = {codec.EVIDENCE} || ?, due_ms = ?, updated_ms = ?, expires_ms = ?"
+    " WHERE op_id = ? AND (expires_ms IS NULL OR expires_ms > ?) AND fence = ? AND state IN ({states})"
+    " AND NOT (state = ? AND fence = ? AND owner = ?)"  # already there: a retried transition
 )
 _PURGE_BATCH = 500
 _PURGE_INTERVAL_S = 60.0
@@ -289,42 +294,35 @@ class SqliteStore(Store):
 
     def _reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
         db = self._conn()
-        now = self.clock.now_ms()
-        row = db.execute(_SELECT, (record.op_id, now)).fetchone()
+        fields = codec.encode(record)
+        values = (
+            record.op_id,
+            *_written(fields),
+            codec.encode_evidence(evidence),
+            record.lease_until_ms,
+            record.updated_ms,
+        )
+        # A new op id (the usual case) is one statement; the record is read only when there is one.
+        if db.execute(_INSERT_NEW, values).rowcount == 1:
+            return None
+        row = db.execute(_SELECT, (record.op_id, self.clock.now_ms())).fetchone()
         if row is not None:
             existing = _decode(record.op_id, row)
             return None if existing.owner == record.owner else existing.evolve(evidence=())
-        fields = codec.encode(record)
-        db.execute(
-            _INSERT,
-            (
-                record.op_id,
-                *_written(fields),
-                codec.encode_evidence(evidence),
-                record.lease_until_ms,
-                record.updated_ms,
-            ),
-        )
+        db.execute(_REPLACE_EXPIRED, values)  # expired, not yet purged: as if it were gone
         return None
 
     def _transition(self, transition: Transition) -> OperationRecord | None:
         db = self._conn()
         new = transition.new
         now = self.clock.now_ms()
-        row = db.execute(_SELECT, (new.op_id, now)).fetchone()
-        if row is None:
-            raise RecordMissing(new.op_id)
-        current = _decode(new.op_id, row)
-        if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
-            return None  # a retried call whose first try was applied
-        if current.fence != transition.expect_fence or current.state not in transition.expect_states:
-            return current.evolve(evidence=())
-        if transition.after_the_lease and current.lease_until_ms > now:
-            return current.evolve(evidence=())
         fields = codec.encode(new)
         ttl_ms = transition.ttl_ms
-        db.execute(
-            _UPDATE,
+        expected = sorted(state.value for state in transition.expect_states)
+        # The update checks what the transition expects itself: the record is read (and
+        # decoded) only when it does not apply, to say why.
+        applied = db.execute(
+            _update_where(len(expected), after_the_lease=transition.after_the_lease),
             (
                 *_written(fields),
                 b"\n" + codec.encode_evidence(transition.evidence),
@@ -332,9 +330,24 @@ class SqliteStore(Store):
                 new.updated_ms,
                 now + ttl_ms if ttl_ms else None,
                 new.op_id,
+                now,
+                transition.expect_fence,
+                *expected,
+                new.state.value,
+                new.fence,
+                new.owner,
+                *((now,) if transition.after_the_lease else ()),
             ),
-        )
-        return None
+        ).rowcount
+        if applied == 1:
+            return None
+        row = db.execute(_SELECT, (new.op_id, now)).fetchone()
+        if row is None:
+            raise RecordMissing(new.op_id)
+        current = _decode(new.op_id, row)
+        if current.state is new.state and current.fence == new.fence and current.owner == new.owner:
+            return None  # a retried call whose first try was applied
+        return current.evolve(evidence=())
 
     def _renew(self, leases: list[Lease]) -> list[bool]:
         db = self._conn()
@@ -469,6 +482,14 @@ class _immediate:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+@functools.cache
+def _update_where(states: int, *, after_the_lease: bool) -> str:
+    """The fenced update of a transition expecting one of ``states`` states; ``after_the_lease``:
+    only once the holder's lease has ended."""
+    sql = _UPDATE.format(states=", ".join("?" * states))
+    return sql + " AND lease_until_ms <= ?" if after_the_lease else sql
 
 
 def _written(fields: dict[str, str | int | bytes]) -> list[str | int | bytes]:
