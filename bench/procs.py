@@ -321,23 +321,27 @@ def start_idemproxy(
     store_url: str,
     workers: int = 1,
     mcp_path: str | None = None,
+    store_options: Mapping[str, str] | None = None,
 ) -> tuple[Child, int]:
     """idemproxy in front of the upstream: one plain route for ``/`` (``--upstream``), or,
-    with ``mcp_path``, one MCP route (``mode: mcp``) on that prefix from a config file."""
+    with ``mcp_path``, one MCP route (``mode: mcp``) on that prefix from a config file.
+    ``store_options``: store keys besides the URL (a config file's ``store`` section)."""
     port, admin_port = free_port(), free_port()
     upstream = f"http://{LOOPBACK}:{upstream_port}"
-    if mcp_path is None:
-        routes = ["--upstream", upstream]
-    else:
+    config_text = "" if mcp_path is None else mcp_config(upstream, mcp_path)
+    if store_options:
+        config_text += f"store:\n  url: {store_url}\n" + "".join(f"  {k}: {v}\n" for k, v in store_options.items())
+    routes = ["--upstream", upstream] if mcp_path is None else []
+    if config_text:
         config = children.workdir / f"{name}.yaml"
-        config.write_text(mcp_config(upstream, mcp_path))
-        routes = ["--config", str(config)]
+        config.write_text(config_text)
+        routes += ["--config", str(config)]
     argv = [
         python, "-m", "idemproxy", "run",
         *routes,
         "--listen", f"{LOOPBACK}:{port}",
         "--admin-listen", f"{LOOPBACK}:{admin_port}",
-        "--store", store_url,
+        *([] if store_options else ["--store", store_url]),
     ]  # fmt: skip
     if workers != 1:
         argv += [WORKERS_FLAG, str(workers)]

@@ -138,11 +138,12 @@ class Bench:
             store_dir = self.children.workdir / name
             store_dir.mkdir(parents=True, exist_ok=True)
             store_url = f"sqlite:///{store_dir / 'ledger.db'}"
+        store_options = {"sqlite_synchronous": "normal"} if run.store is StoreKind.SQLITE_NORMAL else {}
         mcp_path = run.workload.path if run.protocol is Protocol.MCP else None
         try:
             with self._child(
                 *procs.start_idemproxy(
-                    self.children, name, python, self.upstream_port, store_url, run.workers, mcp_path
+                    self.children, name, python, self.upstream_port, store_url, run.workers, mcp_path, store_options
                 )
             ) as (proxy, port):
                 url = f"http://{LOOPBACK}:{port}"

@@ -140,6 +140,8 @@ class StoreKind(StrEnum):
     NONE = "-"
     REDIS = "redis"
     SQLITE = "sqlite"
+    #: SQLite with ``store.sqlite_synchronous: normal`` (synced at checkpoints only).
+    SQLITE_NORMAL = "sqlite-normal"
 
 
 BASELINES = (Subject.DIRECT, Subject.NGINX, Subject.NAIVE)
@@ -233,6 +235,14 @@ SCENARIOS = (
         (1, 64),
         "forward path on the embedded SQLite store (WAL, synchronous=FULL)",
         StoreKind.SQLITE,
+    ),
+    Scenario(
+        "forward-sqlite-normal",
+        Subject.IDEMPROXY,
+        Mode.FRESH,
+        (1, 64),
+        "forward-sqlite with store.sqlite_synchronous: normal (no sync per commit; what it gives up: docs/stores.md)",
+        StoreKind.SQLITE_NORMAL,
     ),
     Scenario(
         "replay-redis",

@@ -53,7 +53,7 @@ REQUEST_BODY: Final = "request_body"
 EVIDENCE: Final = "evidence"
 
 #: Fields every write replaces, in this order.
-WRITTEN_FIELDS: Final = (*COLUMN_FIELDS, META, BODY, REQUEST_BODY)
+WRITTEN_FIELDS: Final[tuple[str, ...]] = (*COLUMN_FIELDS, META, BODY, REQUEST_BODY)
 
 #: Schema version 1's name for each column (``sqlite`` renames them on open).
 V1_COLUMNS: Final = {

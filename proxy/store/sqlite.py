@@ -42,7 +42,7 @@ T = TypeVar("T")
 #: The schema, as statements that leave what exists alone (run in one transaction).
 #: The record columns are ``codec``'s (named after the record's fields); the others
 #: are the store's own.
-_SCHEMA = (
+_SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS operations (
     op_id          TEXT PRIMARY KEY,
     state          TEXT NOT NULL,
