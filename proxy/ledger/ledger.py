@@ -133,13 +133,32 @@ class Ledger:
         self.leases = LeaseKeeper(store)
         if epoch is not None:
             self.leases.on_vanished = epoch.check_soon  # one record vanished, or all of them?
+        self._on_ledger_moved = self._ledger_moved  # one object, to be removed again by close
+        store.on_ledger_moved.append(self._on_ledger_moved)
         self._attempts = itertools.count(1)
 
     def start(self) -> None:
         self.leases.start()
 
     async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.store.on_ledger_moved.remove(self._on_ledger_moved)
         await self.leases.close()
+
+    def _ledger_moved(self) -> None:
+        """The store follows another copy of the ledger (a failover): answers kept in memory
+        may be ones it lost, and are forgotten (a retry asks the store again). The epoch is
+        checked at once (was the whole ledger lost?)."""
+        forgotten = 0
+        if self.completed is not None:
+            forgotten = len(self.completed)
+            self.completed.clear()
+        log.warning(
+            "the ledger moved to another master (a failover); answers kept in memory are forgotten",
+            extra={"forgotten": forgotten},
+        )
+        if self.epoch is not None:
+            self.epoch.check_soon()
 
     def _no_longer_waiting(self, record: OperationRecord | None, request: OperationRequest) -> bool:
         if record is None:

@@ -127,6 +127,10 @@ class Store(ABC):
         self.clock = StoreClock()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._subscriptions: dict[str, asyncio.Future[None]] = {}
+        #: Called when the store starts following another copy of the ledger (a replica
+        #: promoted in a failover), which may lack writes the old one acknowledged: what was
+        #: read from the old one may be gone. Quick and synchronous; they must not raise.
+        self.on_ledger_moved: list[Callable[[], None]] = []
 
     @abstractmethod
     async def reserve(self, record: OperationRecord, evidence: Evidence) -> OperationRecord | None:
@@ -269,6 +273,10 @@ class Store(ABC):
                     wake_in = min(wake_in, max(0.001, (current.lease_until_ms - self.clock.earliest_ms()) / 1000))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), wake_in)
+
+    def _ledger_moved(self) -> None:
+        for moved in list(self.on_ledger_moved):
+            moved()
 
     def _notify_local(self, op_id: str) -> None:
         for event in self._watchers.get(op_id, ()):

@@ -13,6 +13,9 @@ one node that owns the operation. What differs per topology:
   change notifications come from a plain connection to one node (``PUBLISH``
   is broadcast over the cluster bus), moved to another node when it fails.
 
+A failover (the sentinels name another master; redis-py finds other masters in the
+cluster) calls ``on_ledger_moved``: the promoted replica may lack acknowledged writes.
+
 With ``min_replicas_ack`` a reservation counts only once that many replicas
 acknowledged it (``WAIT`` on the connection that wrote it); otherwise it is
 released again and the caller gets ``StoreUnavailable``. Not set, it is 1 for
@@ -39,6 +42,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
+from redis.event import AsyncAfterSlotsCacheRefreshEvent, AsyncEventListenerInterface, EventDispatcher
 from redis.exceptions import NoScriptError, RedisError
 
 from idemproxy.lifecycle.records import Evidence, OperationRecord, State
@@ -107,9 +111,12 @@ class RedisStore(Store):
         allow_eviction: bool = False,
         safety_check_interval_s: float = SAFETY_CHECK_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        cluster_events: EventDispatcher | None = None,
     ) -> None:
         """Prefer ``from_url``. A ``RedisCluster`` client needs ``node_client``
-        (a plain client for one node, for pub/sub); a ``master_for`` client, the
+        (a plain client for one node, for pub/sub), and tells a failover through
+        ``cluster_events``, the event dispatcher it was made with (without it, a failover
+        does not call ``on_ledger_moved``); a ``master_for`` client, the
         ``sentinel`` it came from and the ``master_name``. With ``mux``, the
         per-request commands share its one multiplexed connection; everything
         else (and ``WAIT``) uses ``client``.
@@ -145,8 +152,16 @@ class RedisStore(Store):
         self._renew = client.register_script(RENEW)
         self._note = client.register_script(NOTE)
         self._feed = ChangeFeed(
-            client, self.keys, node_client=node_client, watched=lambda: self._watchers, notify=self._notify_local
+            client,
+            self.keys,
+            node_client=node_client,
+            watched=lambda: self._watchers,
+            notify=self._notify_local,
+            timeout_s=socket_timeout_s,
         )
+        if isinstance(client, RedisCluster) and cluster_events is not None:
+            watch = _MastersWatch(client, self._cluster_masters_changed)
+            cluster_events.register_listeners({AsyncAfterSlotsCacheRefreshEvent: [watch]})
         self._closed = False
 
     @classmethod
@@ -180,6 +195,7 @@ class RedisStore(Store):
             allow_eviction=allow_eviction,
             safety_check_interval_s=safety_check_interval_s,
             sleep=sleep,
+            cluster_events=clients.cluster_events,
         )
 
     async def start(self) -> None:
@@ -581,7 +597,15 @@ class RedisStore(Store):
                 if self._mux is not None:
                     self._mux.reconnect()
                 self._feed.follow_master()
+                self._ledger_moved()
             known = master
+
+    def _cluster_masters_changed(self, before: frozenset[str], now: frozenset[str]) -> None:
+        log.warning(
+            "the cluster's masters changed (a failover); following the new ones",
+            extra={"before": sorted(before), "now": sorted(now)},
+        )
+        self._ledger_moved()
 
     async def _subscribe(self, op_id: str) -> None:
         await self._feed.subscribe(op_id)
@@ -709,6 +733,23 @@ class RedisStore(Store):
         if deleted:
             self._notify_local(op_id)
         return deleted
+
+
+class _MastersWatch(AsyncEventListenerInterface):
+    """Cluster: reports when redis-py's view of the masters changed, as soon as it learns it
+    (a refresh of the slots, or a ``MOVED`` reply from a replica promoted in a failover). A
+    slot migrated between masters changes no master, and loses nothing."""
+
+    def __init__(self, cluster: RedisCluster, changed: Callable[[frozenset[str], frozenset[str]], None]) -> None:
+        self._cluster = cluster
+        self._changed = changed
+        self._known: frozenset[str] | None = None
+
+    async def listen(self, event: object) -> None:
+        masters = frozenset(node.name for node in self._cluster.get_primaries())
+        known, self._known = self._known, masters
+        if known is not None and masters != known:
+            self._changed(known, masters)
 
 
 def _text(value: bytes | str) -> str:

@@ -16,6 +16,7 @@ from redis.asyncio.connection import parse_url as parse_redis_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.event import EventDispatcher
 
 from idemproxy.config.redis_urls import Address, SentinelUrl, is_topology_url, parse_topology_url
 from idemproxy.store.redis_mux import Endpoint, Locate, Login, RedisMux, locate_fixed
@@ -32,6 +33,8 @@ class Clients:
     master_name: str | None = None
     #: Cluster: a plain client for one node (pub/sub).
     node_client: NodeClient | None = None
+    #: Cluster: the client's event dispatcher (refreshes of its slots).
+    cluster_events: EventDispatcher | None = None
 
 
 def _retry() -> Retry:
@@ -106,13 +109,15 @@ def open_clients(url: str, *, socket_timeout_s: float, max_connections: int) -> 
     def node_client(address: Address) -> aioredis.Redis:
         return aioredis.Redis(host=address.host, port=address.port, **auth, **options)
 
+    events = EventDispatcher()
     cluster = RedisCluster(
         startup_nodes=[ClusterNode(address.host, address.port) for address in parsed.nodes],
         max_connections=max_connections,
+        event_dispatcher=events,
         **auth,
         **options,
     )
-    return Clients(cluster, node_client=node_client)
+    return Clients(cluster, node_client=node_client, cluster_events=events)
 
 
 def plain_mux(url: str, timeout_s: float) -> RedisMux | None:

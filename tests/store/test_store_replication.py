@@ -6,6 +6,7 @@ and replica acknowledgments (``store.min_replicas_ack``).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -35,6 +36,7 @@ from tests.support.topologies import (
     RedisNode,
     SentinelTopology,
     role,
+    running,
     started,
     wait_in_sync,
 )
@@ -52,12 +54,8 @@ slow = pytest.mark.slow
 
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[SentinelTopology]:
-    topology = SentinelTopology(tmp_path / "sentinel")
-    try:
-        topology.start()
+    with running(SentinelTopology(tmp_path / "sentinel")) as topology:
         yield topology
-    finally:
-        topology.stop()
 
 
 @slow
@@ -169,6 +167,13 @@ class Traffic:
             assert time.monotonic() < deadline, self.statuses()
             await asyncio.sleep(0.05)
 
+    async def answered(self, count: int) -> None:
+        """Until ``count`` answers, of any status, came back (bounded)."""
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while sum(self.statuses().values()) < count:
+            assert time.monotonic() < deadline, self.statuses()
+            await asyncio.sleep(0.05)
+
     async def settle(self, key: str) -> None:
         """Retry ``key`` until it is answered 201 (bounded)."""
         deadline = time.monotonic() + 20
@@ -231,6 +236,49 @@ async def test_sentinel_failover_mid_traffic_never_forwards_without_a_record(
             assert record is not None
             assert record.state is State.COMPLETED, (key, record.state)
         await traffic.client.close()  # the app's background work stops before the store closes
+
+
+@slow
+@pytest.mark.parametrize("ack", [pytest.param({}, id="the-default")])
+async def test_a_failover_to_a_replica_that_missed_the_last_writes_runs_nothing_twice(
+    sentinel: SentinelTopology,
+    upstream: Upstream,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    ack: dict[str, int],
+) -> None:
+    """The trust issue's item 17, on the shipped default: the replica is cut off (paused, its
+    link dropped: ``CLIENT KILL TYPE replica``) while operations keep coming, then the master
+    dies and the sentinels promote the replica, which never had those writes. Behind Sentinel
+    a reservation waits for a replica by default, so none of them was forwarded (503); with
+    ``min_replicas_ack: 0`` each was forwarded, its record lost in the failover, and forwarded
+    again on retry (checked: the test fails so)."""
+    route = {"prefix": "/", "upstream": upstream.url, "connect_timeout": "1s", "read_timeout": "1s",
+             "lease": "3s", "wait": "5s", "reconcile": {"probe": LOOKUP, "found": {"status": 201}}}  # fmt: skip
+    async with started(sentinel.url, socket_timeout_s=0.5, replica_ack_timeout_s=0.5, **ack) as store:
+        assert store.min_replicas_ack == 1  # the default where there are replicas
+        config = parse_config({"store": sentinel.url, "routes": [route]})
+        traffic = Traffic(await aiohttp_client(build_proxy_app(config, store)))
+        traffic.start()
+        await traffic.until(201, 20)
+        sentinel.replica.signal(signal.SIGSTOP)
+        sentinel.master.call("CLIENT", "KILL", "TYPE", "replica")  # nothing more reaches the replica
+        answered = sum(traffic.statuses().values())
+        await traffic.answered(answered + 12)  # operations tried while no replica could have them
+        old, new = await asyncio.to_thread(sentinel.failover, kill=True, resume=sentinel.replica)
+        # No replica, no durable reservation (503s), until the old master rejoins as one.
+        await asyncio.to_thread(old.replicate, new.port)
+        await asyncio.to_thread(wait_in_sync, new, old)
+        await traffic.until(201, traffic.statuses()[201] + 5)
+        await traffic.stop()
+
+        async with aioredis.Redis(port=new.port) as promoted:
+            for key, statuses in traffic.answers.items():
+                if 201 in statuses:
+                    assert await promoted.exists(store.keys.record(op_id_for(key))), key
+        await asyncio.gather(*(traffic.settle(key) for key in list(traffic.answers)))
+        effects = Counter(effect.headers["Idempotency-Key"] for effect in upstream.effects)
+        assert effects == dict.fromkeys(traffic.answers, 1)
+        await traffic.client.close()
 
 
 # -- replica acknowledgments (WAIT) ------------------------------------------------------------------

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.crc import key_slot
@@ -33,6 +34,9 @@ from tests.support.redis_server import RedisServer, free_port
 SETTLE_S = 20.0
 
 
+TopologyT = TypeVar("TopologyT", "RedisClusterTopology", "SentinelTopology")
+
+
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = SETTLE_S) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -44,6 +48,16 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = SETT
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting until {what}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running(topology: TopologyT) -> Iterator[TopologyT]:
+    """``topology`` started, and stopped (every process it started) on exit."""
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
 
 
 def role(node: RedisNode) -> str:
@@ -98,6 +112,11 @@ class RedisNode(RedisServer):
     def call(self, *command: str | int) -> object:
         with self.client() as client:
             return client.execute_command(*command)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the server (SIGSTOP pauses it: a replica then misses writes)."""
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     def start(self) -> None:
         if self.sentinel_of is not None:
@@ -218,10 +237,15 @@ class RedisClusterTopology:
     def replica_nodes(self) -> list[RedisNode]:
         return [node for node in self.running() if role(node) == "slave"]
 
-    def kill_master(self, master: RedisNode) -> RedisNode:
-        """SIGKILL ``master`` and wait until its replica has taken its slots over; the new master."""
-        replica = self.replica_of(master)
+    def kill_master(self, master: RedisNode, *, paused: RedisNode | None = None) -> RedisNode:
+        """SIGKILL ``master`` and wait until its replica has taken its slots over; the new master.
+
+        ``paused``: its replica, paused (SIGSTOP) while the master took writes, woken only once
+        the master is dead: it is promoted without them."""
+        replica = paused or self.replica_of(master)
         master.kill()
+        if paused is not None:
+            paused.signal(signal.SIGCONT)
         self._slots.clear()
 
         def took_over() -> bool:
@@ -310,19 +334,23 @@ class SentinelTopology:
     def node(self, port: int) -> RedisNode:
         return next(node for node in (self.master, self.replica) if node.port == port)
 
-    def failover(self, *, kill: bool = True) -> tuple[RedisNode, RedisNode]:
+    def failover(self, *, kill: bool = True, resume: RedisNode | None = None) -> tuple[RedisNode, RedisNode]:
         """Fail the master over to the replica; (old master, new master).
 
         ``kill``: SIGKILL the master (it stays down) and wait for the sentinels
         to notice and promote the replica. Otherwise ask for ``SENTINEL
         FAILOVER``: the old master keeps running, and accepting writes, until
-        the sentinels make it a replica of the new one (some 8 s later)."""
+        the sentinels make it a replica of the new one (some 8 s later).
+        ``resume``: a replica paused (SIGSTOP) while the master took writes, woken only once
+        the master is dead: it is promoted without them."""
         old = self.node(self.master_port())
         new = self.replica if old is self.master else self.master
         if kill:
             old.kill()
         else:
             self.sentinels[0].call("SENTINEL", "FAILOVER", self.MASTER_NAME)
+        if resume is not None:
+            resume.signal(signal.SIGCONT)
         wait_until(lambda: self.master_port() == new.port and role(new) == "master", "the replica is promoted")
         return old, new
 
