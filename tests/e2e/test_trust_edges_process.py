@@ -24,7 +24,7 @@ import pytest_asyncio
 from idemproxy.edge.auth import SIGNATURE_HEADER
 from tests.support.auth import ADMIN_TOKEN, EXECUTOR_TOKEN, PLANNER_TOKEN, auth_setup, bearer, signed
 from tests.support.problems import assert_problem
-from tests.support.proxy_process import RunningProxy, running_proxy, served
+from tests.support.processes import RunningProxy, idemproxy_run, served
 from tests.support.raw_tool import Peer, RawServer
 from tests.support.records import op_id_for
 from tests.support.redis_server import RedisServer
@@ -173,8 +173,8 @@ async def plain(
     settings = plain_settings(module_tools)
     try:
         async with (
-            running_proxy(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}", name="sqlite") as sqlite,
-            running_proxy(settings, directory, store=redis.url, name="redis") as on_redis,
+            idemproxy_run(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}", name="sqlite") as sqlite,
+            idemproxy_run(settings, directory, store=redis.url, name="redis") as on_redis,
         ):
             yield {"sqlite": sqlite, "redis": on_redis}
     finally:
@@ -190,7 +190,7 @@ async def authed(module_tools: Tools, tmp_path_factory: pytest.TempPathFactory) 
         "auth": {"identities_file": str(auth_setup(directory))},
         "routes": [{"name": "tools", "prefix": "/", "upstream": module_tools.upstream.url}],
     }
-    async with running_proxy(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}") as proxy:
+    async with idemproxy_run(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}") as proxy:
         yield proxy
 
 

@@ -27,7 +27,7 @@ from idemproxy.protocol import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX
 from idemproxy.wire.http_server import MAX_PIPELINED
 from tests.support.ops_cli import idemproxy_ops
 from tests.support.problems import assert_problem
-from tests.support.proxy_process import WAIT_S, RunningProxy, running_proxy, served, until_true
+from tests.support.processes import WAIT_S, RunningProxy, idemproxy_run, served, until_true
 from tests.support.redis_server import RedisServer, free_port, restartable_port
 from tests.support.upstream import Upstream
 from tests.support.wire import Connection, connected, request
@@ -88,7 +88,7 @@ async def flow(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> 
         "max_connections": MAX_CONNECTIONS,
         "routes": [{"name": "big", "prefix": "/big", "upstream": upstream.url}],
     }
-    async with running_proxy(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}") as proxy:
+    async with idemproxy_run(settings, directory, store=f"sqlite:///{directory / 'ledger.db'}") as proxy:
         yield proxy
 
 
@@ -175,7 +175,7 @@ async def test_item_15_a_redis_restarted_without_persistence_is_a_lost_ledger_un
     upstream.effects.clear()
     settings = {"shutdown_grace": "1s", "routes": [{"name": "tools", "prefix": "/", "upstream": upstream.url}]}
     paid = {"Idempotency-Key": "k-paid"}
-    async with running_proxy(settings, tmp_path, store=ledger_redis.url) as proxy:
+    async with idemproxy_run(settings, tmp_path, store=ledger_redis.url) as proxy:
         for _ in range(2):
             async with session.post(f"{proxy.url}/items", json={"amount": 5}, headers=paid) as response:
                 assert response.status == 201
@@ -231,7 +231,7 @@ def set_policy(server: RedisServer, policy: str) -> None:
         client.config_set("maxmemory-policy", policy)
 
 
-async def test_item_16_a_running_proxy_turns_unready_while_its_redis_can_evict(
+async def test_item_16_a_idemproxy_run_turns_unready_while_its_redis_can_evict(
     ledger_redis: RedisServer, upstream: Upstream, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Item 16. Injects: ``CONFIG SET maxmemory-policy allkeys-lru`` on the redis-server under a
@@ -246,7 +246,7 @@ async def test_item_16_a_running_proxy_turns_unready_while_its_redis_can_evict(
         "routes": [{"name": "tools", "prefix": "/", "upstream": upstream.url}],
     }
     store = {"url": ledger_redis.url, "socket_timeout": f"{2 * SPEEDUP}s"}  # 2 s of real time
-    async with running_proxy(settings, tmp_path, store=store, env=faster_clock()) as proxy:
+    async with idemproxy_run(settings, tmp_path, store=store, env=faster_clock()) as proxy:
         probes = [f"{proxy.admin_url}/readyz", f"http://127.0.0.1:{metrics_port}/readyz"]
 
         async def statuses() -> list[int]:

@@ -51,7 +51,7 @@ from idemproxy.protocol import RECONCILED_HEADER
 from idemproxy.store import redis_record
 from idemproxy.store.redis_schema import RedisKeys
 from tests.chaos.tool import effect_body, reconcile_config
-from tests.support.processes import Listening, idemproxy_run, log_line
+from tests.support.processes import RunningProxy, idemproxy_run, log_line
 from tests.support.records import op_id_for
 from tests.support.topologies import RedisClusterTopology, RedisNode, SentinelTopology, running, wait_in_sync
 
@@ -204,7 +204,7 @@ class Traffic:
     new operations (on the failing master) until stopped."""
 
     session: aiohttp.ClientSession
-    proxy: Listening
+    proxy: RunningProxy
     failover: Failover
     answers: dict[str, list[Answer]] = field(default_factory=dict)
     _numbers: Iterator[int] = field(default_factory=itertools.count)

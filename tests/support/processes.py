@@ -1,5 +1,7 @@
-"""Child processes in tests: the `idemproxy` command as a user runs it, and reading what a
-child (``idemproxy run``, a worker) writes, bounded."""
+"""Child processes in tests: the `idemproxy` command as a user runs it, ``idemproxy run`` on
+any store with its log in a file (read back as JSON entries, so a long-running child never
+blocks on a full pipe), reading what a child writes, bounded, and the tools a child fronts
+served in the test's own event loop."""
 
 from __future__ import annotations
 
@@ -9,15 +11,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import aiohttp
+import orjson
 import yaml
+from aiohttp import web
 
+from tests.support.metrics import Scrape
 from tests.support.redis_server import free_port
+
+#: Bound of every wait on a child: to come up, to log something, to reach a condition.
+WAIT_S = 20.0
+#: How often a condition on a child (its log, its endpoints) is polled.
+POLL_S = 0.05
 
 
 async def read_until(stream: asyncio.StreamReader, marker: bytes, limit_s: float = 20.0) -> list[bytes]:
@@ -69,15 +80,6 @@ def wait_http(
             time.sleep(0.05)  # polling the child's port until it listens
 
 
-@dataclass(frozen=True)
-class Listening:
-    """A running ``idemproxy run``: its proxy and admin base URLs, and the file its log goes to."""
-
-    url: str
-    admin_url: str
-    log: Path
-
-
 async def log_line(log: Path, marker: str, limit_s: float = 20.0, *, after: int = 0) -> int:
     """Until the ``idemproxy run`` log ``log`` has a line containing ``marker`` past its first
     ``after`` bytes (bounded); the offset just past that line."""
@@ -93,44 +95,141 @@ async def log_line(log: Path, marker: str, limit_s: float = 20.0, *, after: int 
         await asyncio.sleep(0.05)  # polling the child's log until it writes the line
 
 
+@dataclass(frozen=True)
+class RunningProxy:
+    """A started ``idemproxy run``: its listeners and its log file."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    admin_port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every JSON log line so far (a traceback's lines are part of its entry's ``exc``)."""
+        found = []
+        for line in self.log.read_bytes().splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(entry, dict):
+                found.append(entry)
+        return found
+
+    def logged(self, message: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.entries() if message in str(entry.get("msg", ""))]
+
+    async def until_logged(self, message: str, within_s: float = WAIT_S) -> dict[str, Any]:
+        """The first entry whose message holds ``message``, once the child wrote it."""
+        entries: list[dict[str, Any]] = await until(lambda: self.logged(message), within_s, f"log line {message!r}")
+        return entries[0]
+
+    def errors(self) -> list[dict[str, Any]]:
+        """Entries at level error or above, or carrying a traceback."""
+        return [entry for entry in self.entries() if entry.get("level") in ("error", "critical") or "exc" in entry]
+
+    async def scrape(self, session: aiohttp.ClientSession) -> Scrape:
+        async with session.get(f"{self.admin_url}/metrics") as response:
+            assert response.status == 200
+            return Scrape(await response.text())
+
+
+def _written(directory: Path, name: str, document: Mapping[str, Any]) -> tuple[Path, Path]:
+    """The configuration file, written, and where the log goes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(dict(document)), encoding="utf-8")
+    return config, directory / f"{name}.log"
+
+
 def _new_file(path: Path) -> BinaryIO:
     return open(path, "wb")  # the caller closes it
 
 
+async def until(predicate: Callable[[], Any], within_s: float, what: str) -> Any:
+    """``predicate()`` once it is truthy, polled; fails after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {within_s} s")
+        await asyncio.sleep(POLL_S)  # polling a condition the child exposes no event for
+    return value
+
+
 @asynccontextmanager
 async def idemproxy_run(
-    settings: dict[str, Any], directory: Path, *, store: str | None = None, name: str = "idemproxy"
-) -> AsyncIterator[Listening]:
-    """``idemproxy run`` with the configuration ``settings`` (written to ``directory``), both
-    listeners on free loopback ports; stopped with SIGTERM on exit. Its ledger is ``store``
-    (a store URL), by default a SQLite file in ``directory``. Its log (stderr) goes to
-    ``directory/NAME.log``; ``name`` tells several instances in one directory apart."""
-    config = directory / ("config.yaml" if name == "idemproxy" else f"{name}.yaml")
-    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
-    log = directory / f"{name}.log"
-    port, admin = free_port(), free_port()
-    output = _new_file(log)
-    try:
+    settings: Mapping[str, Any],
+    directory: Path,
+    *,
+    store: str | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    name: str = "idemproxy",
+) -> AsyncIterator[RunningProxy]:
+    """``python -m idemproxy run`` with ``settings`` (written to ``directory/NAME.yaml``), both
+    listeners on free loopback ports, none of this environment's ``IDEMPROXY_*`` settings
+    (``env`` added), run in ``directory``; stopped with SIGTERM on exit. Its ledger is
+    ``store`` (a URL, or a ``store`` section), by default a SQLite file in ``directory``. Its
+    output goes to ``directory/NAME.log`` (a file: a pipe nobody reads could fill and block
+    it); ``name`` tells several instances in one directory apart."""
+    port, admin_port = free_port(), free_port()
+    document = {
+        **settings,
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "store": store or f"sqlite:///{directory / 'ledger.db'}",
+    }
+    config, log = _written(directory, name, document)
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("IDEMPROXY_")}
+    with _new_file(log) as output:  # the child has its own copy once started
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "idemproxy", "run", "--config", str(config),
-            "--store", store or f"sqlite:///{directory / 'ledger.db'}",
-            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-            stderr=output,
+            stdout=output, stderr=output, env={**clean, **(env or {})}, cwd=directory,
         )  # fmt: skip
-    finally:
-        output.close()  # the child has its own copy
+    running = RunningProxy(process, port, admin_port, log)
     try:
-        listening = asyncio.ensure_future(log_line(log, "idemproxy listening"))
-        exited = asyncio.ensure_future(process.wait())
-        await asyncio.wait((listening, exited), return_when=asyncio.FIRST_COMPLETED)
-        exited.cancel()
-        if not listening.done():
-            listening.cancel()
-            tail = (await asyncio.to_thread(log.read_bytes))[-3000:]
-            raise AssertionError(f"idemproxy run exited with {process.returncode}: {tail!r}")
-        await listening
-        yield Listening(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", log)
+
+        def started() -> bool:
+            if process.returncode is not None:
+                raise AssertionError(f"idemproxy run exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            return bool(running.logged("idemproxy listening"))
+
+        await until(started, WAIT_S, "'idemproxy listening'")
+        yield running
     finally:
         if process.returncode is None:
             process.terminate()
-        await asyncio.wait_for(process.wait(), 20)
+            try:
+                await asyncio.wait_for(process.wait(), WAIT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
+    """Until ``await check()`` is true, polled; fails after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {within_s} s")
+        await asyncio.sleep(POLL_S)  # polling a condition the child exposes no event for
+
+
+@asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port in this event loop; its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
