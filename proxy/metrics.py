@@ -99,6 +99,12 @@ RECORDS_VANISHED = Counter(
     "that never had them): found when renewing the lease, or when recording the outcome (then recreated).",
     ["where"],
 )
+LEDGER_FAILOVERS = Counter(
+    "idemproxy_ledger_failovers",
+    "Times the store started following another master (the sentinels named a new one, or the Redis "
+    "Cluster's masters changed): the promoted replica may lack writes the old master acknowledged, so the "
+    "answers this instance kept in memory were forgotten and the epoch checked.",
+)
 STORE_ERRORS = Counter(
     "idemproxy_store_errors",
     "Ledger calls that failed because the store was unreachable.",

@@ -153,6 +153,7 @@ class Ledger:
         if self.completed is not None:
             forgotten = len(self.completed)
             self.completed.clear()
+        metrics.LEDGER_FAILOVERS.inc()
         log.warning(
             "the ledger moved to another master (a failover); answers kept in memory are forgotten",
             extra={"forgotten": forgotten},

@@ -465,10 +465,10 @@ class SqliteStore(Store):
 def _store_errors() -> Iterator[None]:
     try:
         yield
-    except sqlite3.DataError as exc:  # SQLITE_TOOBIG: a value over the length limit, rolled back
-        raise RecordNotStorable(f"sqlite: {exc}") from exc
-    except sqlite3.Error as exc:
-        raise StoreUnavailable(f"sqlite: {exc}") from exc
+    except sqlite3.DataError as too_big:  # SQLITE_TOOBIG: a value over the length limit, rolled back
+        raise RecordNotStorable(f"sqlite: {too_big}") from too_big
+    except sqlite3.Error as failed:  # named apart: mypyc gives a name one type per function
+        raise StoreUnavailable(f"sqlite: {failed}") from failed
 
 
 class _immediate:

@@ -311,6 +311,7 @@ async def the_review_failover(failover: Failover, tool: Tool, directory: Path) -
         promoted = await asyncio.to_thread(failover.fail_over)
         await log_line(proxy.log, MOVED, HANG_LIMIT_S, after=offset)
         moved_at = time.monotonic()
+        assert (await proxy.scrape(session)).value("idemproxy_ledger_failovers_total") >= 1
         for key, answers in list(traffic.answers.items()):
             if any(answer.status == 201 for answer in answers):
                 assert await record_on(promoted, key) is not None, f"{key} was answered 201, its record is gone"

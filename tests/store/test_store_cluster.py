@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from redis.crc import key_slot
 
 from idemproxy.config.settings import StoreConfig
 from idemproxy.ledger.ledger import Ledger, OperationRequest
@@ -293,6 +294,31 @@ async def test_cluster_store_waits_for_a_free_connection(cluster_url: str) -> No
 
 
 @slow
+async def test_a_slot_moved_between_masters_is_no_failover(cluster: RedisClusterTopology, cluster_url: str) -> None:
+    """A slot resharded from one master to another (its keys migrated) changes no master: the
+    client follows the slot, and the answers kept in memory are not forgotten
+    (``on_ledger_moved`` is not called), since no acknowledged write was lost."""
+    async with started(cluster_url, socket_timeout_s=0.5, min_replicas_ack=0) as store:
+        ledger_moved: list[None] = []
+        store.on_ledger_moved.append(lambda: ledger_moved.append(None))
+        source, target = cluster.master_nodes()[:2]
+        before = make_record(op_id_on(cluster, source, store))
+        assert await store.reserve(before, reserved(before)) is None  # the client knows the slots now
+        slot = key_slot(store.keys.record(before.op_id).encode())
+        await asyncio.to_thread(cluster.migrate_slot, slot, source, target)
+        try:
+            after = make_record(f"{before.op_id[:2]}{new_op_id()[2:]}")  # the same hash tag: the same slot
+            assert await store.reserve(after, reserved(after)) is None
+            moved_with_its_slot = await store.get(before.op_id)
+            assert moved_with_its_slot is not None
+            assert moved_with_its_slot.owner == before.owner
+            assert target.call("EXISTS", store.keys.record(after.op_id)) == 1
+            assert ledger_moved == []
+        finally:
+            await asyncio.to_thread(cluster.migrate_slot, slot, target, source)
+
+
+@slow
 async def test_cluster_store_survives_a_master_failover(cluster: RedisClusterTopology, cluster_url: str) -> None:
     """The master a watcher listens on is killed: its replica takes over, the
     store reaches the moved slots, and the listener moves to another node.
@@ -314,6 +340,8 @@ async def test_cluster_store_survives_a_master_failover(cluster: RedisClusterTop
         assert await writer.reserve(before, reserved(before)) is None
         await asyncio.to_thread(wait_in_sync, listener, cluster.replica_of(listener))
 
+        ledger_moved: list[None] = []
+        writer.on_ledger_moved.append(lambda: ledger_moved.append(None))
         promoted = await asyncio.to_thread(cluster.kill_master, listener)
 
         stored = await asyncio.wait_for(writer.get(before.op_id), HANG_LIMIT_S)
@@ -321,6 +349,7 @@ async def test_cluster_store_survives_a_master_failover(cluster: RedisClusterTop
         assert stored.owner == before.owner
         after = make_record(op_id_on(cluster, promoted, writer))
         assert await asyncio.wait_for(writer.reserve(after, reserved(after)), HANG_LIMIT_S) is None
+        assert ledger_moved  # the client found another master: answers kept in memory are forgotten
         async with watcher.watch(after.op_id) as changed:
             assert await listening_node(cluster, watcher, after.op_id) is not listener
             done = outcome(after, State.COMPLETED, response=make_response(b"after the failover"))

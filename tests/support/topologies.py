@@ -113,6 +113,12 @@ class RedisNode(RedisServer):
         with self.client() as client:
             return client.execute_command(*command)
 
+    def node_id(self) -> str:
+        """The cluster node id (``CLUSTER MYID``)."""
+        reply = self.call("CLUSTER", "MYID")
+        assert isinstance(reply, bytes)
+        return reply.decode()
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the server (SIGSTOP pauses it: a replica then misses writes)."""
         assert self.process is not None
@@ -267,6 +273,19 @@ class RedisClusterTopology:
             if int(reply[2]) == master.port:
                 return node
         raise LookupError(f"no replica of 127.0.0.1:{master.port}")
+
+    def migrate_slot(self, slot: int, source: RedisNode, target: RedisNode) -> None:
+        """Move ``slot`` and its keys from master ``source`` to master ``target``, as
+        ``redis-cli --cluster reshard`` does: no master changes."""
+        source_id, target_id = source.node_id(), target.node_id()
+        target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := source.call("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            assert isinstance(keys, list)
+            source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *(key.decode() for key in keys))
+        for node in (target, source, *(node for node in self.master_nodes() if node not in (source, target))):
+            node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self._slots.clear()
 
     def node_for_key(self, key: str) -> RedisNode:
         """The master that owns ``key``'s slot (as ``CLUSTER SLOTS`` said when first asked)."""
