@@ -148,9 +148,9 @@ async def _handle(proxy: Pipeline, request: Request, route: RouteConfig, target:
             return await proxy.forward_unrecorded(request, route, target, body)
         observation.record(SIDE_EFFECTING)
         return await _tool_call(proxy, request, route, target, body, call)
-    except JsonRpcError as exc:
+    except JsonRpcError as refused:
         record_decision(request, Decision.REJECTED)
-        return Response(status=exc.status, body=exc.to_json(), content_type=JSON)
+        return Response(status=refused.status, body=refused.to_json(), content_type=JSON)
     except ProblemError as exc:
         # Answering a request whose id is known with 200 hands the error to the waiting call.
         record_decision(request, exc.decision)
@@ -196,8 +196,9 @@ async def _tool_call(
     async def read(upstream: UpstreamResponse) -> Reply:
         return await _relay_call(request, upstream, call, route, op_id)
 
-    # Shielded: an MCP client hangs up the moment it has its answer, which must still be recorded.
-    return await proxy.forward_owned(begun, read, shield_record=True)
+    # An MCP client hangs up the moment it has its answer: that cancels nothing, and the
+    # outcome is recorded all the same (``wire.http_server``).
+    return await proxy.forward_owned(begun, read)
 
 
 def _replay(request: Request, stored: Response, call: ToolCall) -> Response:

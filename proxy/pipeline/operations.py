@@ -202,12 +202,10 @@ class Pipeline:
             if budget is not None:
                 await budget.charge_unrecorded(route)  # BudgetExceeded when spent
 
-    async def forward_owned(
-        self, forwarding: Forwarding, read: ReadReply, *, shield_record: bool = False
-    ) -> StreamResponse:
+    async def forward_owned(self, forwarding: Forwarding, read: ReadReply) -> StreamResponse:
         """Send the attempt ``forwarding`` owns and record its outcome; ``read`` turns the
-        tool's response into the caller's answer and the outcome. ``shield_record``: the
-        outcome is recorded even when the caller hangs up meanwhile."""
+        tool's response into the caller's answer and the outcome. A caller that hangs up
+        meanwhile cancels nothing (``wire.http_server``): the outcome is recorded all the same."""
         call, owned = forwarding.call, forwarding.record
         request, route = call.request, call.route
         op_id = owned.op_id
@@ -255,8 +253,7 @@ class Pipeline:
                 headers={"Retry-After": "1"},
                 operation=op_id,
             ) from broken
-        recording = self.finish(owned, reply.outcome, reply.stored, route, reply.detail)
-        await (asyncio.shield(recording) if shield_record else recording)
+        await self.finish(owned, reply.outcome, reply.stored, route, reply.detail)
         return reply.response
 
     async def record_failure(

@@ -8,6 +8,7 @@ own JSON-RPC id and session.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -165,6 +166,33 @@ async def test_a_reissued_call_in_a_new_session_is_the_same_derived_operation(
     assert record is not None
     assert record.state is State.COMPLETED
     assert record.scope.task == "triage-42"
+
+
+async def test_a_caller_that_hangs_up_on_its_answer_leaves_the_outcome_recorded(
+    mcp_proxy: McpProxyFactory, tickets: Tickets, http: httpx.AsyncClient, store: Store
+) -> None:
+    """MCP clients close the stream as soon as the response event is in: that must not stop
+    the proxy recording it (the request is not cancelled), so a retry replays it."""
+    url = await mcp_proxy()
+    session = await RawSession(http, url).initialize()
+    sent = {"Accept": JSON_AND_SSE, "Content-Type": "application/json", "MCP-Protocol-Version": PROTOCOL}
+    assert session.session_id is not None
+    sent["Mcp-Session-Id"] = session.session_id
+    message = orjson.dumps(call(5, "create_ticket", {"title": "hung up"}, key="ticket-hangup"))
+    async with http.stream("POST", url, content=message, headers=sent) as streamed:
+        op_id = streamed.headers["Idempotency-Operation"]
+        async for line in streamed.aiter_lines():
+            if line.startswith("data: ") and '"result"' in line:
+                break  # leaving the block closes the connection mid-stream
+    record = await store.wait_for(
+        op_id, time.monotonic() + 10, lambda current: current is not None and current.state is State.COMPLETED
+    )
+    assert record is not None
+    assert record.state is State.COMPLETED
+    again = await session.post(call(6, "create_ticket", {"title": "hung up"}, key="ticket-hangup"))
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert reply_of(again)["result"]["structuredContent"] == {"id": 1, "title": "hung up"}
+    assert tickets.titled("hung up") == 1
 
 
 async def test_a_key_reused_with_other_arguments_is_a_json_rpc_error(

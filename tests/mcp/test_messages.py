@@ -108,6 +108,20 @@ def test_integers_beyond_64_bits_stay_exact() -> None:
 
 
 @pytest.mark.parametrize(
+    "number",
+    [2**63 - 1, 2**63, 2**64, -(2**63) - 1, -(2**70), 10**18, 10**19, 10**19 + 7, 99 * 10**40],
+)
+def test_every_integer_near_and_beyond_64_bits_is_read_exactly(number: int) -> None:
+    assert loads(b'{"n":%d,"s":"12345678901234567890"}' % number) == {"n": number, "s": "12345678901234567890"}
+
+
+def test_digit_runs_broken_by_other_bytes_are_no_long_integer() -> None:
+    # 18 digits, a dot, 18 digits: no integer beyond 64 bits, so nothing to keep exact.
+    assert loads(b'{"x":123456789012345678.123456789012345678}') == {"x": 123456789012345678.123456789012345678}
+    assert loads(b"[123456789012345678, 123456789012345678]") == [123456789012345678] * 2
+
+
+@pytest.mark.parametrize(
     "params",
     [
         {},
