@@ -30,6 +30,7 @@ COMPILED = (
     "lifecycle/records",
     "lifecycle/transitions",
     "logs",
+    "metric_families",
     "metrics",
     "modes/dispatch",
     "modes/http",

@@ -45,6 +45,7 @@ class AccessSink:
         self._stream = stream
         self._logger = logger
         self._lines: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Every line's fields after "ts", encoded once (os.getpid is a system call).
         self._fixed = b""
         self._encode_fixed()
@@ -59,10 +60,16 @@ class AccessSink:
         line = b'{"ts":%.3f%s%s' % (time.time(), self._fixed, b"," + fields[1:] if len(fields) > 2 else b"}")
         self._lines.append(line)
         if len(self._lines) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: write at once
-                self.flush()
+            # The loop of the last turn, while it runs: on Python 3.11 asyncio.get_running_loop
+            # makes a system call (getpid). Lines are written on the event loop's thread.
+            loop = self._loop
+            if loop is None or not loop.is_running():
+                try:
+                    loop = self._loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop: write at once
+                    self.flush()
+                    return
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         if not self._lines:

@@ -6,7 +6,9 @@ operation ids and task ids are never labels.
 
 With several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (an empty
 directory) before starting: ``render`` then aggregates every worker's values.
-Gauges declare how they combine across processes.
+Gauges declare how they combine across processes. The metrics updated on every
+request are ``metric_families``' (prometheus-client's own classes cost a lock and
+several interpreted calls per update).
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 
-from idemproxy import __version__
+from idemproxy import __version__, metric_families
 from idemproxy.protocol import BudgetKind, Decision
 
 # A ``_created`` series per counter and histogram doubles what Prometheus stores and nothing here
@@ -54,17 +55,17 @@ PREVENTED = frozenset(
 _METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-REQUESTS = Counter(
+REQUESTS = metric_families.counter(
     "idemproxy_requests",
     "Requests handled, by the decision the proxy made.",
     ["route", "method", "decision"],
 )
-DUPLICATES_PREVENTED = Counter(
+DUPLICATES_PREVENTED = metric_families.counter(
     "idemproxy_duplicate_side_effects_prevented",
     "Duplicate requests answered without sending them to the tool again.",
     ["route"],
 )
-UPSTREAM_SECONDS = Histogram(
+UPSTREAM_SECONDS = metric_families.histogram(
     "idemproxy_upstream_duration_seconds",
     "Time from sending a request to the tool until its whole response was read.",
     ["route", "method"],
@@ -75,13 +76,13 @@ UPSTREAM_FAILURES = Counter(
     "Forwarded requests that got no complete response, by what the failure proves.",
     ["route", "kind"],
 )
-LEDGER_SECONDS = Histogram(
+LEDGER_SECONDS = metric_families.histogram(
     "idemproxy_ledger_duration_seconds",
     "Time of one ledger (store) call.",
     ["operation"],
     buckets=_LATENCY_BUCKETS,
 )
-OVERHEAD_SECONDS = Histogram(
+OVERHEAD_SECONDS = metric_families.histogram(
     "idemproxy_overhead_seconds",
     "Time a side-effecting request spent in the proxy itself (total minus upstream).",
     ["route"],
@@ -110,7 +111,7 @@ STORE_ERRORS = Counter(
     "Ledger calls that failed because the store was unreachable.",
     ["operation"],
 )
-IN_FLIGHT = Gauge(
+IN_FLIGHT = metric_families.gauge(
     "idemproxy_in_flight_operations",
     "Operations this proxy has forwarded and not yet recorded an outcome for.",
     multiprocess_mode="livesum",
@@ -145,7 +146,7 @@ STORE_UNSAFE = Gauge(
     ["reason"],
     multiprocess_mode="livemax",
 )
-OPEN_CONNECTIONS = Gauge(
+OPEN_CONNECTIONS = metric_families.gauge(
     "idemproxy_open_connections",
     "Connections open on the proxy listener.",
     multiprocess_mode="livesum",

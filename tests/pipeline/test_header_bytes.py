@@ -218,10 +218,11 @@ async def test_a_failure_after_the_tool_answered_leaves_the_outcome_unknown_neve
     """Anything that breaks once the request may have been sent (here the upstream timer,
     as the tool's answer is in) is an outcome nobody knows: UNKNOWN, reconciled, never resent."""
 
-    def broken(seconds: float) -> None:
-        raise RuntimeError("a bug after the tool answered")
+    class Broken:
+        def observe(self, seconds: float) -> None:
+            raise RuntimeError("a bug after the tool answered")
 
-    monkeypatch.setattr(metrics.UPSTREAM_SECONDS.labels("root", "POST"), "observe", broken)
+    monkeypatch.setattr(metrics, "_upstream_seconds", lambda route, method: Broken())
     client = await make_proxy(wait="0s")
     first = await client.post("/items", json={"title": "a"}, headers={"Idempotency-Key": KEY})
     retry = await client.post("/items", json={"title": "a"}, headers={"Idempotency-Key": KEY})

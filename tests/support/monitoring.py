@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.metrics import MetricWrapperBase
 
 from idemproxy import metrics
+from idemproxy.metric_families import HistogramFamily, ValueFamily
 from tests.support.redis_server import free_port
 from tests.support.upstream import Upstream
 
@@ -83,9 +84,14 @@ def exposed_families() -> dict[str, Family]:
     families: dict[str, Family] = {}
     for collector in vars(metrics).values():
         if isinstance(collector, MetricWrapperBase):
-            [described] = collector.describe()
-            labels = frozenset(collector._labelnames) | ({"le"} if described.type == "histogram" else set())
-            families[described.name] = Family(described.name, described.type, labels)
+            names = collector._labelnames
+        elif isinstance(collector, ValueFamily | HistogramFamily):  # the per-request ones
+            names = collector.labelnames
+        else:
+            continue
+        [described] = collector.describe()
+        labels = frozenset(names) | ({"le"} if described.type == "histogram" else set())
+        families[described.name] = Family(described.name, described.type, labels)
     return families
 
 

@@ -141,6 +141,21 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_head_timeout(se
     assert await caller.rest() == b""
 
 
+async def test_the_head_timeout_counts_from_the_last_answer_not_from_the_connection(serve: Serve) -> None:
+    """The head timer is kept across requests (not re-created per request): a caller sending
+    each request well within the timeout of its previous answer is served past the moment the
+    first timer was due, and still closed once it is idle for the whole timeout."""
+    timeout_s = 0.5
+    served = await serve(answer_ok, header_timeout_s=timeout_s)
+    caller = await served.connect()
+    for _ in range(3):  # the third request comes ~0.6 s after the connection opened
+        await caller.send(get("/"))
+        assert (await caller.reply()).status == 200
+        await asyncio.sleep(0.6 * timeout_s)  # letting time pass, within the timeout of this answer
+
+    assert await caller.rest() == b""  # idle for the whole timeout: closed, without an answer
+
+
 async def test_the_head_timeout_does_not_cut_a_slow_body_or_a_slow_handler(serve: Serve) -> None:
     timeout_s = 0.05
     started = asyncio.Event()

@@ -240,6 +240,38 @@ async def test_no_answer_within_read_s_is_timeout(client: UpstreamClient, raw_se
     await server.until(lambda: server.finished == [1])  # the timed-out connection was closed
 
 
+async def test_read_s_counts_from_each_exchange_on_a_reused_connection(
+    client: UpstreamClient, raw_server: ServeRaw
+) -> None:
+    """One read timer serves a connection's exchanges in turn: a later exchange gets its whole
+    read_s, although the timer the first one armed is due meanwhile, and a silent answer is
+    still a timeout."""
+    read_s = 0.5
+    answered = 0
+
+    async def handler(peer: Peer) -> None:
+        nonlocal answered
+        while await peer.request() is not None:
+            if answered == 2:
+                await peer.until_client_closes()  # never answers the third
+                return
+            if answered == 1:
+                await asyncio.sleep(0.6 * read_s)  # a slow answer, within read_s of its request
+            answered += 1
+            await peer.send(OK)
+
+    server = await raw_server(handler)
+    first, _ = await fetch(client, server.url, read_s=read_s)
+    await asyncio.sleep(0.6 * read_s)  # letting time pass between two exchanges
+    second, body = await fetch(client, server.url, read_s=read_s)  # answered 1.2 read_s after the first
+    with pytest.raises(UpstreamFailed) as failed:
+        await send(client, server.url, read_s=read_s)
+
+    assert (first.status, second.status, body) == (200, 200, b"ok")
+    assert failed.value.kind is FailureKind.TIMEOUT
+    assert [number for number, _ in server.served()] == [1, 1, 1]  # one connection throughout
+
+
 async def test_an_aiohttp_tool_that_does_not_answer_in_time_is_timeout(
     client: UpstreamClient, upstream: Upstream
 ) -> None:
