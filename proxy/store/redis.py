@@ -69,6 +69,8 @@ from idemproxy.store.redis_pubsub import ChangeFeed
 from idemproxy.store.redis_safety import NodeSettings, Verdict, read_node
 from idemproxy.store.redis_schema import (
     CHARGE,
+    COUNT_IN_EVERY_SHARD,
+    DUE_IN_EVERY_SHARD,
     INDEXED_STATES,
     NOTE,
     RENEW,
@@ -151,6 +153,8 @@ class RedisStore(Store):
         self._transition = client.register_script(TRANSITION)
         self._renew = client.register_script(RENEW)
         self._note = client.register_script(NOTE)
+        self._due_in_every_shard = client.register_script(DUE_IN_EVERY_SHARD)
+        self._count_in_every_shard = client.register_script(COUNT_IN_EVERY_SHARD)
         self._feed = ChangeFeed(
             client,
             self.keys,
@@ -332,13 +336,18 @@ class RedisStore(Store):
         return bool(await self._call(lambda: self._note(keys=keys, args=args)))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
-        async def run() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for shard in self.keys.due_shards():
-                    pipe.zrangebyscore(shard, "-inf", now_ms, start=0, num=limit, withscores=True)
-                return await pipe.execute()
+        if self._mux is not None:  # one script over every shard, instead of 256 commands each second
+            found = await self._muxed_script(self._due_in_every_shard, self.keys.due_shards(), [now_ms, limit])
+            due = [(float(score), _text(op_id)) for op_id, score in zip(found[::2], found[1::2], strict=True)]
+        else:  # a cluster: the shards' indexes are on several masters
 
-        due = [(score, _text(op_id)) for shard in await self._call(run) for op_id, score in shard]
+            async def run() -> list[Any]:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for shard in self.keys.due_shards():
+                        pipe.zrangebyscore(shard, "-inf", now_ms, start=0, num=limit, withscores=True)
+                    return await pipe.execute()
+
+            due = [(score, _text(op_id)) for shard in await self._call(run) for op_id, score in shard]
         return [op_id for _, op_id in sorted(due)[:limit]]
 
     async def query(self, query: OpsQuery) -> list[OperationRecord]:
@@ -353,11 +362,15 @@ class RedisStore(Store):
         return matching[: query.limit]
 
     async def count_unresolved(self) -> dict[State, int]:
+        shards = self.keys.every_state_shard()
+        if self._mux is not None:  # one script over every shard
+            counted = await self._muxed_script(self._count_in_every_shard, shards, [len(INDEXED_STATES)])
+            return {state: int(count) for state, count in zip(INDEXED_STATES, counted, strict=True)}
+
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for state in INDEXED_STATES:
-                    for shard in self.keys.state_shards(state):
-                        pipe.zcard(shard)
+                for shard in shards:
+                    pipe.zcard(shard)
                 return await pipe.execute()
 
         counts = await self._call(run)

@@ -42,6 +42,12 @@ class RedisKeys:
         self.prefix = prefix
         self.channel_prefix = f"{prefix}:done:"
         self._shard_indexes: dict[str, tuple[str, ...]] = {}  # built once per shard: used on every request
+        # Every shard's indexes, read every second (the reconciler) and every few (the gauges).
+        self._due_shards = tuple(f"{prefix}:{{{shard:02x}}}:due" for shard in range(SHARD_COUNT))
+        self._state_shards = {
+            state: tuple(f"{prefix}:{{{shard:02x}}}:state:{state.value}" for shard in range(SHARD_COUNT))
+            for state in INDEXED_STATES
+        }
 
     @staticmethod
     def shard(op_id: str) -> str:
@@ -66,10 +72,14 @@ class RedisKeys:
         return [self.record(op_id), *indexes]
 
     def due_shards(self) -> list[str]:
-        return [f"{self.prefix}:{{{shard:02x}}}:due" for shard in range(SHARD_COUNT)]
+        return list(self._due_shards)
 
     def state_shards(self, state: State) -> list[str]:
-        return [f"{self.prefix}:{{{shard:02x}}}:state:{state.value}" for shard in range(SHARD_COUNT)]
+        return list(self._state_shards[state])
+
+    def every_state_shard(self) -> list[str]:
+        """``state_shards`` of every indexed state, one state after the other."""
+        return [shard for state in INDEXED_STATES for shard in self._state_shards[state]]
 
     def record_pattern(self, id_prefix: str = "") -> str:
         """A SCAN pattern for the records whose op ids start with ``id_prefix`` (lower-case hex)."""
@@ -238,6 +248,38 @@ redis.call('SET', KEYS[1], cmsgpack.pack(current), 'KEEPTTL')
 return 1
 """
 )
+
+# -- the indexes, read in one call (a Redis that is not a cluster: every shard on one server) ----
+
+# KEYS[1..n] every shard's due index
+# ARGV[1]  now in ms
+# ARGV[2]  at most this many from each shard
+# Returns  op id, due time, op id, due time, ... : what is due by now, earliest first per shard
+#          (one command instead of a ZRANGEBYSCORE per shard: the reconciler asks every second)
+DUE_IN_EVERY_SHARD = """
+local found = {}
+for i = 1, #KEYS do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
+  for j = 1, #due do found[#found + 1] = due[j] end
+end
+return found
+"""
+
+# KEYS[1..n] the state indexes of every shard, one state after the other (n / ARGV[1] per state)
+# ARGV[1]  how many states
+# Returns  the number of op ids in each state's indexes, in KEYS order
+COUNT_IN_EVERY_SHARD = """
+local states = tonumber(ARGV[1])
+local per_state = #KEYS / states
+local counts = {}
+for state = 1, states do
+  local count = 0
+  for i = (state - 1) * per_state + 1, state * per_state do count = count + redis.call('ZCARD', KEYS[i]) end
+  counts[state] = count
+end
+return counts
+"""
+
 
 # -- budgets (appended for idemproxy.edge.budgets) ---------------------------------------------
 

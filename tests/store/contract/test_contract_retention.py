@@ -9,11 +9,13 @@ separate Redis client, or the stdlib ``sqlite3`` on the store's file.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from idemproxy.lifecycle.records import UNRESOLVED_STATES, RetryClass, State
 from idemproxy.store import RecordMissing, Store
-from idemproxy.store.base import OpsQuery
+from idemproxy.store.base import Lease, OpsQuery
 from tests.support.records import (
     make_record,
     make_response,
@@ -144,6 +146,26 @@ async def test_an_unresolved_record_is_counted_and_listed_in_its_state_only(stor
     for transition, indexed_as in steps:
         assert await store.transition(transition) is None
         await assert_indexed_as(first.op_id, indexed_as)
+
+
+async def test_due_gives_the_earliest_across_every_shard_up_to_the_limit(store: Store) -> None:
+    """The reconciler's question: what is due by now, earliest first, at most ``limit``. The
+    records' op ids spread over the shards; their leases end in an order unrelated to that."""
+    records = [(await reserve_new(store)) for _ in range(40)]
+    leases = random.Random(23).sample(range(40), 40)
+    base = now_ms() + 60_000  # each lease ends 60 s + 1 s x its place from its renewal, a few ms on
+    renewed = [
+        Lease(record.op_id, 1, record.owner, 60_000 + 1000 * order)
+        for record, order in zip(records, leases, strict=True)
+    ]
+    assert await store.renew(renewed) == [True] * 40
+    by_lease = [record.op_id for _, record in sorted(zip(leases, records, strict=True), key=lambda pair: pair[0])]
+    assert len({record.op_id[:2] for record in records}) > 20  # many shards
+
+    assert await store.due(base - 1, 100) == []
+    assert await store.due(base + 29_500, 10) == by_lease[:10]
+    assert await store.due(base + 29_500, 100) == by_lease[:30]
+    assert await store.due(base + 39_500, 1000) == by_lease
 
 
 async def test_a_taken_over_record_is_due_at_its_new_lease(store: Store, inspector: Inspector) -> None:
