@@ -18,9 +18,14 @@ _LONG_DIGIT_RUN: Final = b"0" * 19
 _DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 
 
+def may_hold_a_long_integer(body: bytes) -> bool:
+    """Whether ``body`` has a run of 19 or more digits: orjson would read such an integer inexactly."""
+    return _LONG_DIGIT_RUN in body.translate(_DIGITS_AS_ZEROS)
+
+
 def loads(body: bytes) -> Any:
     """JSON, with integers of any size read exactly; ``ValueError`` if it is not JSON."""
-    if _LONG_DIGIT_RUN not in body.translate(_DIGITS_AS_ZEROS):
+    if not may_hold_a_long_integer(body):
         return orjson.loads(body)  # refuses nesting deeper than 1024 itself
     try:
         return json.loads(body, parse_constant=_no_constant)

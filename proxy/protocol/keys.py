@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,9 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from idemproxy.protocol.errors import InvalidKey
+from idemproxy.protocol.exact_json import may_hold_a_long_integer
 
 MAX_KEY_LENGTH = 255
-_LONG_DIGIT_RUN = re.compile(rb"\d{19,}")  # every integer beyond 64 bits has 19+ digits
 _SEPARATOR = b"\x1f"
 
 
@@ -43,7 +42,7 @@ def canonical_body(body: bytes, content_type: str | None) -> bytes:
     """The bytes that stand for ``body`` in a fingerprint."""
     if not body or content_type is None or not _is_json(content_type):
         return body
-    if _LONG_DIGIT_RUN.search(body):
+    if may_hold_a_long_integer(body):
         # orjson reads integers beyond 64 bits as floats, which would make
         # different numbers look equal: keep the exact bytes instead.
         return body
