@@ -26,6 +26,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
     multiprocess,
@@ -87,6 +88,12 @@ OVERHEAD_SECONDS = metric_families.histogram(
     "Time a side-effecting request spent in the proxy itself (total minus upstream).",
     ["route"],
     buckets=_LATENCY_BUCKETS,
+)
+LEDGER_COMMIT_WRITES = Histogram(
+    "idemproxy_ledger_commit_writes",
+    "Writes per SQLite commit: writes that arrive while a commit is being synced share the next one "
+    "(group commit); mostly 1 means the disk keeps up with the load.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 LEDGER_LOST = Gauge(
     "idemproxy_ledger_lost",

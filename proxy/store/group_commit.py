@@ -27,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
+from idemproxy import metrics
+
 T = TypeVar("T")
 
 #: What a write gave: its result, or the exception it raised (its savepoint undone).
@@ -39,8 +41,6 @@ class GroupCommit:
         self._connection = connection
         self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._in_flight: asyncio.Future[list[_Outcome]] | None = None
-        #: Writes per commit, for ``idemproxy.bench`` and tests: how many commits took how many writes.
-        self.batch_sizes: dict[int, int] = {}
 
     async def write(self, body: Callable[..., T], *args: Any) -> T:
         """Run ``body(*args)`` on the store thread inside a write transaction; its result
@@ -58,7 +58,7 @@ class GroupCommit:
 
     def _commit_queued(self) -> None:
         batch, self._queued = self._queued, []
-        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
+        metrics.LEDGER_COMMIT_WRITES.observe(len(batch))
         loop = asyncio.get_running_loop()
         self._in_flight = loop.run_in_executor(self._executor, self._apply, [body for body, _ in batch])
         self._in_flight.add_done_callback(functools.partial(self._answer, batch))

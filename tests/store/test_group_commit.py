@@ -13,10 +13,12 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from idemproxy.cli import main
 from idemproxy.config.settings import ConfigError, parse_config
@@ -26,6 +28,38 @@ from idemproxy.store.base import RecordNotStorable
 from idemproxy.store.group_commit import GroupCommit
 from idemproxy.store.sqlite import SqliteStore
 from tests.support.records import make_record, make_response, move, new_op_id, outcome, reserve_new, reserved
+
+
+@dataclass(frozen=True)
+class Commits:
+    """What ``idemproxy_ledger_commit_writes`` counted: commits, the writes they held, and
+    how many held one write alone."""
+
+    commits: float
+    writes: float
+    alone: float
+
+    @classmethod
+    def now(cls) -> Commits:
+        def sample(suffix: str, **labels: str) -> float:
+            return REGISTRY.get_sample_value(f"idemproxy_ledger_commit_writes{suffix}", labels) or 0.0
+
+        return cls(sample("_count"), sample("_sum"), sample("_bucket", le="1.0"))
+
+
+class CommitCounter:
+    def __init__(self) -> None:
+        self._before = Commits.now()
+
+    def since(self) -> Commits:
+        now, before = Commits.now(), self._before
+        return Commits(now.commits - before.commits, now.writes - before.writes, now.alone - before.alone)
+
+
+@pytest.fixture
+def commits() -> CommitCounter:
+    """The commit metric from here on (it counts for the whole process)."""
+    return CommitCounter()
 
 
 @pytest.fixture
@@ -67,7 +101,9 @@ async def queued(commits: GroupCommit, count: int) -> None:
     assert len(commits._queued) == count
 
 
-async def test_writes_that_arrive_during_a_commit_share_the_next_one(store: SqliteStore, tmp_path: Path) -> None:
+async def test_writes_that_arrive_during_a_commit_share_the_next_one(
+    store: SqliteStore, tmp_path: Path, commits: CommitCounter
+) -> None:
     records = [make_record(new_op_id()) for _ in range(20)]
     with store_thread_parked(store):
         writes = [asyncio.create_task(store.reserve(record, reserved(record))) for record in records]
@@ -75,7 +111,7 @@ async def test_writes_that_arrive_during_a_commit_share_the_next_one(store: Sqli
         assert not any(write.done() for write in writes)
     assert await asyncio.gather(*writes) == [None] * 20
 
-    assert store._commits.batch_sizes == {1: 1, 19: 1}
+    assert commits.since() == Commits(commits=2, writes=20, alone=1)  # the first, then 19 together
     assert on_disk(tmp_path / "ledger.db") == {record.op_id for record in records}
 
 
@@ -108,7 +144,7 @@ async def test_each_write_in_a_shared_commit_is_checked_against_what_it_expects(
 
 
 async def test_a_write_that_fails_is_undone_alone_and_only_its_caller_hears_of_it(
-    store: SqliteStore, tmp_path: Path
+    store: SqliteStore, tmp_path: Path, commits: CommitCounter
 ) -> None:
     kept = [make_record(new_op_id()) for _ in range(3)]
     too_big = make_record(new_op_id()).evolve(fingerprint="x" * 2000)
@@ -134,7 +170,7 @@ async def test_a_write_that_fails_is_undone_alone_and_only_its_caller_hears_of_i
     assert results[2] is None
     assert isinstance(results[3], RecordMissing)
     assert results[4] is None
-    assert store._commits.batch_sizes == {1: 1, 4: 1}
+    assert commits.since() == Commits(commits=2, writes=5, alone=1)
     assert on_disk(tmp_path / "ledger.db") == {record.op_id for record in kept}
 
 
@@ -169,10 +205,10 @@ async def test_a_commit_that_fails_fails_every_write_of_its_batch_and_keeps_none
     assert await store.reserve(records[0], reserved(records[0])) is None  # the store goes on
 
 
-async def test_a_write_alone_commits_alone(store: SqliteStore, tmp_path: Path) -> None:
+async def test_a_write_alone_commits_alone(store: SqliteStore, tmp_path: Path, commits: CommitCounter) -> None:
     for _ in range(3):
         await reserve_new(store)
-    assert store._commits.batch_sizes == {1: 3}
+    assert commits.since() == Commits(commits=3, writes=3, alone=3)
     assert len(on_disk(tmp_path / "ledger.db")) == 3
 
 
