@@ -83,8 +83,15 @@ class _Family:
         self.labelnames = tuple(labelnames)
 
     def _check(self, values: tuple[str, ...]) -> None:
+        """Refused as prometheus-client refuses it: labels on an unlabelled metric, or the wrong count."""
+        if not self.labelnames:
+            raise ValueError(f"{self.name} has no labels")
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+
+    def _unlabelled(self) -> None:
+        if self.labelnames:
+            raise ValueError(f"{self.name} is labelled: update labels(...)")
 
     def describe(self) -> list[Metric]:
         return [self._family()]
@@ -102,7 +109,7 @@ class ValueFamily(_Family):
         super().__init__(name, documentation, labelnames)
         self.kind = kind
         self._values: dict[tuple[str, ...], Value] = {}
-        self._unlabelled = Value()
+        self._value = Value()  # of an unlabelled family
         registry.register(self)
 
     def labels(self, *values: str) -> Value:
@@ -113,13 +120,16 @@ class ValueFamily(_Family):
         return found
 
     def inc(self, amount: float = 1.0) -> None:
-        self._unlabelled.value += amount
+        self._unlabelled()
+        self._value.value += amount
 
     def dec(self, amount: float = 1.0) -> None:
-        self._unlabelled.value -= amount
+        self._unlabelled()
+        self._value.value -= amount
 
     def set(self, value: float) -> None:
-        self._unlabelled.value = value
+        self._unlabelled()
+        self._value.value = value
 
     def _family(self) -> Metric:
         if self.kind == "counter":
@@ -129,9 +139,9 @@ class ValueFamily(_Family):
     def collect(self) -> Iterator[Metric]:
         family: Any = self._family()
         if not self.labelnames:
-            family.add_metric((), self._unlabelled.value)
+            family.add_metric((), self._value.value)
         for values, value in list(self._values.items()):
-            family.add_metric(values, value.value)
+            family.add_metric([str(label) for label in values], value.value)  # a StrEnum: its value
         yield family
 
 
@@ -168,7 +178,7 @@ class HistogramFamily(_Family):
             for le, count in zip(self._les, observed.counts, strict=True):
                 cumulative += count
                 buckets.append((le, float(cumulative)))
-            family.add_metric(values, buckets, observed.sum)
+            family.add_metric([str(label) for label in values], buckets, observed.sum)
         yield family
 
 

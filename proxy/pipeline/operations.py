@@ -205,7 +205,10 @@ class Pipeline:
     async def forward_owned(self, forwarding: Forwarding, read: ReadReply) -> StreamResponse:
         """Send the attempt ``forwarding`` owns and record its outcome; ``read`` turns the
         tool's response into the caller's answer and the outcome. A caller that hangs up
-        meanwhile cancels nothing (``wire.http_server``): the outcome is recorded all the same."""
+        meanwhile cancels nothing (``wire.http_server``): the outcome is recorded all the same.
+        Only shutdown cancels, once its grace period is over; cancelled while recording, the
+        attempt stays PENDING under its lease and is reconciled, as after a crash (the caller
+        got no answer, so every answer given is the reconciled one)."""
         call, owned = forwarding.call, forwarding.record
         request, route = call.request, call.route
         op_id = owned.op_id

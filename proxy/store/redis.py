@@ -336,10 +336,10 @@ class RedisStore(Store):
         return bool(await self._call(lambda: self._note(keys=keys, args=args)))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
-        if self._mux is not None:  # one script over every shard, instead of 256 commands each second
-            found = await self._muxed_script(self._due_in_every_shard, self.keys.due_shards(), [now_ms, limit])
+        if not isinstance(self._redis, RedisCluster):  # one script over every shard, not 256 commands each second
+            found = await self._on_every_shard(self._due_in_every_shard, self.keys.due_shards(), [now_ms, limit])
             due = [(float(score), _text(op_id)) for op_id, score in zip(found[::2], found[1::2], strict=True)]
-        else:  # a cluster: the shards' indexes are on several masters
+        else:  # the shards' indexes are on several masters
 
             async def run() -> list[Any]:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -363,8 +363,8 @@ class RedisStore(Store):
 
     async def count_unresolved(self) -> dict[State, int]:
         shards = self.keys.every_state_shard()
-        if self._mux is not None:  # one script over every shard
-            counted = await self._muxed_script(self._count_in_every_shard, shards, [len(INDEXED_STATES)])
+        if not isinstance(self._redis, RedisCluster):  # one script over every shard
+            counted = await self._on_every_shard(self._count_in_every_shard, shards, [len(INDEXED_STATES)])
             return {state: int(count) for state, count in zip(INDEXED_STATES, counted, strict=True)}
 
         async def run() -> list[Any]:
@@ -655,6 +655,12 @@ class RedisStore(Store):
             raise
         except Exception as broken:  # named apart: mypyc gives a name one type per function
             raise _client_failure(broken) from broken
+
+    async def _on_every_shard(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """A read-only script over every shard's index (one server holds them all: not a cluster)."""
+        if self._mux is not None:
+            return await self._muxed_script(script, keys, args)
+        return await self._call(lambda: script(keys=keys, args=args))
 
     async def _muxed_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         assert self._mux is not None

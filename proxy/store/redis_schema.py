@@ -249,18 +249,39 @@ return 1
 """
 )
 
-# -- the indexes, read in one call (a Redis that is not a cluster: every shard on one server) ----
+# -- the indexes, read in one call (every shard on one server: not a cluster) -------------------
 
 # KEYS[1..n] every shard's due index
 # ARGV[1]  now in ms
-# ARGV[2]  at most this many from each shard
-# Returns  op id, due time, op id, due time, ... : what is due by now, earliest first per shard
-#          (one command instead of a ZRANGEBYSCORE per shard: the reconciler asks every second)
+# ARGV[2]  limit
+# Returns  op id, due time, op id, due time, ... : the earliest ``limit`` due by now across the
+#          shards (each shard's are in order: merged). One command instead of a ZRANGEBYSCORE per
+#          shard, and a reply of ``limit`` ids however large the backlog (the reconciler asks
+#          every second, on the connection every request uses).
 DUE_IN_EVERY_SHARD = """
-local found = {}
+local limit = tonumber(ARGV[2])
+local lists, next = {}, {}
 for i = 1, #KEYS do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
-  for j = 1, #due do found[#found + 1] = due[j] end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, limit)
+  if #due > 0 then
+    lists[#lists + 1] = due
+    next[#next + 1] = 1
+  end
+end
+local found = {}
+while #found < 2 * limit do
+  local best, best_score = nil, nil
+  for i = 1, #lists do
+    local at = next[i]
+    if at < #lists[i] then
+      local score = tonumber(lists[i][at + 1])
+      if best == nil or score < best_score then best, best_score = i, score end
+    end
+  end
+  if best == nil then break end
+  found[#found + 1] = lists[best][next[best]]
+  found[#found + 1] = lists[best][next[best] + 1]
+  next[best] = next[best] + 2
 end
 return found
 """

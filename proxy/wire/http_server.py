@@ -89,6 +89,9 @@ MAX_HEAD = MAX_LINE * 8
 #: dropping) what arrives: closing a socket with unread data resets the connection, and the
 #: reset can destroy the answer before the caller reads it (a 413 to a caller mid-upload).
 LINGER_S = 5.0
+#: uvloop's timers have millisecond resolution: one firing this close to its deadline is due
+#: (re-arming it would spin until the clock's next tick).
+_TIMER_SLACK_S = 0.001
 #: How long ``shutdown`` waits for handlers it cancelled to unwind.
 _CANCELLED_WAIT_S = 1.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -274,7 +277,8 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.Handle | None = None
+        self._head_timer_at = 0.0  # loop time it is due at
         self._head_deadline = 0.0  # loop time; 0: none due
         self._stall_timer: asyncio.TimerHandle | None = None  # runs while the caller does not read
         self._held = b""  # a read's bytes from ``_held_at`` on: not parsed yet (``MAX_PIPELINED``)
@@ -681,12 +685,15 @@ class _Connection(asyncio.Protocol):
         and cancelling the old, cost about 1.5% of the request's CPU."""
         deadline = self.loop.time() + (self.server.header_timeout_s if after_s is None else after_s)
         self._head_deadline = deadline
-        timer = self._head_timer
-        if timer is not None:
-            if timer.when() <= deadline:
+        if self._head_timer is not None:
+            if self._head_timer_at <= deadline:
                 return
-            timer.cancel()
-        self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+            self._head_timer.cancel()
+        self._schedule_head_timer(deadline)
+
+    def _schedule_head_timer(self, at: float) -> None:
+        self._head_timer = self.loop.call_at(at, self._head_timer_fired)
+        self._head_timer_at = at  # not TimerHandle.when(): uvloop gives a plain Handle when due at once
 
     def _head_arrived(self) -> None:
         self._head_deadline = 0.0  # the timer stays; it finds nothing due when it fires
@@ -696,10 +703,11 @@ class _Connection(asyncio.Protocol):
         deadline = self._head_deadline
         if deadline == 0.0:
             return
-        if self.loop.time() < deadline:
-            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+        now = self.loop.time()
+        if now + _TIMER_SLACK_S < deadline:
+            self._schedule_head_timer(deadline)
             return
-        self.close()
+        self.close()  # within the loop clock's millisecond of the deadline: due
 
     def _cancel_head_timer(self) -> None:
         self._head_deadline = 0.0

@@ -234,7 +234,8 @@ class _Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._read_timeout = 0.0
         self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # loop time it is due at
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -258,6 +259,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()  # armed still when the connection was idle in the pool
         self._wake_writer()
         response = self._response
         if response is None or response._done:
@@ -348,11 +350,10 @@ class _Connection(asyncio.Protocol):
         # would fire too late, and when it fires early it waits for the rest (a new timer per
         # exchange, and cancelling it after, cost about 1% of a request's CPU).
         due = self._last_read + read_timeout
-        timer = self._timer
-        if timer is None or timer.when() > due:
-            if timer is not None:
-                timer.cancel()
+        if self._timer is None or self._timer_at > due:
+            self._stop_timer()
             self._timer = self.loop.call_at(due, self._check_read_timeout)
+            self._timer_at = due  # not TimerHandle.when(): uvloop gives a plain Handle when due at once
         if isinstance(body, bytes):
             self.transport.write(head + body if len(body) < 16 * 1024 else head)
             if len(body) >= 16 * 1024:
@@ -402,7 +403,8 @@ class _Connection(asyncio.Protocol):
             return
         due = self._last_read + self._read_timeout
         if self._paused or due > self.loop.time():  # a slow reader, or data came in meanwhile
-            self._timer = self.loop.call_at(max(due, self.loop.time() + 0.05), self._check_read_timeout)
+            self._timer_at = max(due, self.loop.time() + 0.05)
+            self._timer = self.loop.call_at(self._timer_at, self._check_read_timeout)
             return
         self._fail(FailureKind.TIMEOUT, f"no data from the upstream for {self._read_timeout:g} s")
         self.close()

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from idemproxy import metric_families
 from idemproxy.metric_families import HistogramFamily, ValueFamily
+from idemproxy.protocol import Decision
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 #: Every bound itself (an observation equal to a bound is in that bucket), just off it, zero,
@@ -72,6 +73,28 @@ def test_a_family_refuses_the_wrong_number_of_label_values() -> None:
     family = HistogramFamily("h", "H.", ["route", "method"], BUCKETS, CollectorRegistry())
     with pytest.raises(ValueError, match="2 label values expected, got 1"):
         family.labels("only-route")
+
+
+def test_misuse_is_refused_as_prometheus_client_refuses_it() -> None:
+    registry = CollectorRegistry()
+    labelled = ValueFamily("counter", "l", "L.", ["route"], registry)
+    plain = ValueFamily("gauge", "p", "P.", [], registry)
+    with pytest.raises(ValueError, match="is labelled"):
+        labelled.inc()
+    with pytest.raises(ValueError, match="has no labels"):
+        plain.labels()
+    with pytest.raises(ValueError, match="has no labels"):
+        HistogramFamily("h", "H.", [], BUCKETS, registry).labels()
+
+
+def test_label_values_are_exposed_as_text() -> None:
+    theirs, ours = two_registries()
+    reference = Counter("d", "D.", ["decision"], registry=theirs)
+    family = ValueFamily("counter", "d", "D.", ["decision"], ours)
+    for target in (reference, family):
+        target.labels(Decision.FORWARDED).inc()
+    assert generate_latest(ours) == generate_latest(theirs)
+    assert b'decision="forwarded"' in generate_latest(ours)
 
 
 def test_a_name_taken_in_the_registry_is_refused_as_prometheus_client_refuses_it() -> None:

@@ -91,6 +91,24 @@ async def test_sentinel_store_follows_the_master_through_a_failover(sentinel: Se
 
 
 @slow
+async def test_the_index_scripts_run_through_sentinel_without_the_multiplexed_connection(
+    sentinel: SentinelTopology,
+) -> None:
+    """Sentinel has no multiplexed connection: the reconciler's due scan and the unresolved
+    count run their one script over every shard through redis-py instead."""
+    async with started(sentinel.url) as store:
+        assert store._mux is None  # type: ignore[attr-defined]
+        records = [await reserve_new(store) for _ in range(3)]
+        latest = max(record.lease_until_ms for record in records)
+
+        assert sorted(await store.due(latest + 60_000, 10)) == sorted(record.op_id for record in records)
+        two = await store.due(latest + 60_000, 2)
+        assert len(two) == 2
+        assert set(two) < {record.op_id for record in records}
+        assert await store.due(min(record.lease_until_ms for record in records) - 1, 10) == []
+        assert (await store.count_unresolved())[State.PENDING] == 3
+
+
 async def test_sentinel_lookups_keep_every_sentinel_when_one_is_down(sentinel: SentinelTopology) -> None:
     """Every new connection asks the sentinels for the master. With the first
     sentinel down, concurrent lookups all answer from another one; redis-py
