@@ -28,7 +28,7 @@ from idemproxy.config.settings import StoreConfig
 from idemproxy.store import open_store
 from idemproxy.store.redis import RedisStore
 from tests.support.records import new_op_id
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, restartable_port
 
 #: How long a topology may take to form, or a failover to complete.
 SETTLE_S = 20.0
@@ -198,8 +198,9 @@ class RedisClusterTopology:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(directory / "nodes.conf"),
                 "--cluster-node-timeout", "2000",
-                # An explicit bus port: the default (port + 10000) may be taken, or above 65535.
-                "--cluster-port", str(free_port()),
+                # An explicit bus port: the default (port + 10000) may be taken, or above 65535;
+                # below the ephemeral range, which connections made meanwhile may take from.
+                "--cluster-port", str(restartable_port()),
             ],
         )  # fmt: skip
 
