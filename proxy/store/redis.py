@@ -337,7 +337,7 @@ class RedisStore(Store):
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         if not isinstance(self._redis, RedisCluster):  # one script over every shard, not 256 commands each second
-            found = await self._on_every_shard(self._due_in_every_shard, self.keys.due_shards(), [now_ms, limit])
+            found, _ = await self._run(self._due_in_every_shard, self.keys.due_shards(), [now_ms, limit], durable=False)
             due = [(float(score), _text(op_id)) for op_id, score in zip(found[::2], found[1::2], strict=True)]
         else:  # the shards' indexes are on several masters
 
@@ -364,7 +364,7 @@ class RedisStore(Store):
     async def count_unresolved(self) -> dict[State, int]:
         shards = self.keys.every_state_shard()
         if not isinstance(self._redis, RedisCluster):  # one script over every shard
-            counted = await self._on_every_shard(self._count_in_every_shard, shards, [len(INDEXED_STATES)])
+            counted, _ = await self._run(self._count_in_every_shard, shards, [len(INDEXED_STATES)], durable=False)
             return {state: int(count) for state, count in zip(INDEXED_STATES, counted, strict=True)}
 
         async def run() -> list[Any]:
@@ -655,12 +655,6 @@ class RedisStore(Store):
             raise
         except Exception as broken:  # named apart: mypyc gives a name one type per function
             raise _client_failure(broken) from broken
-
-    async def _on_every_shard(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """A read-only script over every shard's index (one server holds them all: not a cluster)."""
-        if self._mux is not None:
-            return await self._muxed_script(script, keys, args)
-        return await self._call(lambda: script(keys=keys, args=args))
 
     async def _muxed_script(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         assert self._mux is not None
