@@ -19,6 +19,8 @@ from tests.support.topologies import RedisNode, wait_in_sync
 from tests.support.upstream import Upstream
 from tests.support.wire import Serve, serving
 
+pytest_plugins = ["tests.support.hangs", "pytester"]
+
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
