@@ -47,7 +47,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not on PATH; `make test` installs it (apt-get install redis-server)")
         self.binary = binary
         self.directory = directory
-        self.port = port or free_port()
+        self.port = port or restartable_port()  # every server here may be restarted, or be a replica's master
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
