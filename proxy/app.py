@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from idemproxy import metrics
+from idemproxy import background, metrics
 from idemproxy.config.redis_urls import redacted
 from idemproxy.config.routes import RouteTable
 from idemproxy.config.settings import ProxyConfig
@@ -176,8 +176,7 @@ def build_admin_app(store: Store, config: ProxyConfig) -> web.Application:
     async def unresolved_gauge_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_refresh_unresolved(store), name="idemproxy-unresolved-gauge")
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await background.stop(task)
 
     app.cleanup_ctx.append(unresolved_gauge_ctx)
     return app

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from idemproxy import metrics
+from idemproxy import background, metrics
 from idemproxy.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ class EpochWatch:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await background.stop(task)
 
     def check_soon(self) -> None:
         """A record vanished: look at the marker now rather than within the second."""

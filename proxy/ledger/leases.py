@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from idemproxy import metrics
+from idemproxy import background, metrics
 from idemproxy.lifecycle.records import OperationRecord
 from idemproxy.store import Store, StoreUnavailable
 from idemproxy.store.base import Lease
@@ -90,10 +90,7 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._run(), name="idemproxy-lease-keeper")
 
     async def close(self) -> None:
-        tasks = [task for task in (self._task, *self._reports) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.stop(self._task, *self._reports)
         self._task = None
 
     async def _run(self) -> None:

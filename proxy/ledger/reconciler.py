@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from idemproxy import metrics
+from idemproxy import background, metrics
 from idemproxy.config.settings import RouteConfig
 from idemproxy.ledger.forwarder import Forwarder
 from idemproxy.ledger.probes import ProbeOutcome, ProbeResult, run_probe, unprobeable
@@ -68,12 +68,7 @@ class Reconciler:
         self._background = asyncio.create_task(self._scan_forever(), name="idemproxy-reconciler")
 
     async def close(self) -> None:
-        tasks: list[asyncio.Task[Any]] = [*self._running.values()]
-        if self._background is not None:
-            tasks.append(self._background)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.stop(*self._running.values(), self._background)
         self._background = None
 
     # -- on demand ----------------------------------------------------------------------

@@ -45,6 +45,7 @@ from redis.commands.core import AsyncScript
 from redis.event import AsyncAfterSlotsCacheRefreshEvent, AsyncEventListenerInterface, EventDispatcher
 from redis.exceptions import NoScriptError, RedisError
 
+from idemproxy import background
 from idemproxy.lifecycle.records import Evidence, OperationRecord, State
 from idemproxy.lifecycle.transitions import Transition
 from idemproxy.store import redis_record
@@ -222,11 +223,7 @@ class RedisStore(Store):
         if self._closed:
             return
         self._closed = True
-        for task in (self._master_watch, self._safety_watch):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                    await task
+        await background.stop(self._master_watch, self._safety_watch)
         await self._feed.close()
         if self._mux is not None:
             await self._mux.close()

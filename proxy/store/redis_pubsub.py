@@ -35,6 +35,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from idemproxy import background
 from idemproxy.config.redis_urls import Address
 from idemproxy.store.redis_clients import Client, NodeClient
 from idemproxy.store.redis_schema import RedisKeys
@@ -94,10 +95,7 @@ class ChangeFeed:
 
     async def close(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        await background.stop(self._listener)
         async with self._lock:
             await self._discard()
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from idemproxy import background
 from idemproxy.config.settings import SQLITE_SYNCHRONOUS_MODES
 from idemproxy.lifecycle.records import UNRESOLVED_STATES, Evidence, OperationRecord, State
 from idemproxy.lifecycle.transitions import Transition
@@ -135,8 +136,7 @@ class SqliteStore(Store):
         if self._closed:
             return
         self._closed = True
-        if self._purger is not None:
-            self._purger.cancel()
+        await background.stop(self._purger)
         await self._commits.drain()
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
